@@ -1,0 +1,150 @@
+"""The demo's synthetic task: addition word problems of graded difficulty, with worked solutions.
+
+Each question asks for the sum of two numbers of ``level`` digits, phrased as a short word problem.
+Its demonstration is a compact digit-by-digit carry derivation that ends with
+``The answer is \\boxed{SUM}.``, so the ``"math"`` reward can verify any response. A tiny model
+pre-trained with SFT on the easy levels (1-2 digits) solves some but not all of the harder ones: the
+regime of partial competence in which Hybrid Post-Training (arXiv 2509.04419) routes each question
+to SFT or RL by how often the model gets it right.
+
+Splits (all deterministic for a seed):
+
+- ``"easy"``: levels 1-2, the pre-training data.
+- ``"train"``: levels 1-3 in equal parts, the post-training distribution.
+- ``"test"``: the same distribution as ``"train"``, held out: an addition ``(a, b)`` that can appear
+  in ``"test"`` never appears in ``"easy"`` or ``"train"``.
+- ``"ood"``: levels 4-5, harder than anything trained on.
+"""
+
+from __future__ import annotations
+
+import random
+import zlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from hpt.errors import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from hpt.data import Question
+
+NAMES = ("Ann", "Ben", "Cara", "Dan", "Eve", "Finn", "Gia", "Hugo", "Ivy", "Jack")
+ITEMS = ("apples", "books", "coins", "marbles", "pens", "stamps", "cards", "shells")
+TEMPLATES = (
+    "{name} has {a} {items} and buys {b} more. How many {items} does {name} have now?",
+    "A box holds {a} {items}. {name} puts in {b} more. How many {items} are in the box?",
+    "{name} found {a} {items} on Monday and {b} on Tuesday. How many {items} in total?",
+    "What is {a} + {b}?",
+)
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    """The difficulty levels of a split and their sampling weights."""
+
+    levels: tuple[int, ...]
+    weights: tuple[float, ...]
+    held_out: bool  # True: only additions reserved for evaluation; False: only the others
+
+
+SPLITS: dict[str, SplitSpec] = {
+    "easy": SplitSpec(levels=(1, 2), weights=(1.0, 1.0), held_out=False),
+    "train": SplitSpec(levels=(1, 2, 3), weights=(1.0, 1.0, 1.0), held_out=False),
+    "test": SplitSpec(levels=(1, 2, 3), weights=(1.0, 1.0, 1.0), held_out=True),
+    "ood": SplitSpec(levels=(4, 5), weights=(1.0, 1.0), held_out=True),
+}
+
+HELD_OUT_MODULUS = 5  # one addition in five is reserved for the held-out splits
+
+
+def is_held_out(a: int, b: int) -> bool:
+    """Whether the addition ``a + b`` is reserved for the held-out splits (a stable hash)."""
+    return zlib.crc32(f"{a}+{b}".encode()) % HELD_OUT_MODULUS == 0
+
+
+def operand_range(level: int) -> tuple[int, int]:
+    """The inclusive range of the operands of a level: ``level`` digits (level 1 includes 0)."""
+    if level < 1:
+        raise ConfigError(f"arithmetic level must be >= 1, got {level}")
+    return (0 if level == 1 else 10 ** (level - 1), 10**level - 1)
+
+
+def sample_operands(rng: random.Random, level: int, held_out: bool) -> tuple[int, int]:
+    """Draw ``(a, b)`` of ``level`` digits from the held-out or the training part of the level."""
+    low, high = operand_range(level)
+    while True:
+        a, b = rng.randint(low, high), rng.randint(low, high)
+        if is_held_out(a, b) == held_out:
+            return a, b
+
+
+def problem_text(a: int, b: int, rng: random.Random) -> str:
+    """A word problem asking for ``a + b``, with a template, name and item drawn from ``rng``."""
+    template = rng.choice(TEMPLATES)
+    return template.format(a=a, b=b, name=rng.choice(NAMES), items=rng.choice(ITEMS))
+
+
+def demonstration(a: int, b: int) -> str:
+    """The worked solution of ``a + b``: one column at a time from the units, with carries.
+
+    Example: ``demonstration(57, 48)`` is
+    ``"7+8=15, carry 1. 5+4+1=10, carry 1. So 57+48=105. The answer is \\boxed{105}."``
+    """
+    width = max(len(str(a)), len(str(b)))
+    digits_a, digits_b = str(a).zfill(width)[::-1], str(b).zfill(width)[::-1]
+    steps, carry = [], 0
+    for x, y in zip(digits_a, digits_b):
+        total = int(x) + int(y) + carry
+        terms = f"{x}+{y}" + (f"+{carry}" if carry else "")
+        carry = total // 10
+        steps.append(f"{terms}={total}, carry {carry}.")
+    return " ".join(steps) + f" So {a}+{b}={a + b}. The answer is \\boxed{{{a + b}}}."
+
+
+def make_questions(split: str, n: int, seed: int = 0) -> list[Question]:
+    """``n`` questions of a split, deterministic for ``(split, seed)``.
+
+    Args:
+        split: ``"easy"``, ``"train"``, ``"test"`` or ``"ood"`` (see the module docstring).
+        n: how many questions.
+        seed: the seed; different splits draw from different streams for the same seed.
+
+    Returns:
+        Questions with chat prompts ``[{"role": "user", "content": ...}]``, the sum as the answer,
+        the carry derivation as the demonstration, ``source="arith-<level>"`` and
+        ``meta={"level", "a", "b"}``.
+    """
+    from hpt.data import Question
+
+    spec = SPLITS.get(split)
+    if spec is None:
+        raise ConfigError(f"unknown arithmetic split {split!r}; choose from {', '.join(SPLITS)}")
+    rng = random.Random(f"hpt-arith:{split}:{seed}")
+    questions = []
+    for index in range(n):
+        level = rng.choices(spec.levels, weights=spec.weights)[0]
+        a, b = sample_operands(rng, level, spec.held_out)
+        questions.append(
+            Question(
+                id=f"arith-{split}-{seed}-{index}",
+                prompt=[{"role": "user", "content": problem_text(a, b, rng)}],
+                answer=str(a + b),
+                demonstration=demonstration(a, b),
+                source=f"arith-{level}",
+                meta={"level": level, "a": a, "b": b},
+            )
+        )
+    return questions
+
+
+def corpus(n: int = 400, seed: int = 0) -> list[str]:
+    """Plain texts of problems and solutions of every level, to train the demo tokenizer on."""
+    rng = random.Random(f"hpt-arith-corpus:{seed}")
+    texts = []
+    for index in range(n):
+        level = 1 + index % 5
+        a, b = sample_operands(rng, level, held_out=rng.random() < 0.2)
+        texts.append(problem_text(a, b, rng))
+        texts.append(demonstration(a, b))
+    texts.extend(template.replace("{", "").replace("}", " ") for template in TEMPLATES)
+    return texts
