@@ -1,0 +1,277 @@
+"""The default rollout engine: batched Hugging Face ``generate`` with a KV cache.
+
+Prompts are sorted by length and generated in left-padded batches (the attention mask gives
+``generate`` the right position ids). Sampling (temperature, top-k, top-p) is applied by our own
+logits processors, so that the log-probability of each sampled token can be recorded under the
+exact distribution it was drawn from, one ``[batch, vocab]`` step at a time (never the whole
+``[batch, steps, vocab]`` score tensor). The sampling seed forks the RNG, so the same seed gives the
+same rollouts whatever the global RNG state, and leaves that state untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers.generation.logits_process import (
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from hpt.errors import ConfigError, ModelError
+from hpt.rollout.base import Rollout, SamplingParams
+
+
+class SampledLogprobRecorder(LogitsProcessor):
+    """Records ``log pi_sample(token)`` of each generated token; must be the last processor.
+
+    ``generate`` calls the processors once a step with the ids so far and the scores of the next
+    token. At step t the recorder keeps ``log_softmax(scores)`` [B, V]; at step t + 1 the ids end
+    with the token sampled at step t, whose log-prob it gathers. :meth:`finish` gathers the last.
+    """
+
+    def __init__(self) -> None:
+        self.previous: torch.Tensor | None = None  # [B, V] log-probs of the last step
+        self.logprobs: list[torch.Tensor] = []  # one [B] tensor per generated token
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self._gather(input_ids[:, -1])
+        self.previous = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def _gather(self, tokens: torch.Tensor) -> None:
+        if self.previous is not None:
+            self.logprobs.append(self.previous.gather(1, tokens[:, None]).squeeze(1))
+
+    def finish(self, sequences: torch.Tensor) -> torch.Tensor:
+        """The log-probs of all generated tokens, [B, steps] (float32, on the model's device)."""
+        self._gather(sequences[:, -1])
+        self.previous = None
+        if not self.logprobs:
+            return sequences.new_zeros((sequences.shape[0], 0), dtype=torch.float32)
+        return torch.stack(self.logprobs, dim=1)
+
+
+def sampling_processors(sampling: SamplingParams) -> list[LogitsProcessor]:
+    """The warpers that turn logits into the sampling distribution (empty when greedy)."""
+    if sampling.greedy:
+        return []
+    processors: list[LogitsProcessor] = []
+    if sampling.temperature != 1.0:
+        processors.append(TemperatureLogitsWarper(sampling.temperature))
+    if sampling.top_k > 0:
+        processors.append(TopKLogitsWarper(top_k=sampling.top_k))
+    if sampling.top_p < 1.0:
+        processors.append(TopPLogitsWarper(top_p=sampling.top_p))
+    return processors
+
+
+def truncate_at_stop(tokens: Sequence[int], stop_ids: set[int]) -> tuple[list[int], str]:
+    """Cut a generated sequence after its first stop token (kept); ``(ids, finish_reason)``."""
+    for position, token in enumerate(tokens):
+        if token in stop_ids:
+            return list(tokens[: position + 1]), "stop"
+    return list(tokens), "length"
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
+    """Indices grouped into batches of similar length (longest first), to waste little padding."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    for start in range(0, len(order), batch_size):
+        yield order[start : start + batch_size]
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad prompts into ``(input_ids [B, L], attention_mask [B, L])``."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        if prompt:
+            input_ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+            attention_mask[row, width - len(prompt) :] = 1
+    return input_ids, attention_mask
+
+
+@contextmanager
+def generation_mode(model: Any, generation_config: GenerationConfig) -> Iterator[None]:
+    """Eval mode and our generation config for the duration; the model's own are restored after.
+
+    Swapping ``model.generation_config`` keeps a checkpoint's defaults (a repetition penalty, a
+    top-p) from being merged into ours by ``generate``.
+    """
+    was_training, saved_config = model.training, model.generation_config
+    model.eval()
+    model.generation_config = generation_config
+    try:
+        yield
+    finally:
+        model.generation_config = saved_config
+        model.train(was_training)
+
+
+@contextmanager
+def seeded(seed: int | None, device: torch.device) -> Iterator[None]:
+    """Seed torch's RNG inside a fork, so the global RNG state is the same after as before."""
+    if seed is None:
+        yield
+        return
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+class HFEngine:
+    """Sample rollouts with Hugging Face ``generate``: batched, left-padded, KV-cached.
+
+    Args:
+        model: a causal LM (``PreTrainedModel`` with ``generate``).
+        tokenizer: its tokenizer; gives the EOS (stop) and pad ids and decodes responses.
+        batch_size: the most sequences (prompts times samples) generated together.
+        progress: show a progress bar over the batches.
+        stop_token_ids: extra token ids that end a response, besides ``tokenizer.eos_token_id``.
+
+    Example:
+        >>> engine = HFEngine(model, tokenizer)
+        >>> rollouts = engine.generate([ids_a, ids_b], n=4, sampling=SamplingParams(seed=0))
+        >>> [r.prompt_index for r in rollouts]
+        [0, 0, 0, 0, 1, 1, 1, 1]
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        batch_size: int = 64,
+        progress: bool = False,
+        stop_token_ids: Iterable[int] = (),
+    ) -> None:
+        if batch_size < 1:
+            raise ConfigError(f"rollout batch_size must be >= 1, got {batch_size}")
+        stop = [tokenizer.eos_token_id, *stop_token_ids]
+        if stop[0] is None:
+            raise ModelError(f"tokenizer {type(tokenizer).__name__} has no eos_token_id to stop on")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.progress = progress
+        self.stop_token_ids = list(dict.fromkeys(int(t) for t in stop))
+        pad = tokenizer.pad_token_id
+        self.pad_token_id = int(self.stop_token_ids[0] if pad is None else pad)
+
+    def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams) -> list[Rollout]:
+        """Sample ``n`` responses for each prompt.
+
+        Args:
+            prompts: token ids of each prompt, unpadded.
+            n: responses per prompt. Greedy decoding generates each prompt once and repeats it.
+            sampling: temperature, top-p, top-k, max_new_tokens and seed.
+
+        Returns:
+            ``len(prompts) * n`` rollouts, prompt-major (those of prompt ``i`` are
+            ``[i * n, (i + 1) * n)``), each truncated after its first stop token.
+        """
+        if n < 1:
+            raise ConfigError(f"rollouts per prompt n must be >= 1, got {n}")
+        if any(len(p) == 0 for p in prompts):
+            empty = next(i for i, p in enumerate(prompts) if len(p) == 0)
+            raise ConfigError(f"rollout prompt {empty} is empty")
+        copies = 1 if sampling.greedy else n
+        jobs = [index for index in range(len(prompts)) for _ in range(copies)]  # prompt of each row
+        results: list[tuple[list[int], list[float]] | None] = [None] * len(jobs)
+        batches = list(length_sorted_batches([len(prompts[i]) for i in jobs], self.batch_size))
+        device = next(self.model.parameters()).device
+        with (
+            generation_mode(self.model, self._generation_config(sampling)),
+            seeded(sampling.seed, device),
+            self._progress_bar(len(jobs)) as advance,
+        ):
+            for batch in batches:
+                outputs = self._generate_batch(
+                    [prompts[jobs[row]] for row in batch], sampling, device
+                )
+                for row, output in zip(batch, outputs):
+                    results[row] = output
+                advance(len(batch))
+        return self._assemble(prompts, jobs, results, n, copies)
+
+    def _generation_config(self, sampling: SamplingParams) -> GenerationConfig:
+        """A generation config with every knob neutral except ours (sampling is done by processors)."""
+        # neutral warpers while sampling (ours run as processors); none at all when greedy
+        warpers = {} if sampling.greedy else dict(temperature=1.0, top_k=0, top_p=1.0)
+        return GenerationConfig(
+            do_sample=not sampling.greedy,
+            **warpers,
+            max_new_tokens=sampling.max_new_tokens,
+            eos_token_id=self.stop_token_ids,
+            pad_token_id=self.pad_token_id,
+            bos_token_id=None,
+            use_cache=True,
+            num_beams=1,
+            repetition_penalty=1.0,
+            return_dict_in_generate=True,
+        )
+
+    @torch.no_grad()
+    def _generate_batch(
+        self, batch_prompts: list[list[int]], sampling: SamplingParams, device: torch.device
+    ) -> list[tuple[list[int], list[float]]]:
+        """Generate one left-padded batch: ``(response_ids, logprobs)`` per row, untruncated."""
+        input_ids, attention_mask = left_pad(batch_prompts, self.pad_token_id)
+        recorder = SampledLogprobRecorder()
+        processors = LogitsProcessorList([*sampling_processors(sampling), recorder])
+        output = self.model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            logits_processor=processors,
+        )
+        sequences = output.sequences
+        logprobs = recorder.finish(sequences).cpu().tolist()
+        responses = sequences[:, input_ids.shape[1] :].cpu().tolist()
+        return list(zip(responses, logprobs))
+
+    def _assemble(
+        self,
+        prompts: list[list[int]],
+        jobs: list[int],
+        results: list[tuple[list[int], list[float]] | None],
+        n: int,
+        copies: int,
+    ) -> list[Rollout]:
+        """Truncate, decode and order the generated rows prompt-major."""
+        stop_ids = set(self.stop_token_ids)
+        rollouts = []
+        for row, prompt_index in enumerate(jobs):
+            generated, logprobs = results[row]  # type: ignore[misc]
+            response_ids, finish_reason = truncate_at_stop(generated, stop_ids)
+            text = self.tokenizer.decode(response_ids, skip_special_tokens=True)
+            for _ in range(n // copies):
+                rollouts.append(
+                    Rollout(
+                        prompt_index=prompt_index,
+                        prompt_ids=list(prompts[prompt_index]),
+                        response_ids=list(response_ids),
+                        text=text,
+                        finish_reason=finish_reason,
+                        logprobs=list(logprobs[: len(response_ids)]),
+                    )
+                )
+        return rollouts
+
+    @contextmanager
+    def _progress_bar(self, total: int) -> Iterator[Any]:
+        """A rich progress bar over generated sequences; yields ``advance(count)``."""
+        if not self.progress:
+            yield lambda count: None
+            return
+        from rich.progress import Progress
+
+        with Progress(transient=True) as bar:
+            task = bar.add_task("generating", total=total)
+            yield lambda count: bar.advance(task, count)
