@@ -1,0 +1,767 @@
+"""Evaluate a model on benchmarks: sample k responses a question, verify them, compute metrics.
+
+Two entry points share one loop (:func:`sample_and_score`):
+
+- :func:`evaluate_questions`: in memory, no files; the trainer's periodic evaluation.
+- :func:`evaluate`: the ``hpt eval`` pipeline over registered or custom benchmarks, writing
+  ``samples.jsonl`` (appended batch by batch, so an interrupted run resumes where it stopped),
+  ``results.json``, ``results.md`` (the paper's table layout) and ``pass_at_k.png``.
+
+Prompts follow the paper (arXiv 2509.04419, section 3): the model's chat template with the user
+turn only, plus the instruction "Please reason step by step, and put your final answer within
+\\boxed{}." where the template does not already add it; or a plain template such as LLaMA's
+``Question: ... Answer: Let's think step by step.``
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from hpt.errors import ConfigError, DataError, ModelError
+from hpt.eval.benchmarks import Benchmark, resolve_benchmarks
+from hpt.eval.metrics import avg_at_k, kind_averages, maj_at_k, pass_at_k_mean, pass_ks, summarize
+
+__all__ = [
+    "MATH_INSTRUCTION",
+    "CHOICE_INSTRUCTION",
+    "PLAIN_TEMPLATES",
+    "DTYPES",
+    "template_adds_instruction",
+    "make_builder",
+    "default_sampling",
+    "sample_and_score",
+    "evaluate_questions",
+    "load_model",
+    "read_samples",
+    "evaluate",
+]
+
+MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+CHOICE_INSTRUCTION = (
+    "Please reason step by step, and put the letter of your choice within \\boxed{}."
+)
+
+# name -> plain (non-chat) template; {question} is the question, {instruction} the instruction.
+PLAIN_TEMPLATES: dict[str, str] = {
+    # the paper's LLaMA-3.1-8B (base model) format
+    "llama": "Question:\n{question}\n{instruction}\nAnswer:\nLet's think step by step.",
+}
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+SAMPLES_FILE = "samples.jsonl"
+RESULTS_FILE = "results.json"
+MARKDOWN_FILE = "results.md"
+PLOT_FILE = "pass_at_k.png"
+SETTINGS_FILE = "run.json"
+
+
+# --------------------------------------------------------------------------------------------
+# prompts
+
+
+def template_adds_instruction(tokenizer: Any) -> bool:
+    """Whether the tokenizer's chat template already asks for a ``\\boxed{}`` answer.
+
+    Qwen2.5-Math's template adds the system prompt "Please reason step by step, and put your
+    final answer within \\boxed{}." by itself; we detect this by rendering an empty user turn.
+    A tokenizer without a chat template adds nothing.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return False
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": ""}], tokenize=False, add_generation_prompt=True
+        )
+    except Exception:  # a template that cannot render an empty turn adds nothing we can see
+        return False
+    return "\\boxed" in str(text)
+
+
+def _plain_template(template: str, instruction: str) -> tuple[str, str | None]:
+    """(template text, instruction still to append) of a plain ``--template``.
+
+    ``{instruction}`` in the template is replaced by the instruction; a template that already
+    asks for a box gets none; any other has the instruction appended to the question.
+    """
+    text = PLAIN_TEMPLATES.get(template, template)
+    if "{question}" not in text:
+        known = ", ".join(PLAIN_TEMPLATES)
+        raise ConfigError(
+            f"--template {template[:60]!r}: not a known template ({known}) nor a string with {{question}}"
+        )
+    if "{instruction}" in text:
+        return text.replace("{instruction}", instruction), None
+    return text, None if "\\boxed" in text else instruction
+
+
+def make_builder(
+    tokenizer: Any,
+    *,
+    choice: bool = False,
+    template: str | None = None,
+    system_prompt: str | None = None,
+    drop_system: bool = False,
+) -> Any:
+    """The ``hpt.data.PromptBuilder`` for one kind of benchmark.
+
+    Args:
+        tokenizer: the model's tokenizer.
+        choice: multiple-choice answers: ask for the letter of the choice in a box
+            (:data:`CHOICE_INSTRUCTION`, always appended); else :data:`MATH_INSTRUCTION`,
+            appended unless the chat template already adds it.
+        template: ``None`` (the chat template), a name of :data:`PLAIN_TEMPLATES` (``llama``), or
+            a string with ``{question}`` (and optionally ``{instruction}``).
+        system_prompt: a system turn replacing the rows' own (ARC-c's rows carry one).
+        drop_system: drop the rows' system turns.
+
+    Returns:
+        A ``PromptBuilder`` with ``prompt_text(q)`` / ``prompt_ids(q)``.
+
+    Raises:
+        ModelError: a tokenizer without a chat template and no ``template``.
+    """
+    from hpt.data import PromptBuilder
+
+    instruction: str | None = CHOICE_INSTRUCTION if choice else MATH_INSTRUCTION
+    if template is not None:
+        text, instruction = _plain_template(template, instruction)
+        return PromptBuilder(
+            tokenizer,
+            template=text,
+            instruction=instruction,
+            system_prompt=system_prompt,
+            drop_system=drop_system,
+        )
+    if not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise ModelError(
+            f"tokenizer {name!r} has no chat template; pass --template llama (or a string with {{question}})"
+        )
+    if not choice and template_adds_instruction(tokenizer):
+        instruction = None
+    return PromptBuilder(
+        tokenizer, system_prompt=system_prompt, instruction=instruction, drop_system=drop_system
+    )
+
+
+def default_sampling(k: int = 1, max_new_tokens: int = 1024, seed: int | None = 0) -> Any:
+    """The paper's evaluation sampling (temperature 0.6, top-p 0.95); greedy when ``k == 1``."""
+    from hpt.rollout import SamplingParams
+
+    if k == 1:
+        return SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens, seed=seed)
+    return SamplingParams(temperature=0.6, top_p=0.95, max_new_tokens=max_new_tokens, seed=seed)
+
+
+# --------------------------------------------------------------------------------------------
+# the loop: generate, extract, verify
+
+
+def _extractor(reward: str) -> Callable[[str], str | None]:
+    """How a response's final answer is read for maj@k and the samples file."""
+    from hpt.rewards import extract_boxed
+
+    if reward == "choice":
+        from hpt.rewards.extract import extract_choice
+
+        return extract_choice
+    return extract_boxed
+
+
+def _score(
+    responses: list[str], answers: list[str], reward: str, timeout: float
+) -> tuple[list[float], list[bool], int]:
+    """Verdicts, per-sample timeout flags (where known) and the timeout count of one batch."""
+    from hpt.rewards import score
+
+    result = score(responses, answers, reward, timeout=timeout)
+    flags = getattr(result, "timed_out", None)
+    flags = [bool(f) for f in flags] if flags is not None else [False] * len(responses)
+    return [float(s) for s in result.scores], flags, int(getattr(result, "timeouts", 0))
+
+
+def _question_keys(questions: Sequence[Any]) -> list[str]:
+    """Unique ids of the questions (their own ids, made unique by position where repeated)."""
+    ids = [str(q.id) for q in questions]
+    if len(set(ids)) == len(ids):
+        return ids
+    return [f"{qid}#{position}" for position, qid in enumerate(ids)]
+
+
+def sample_and_score(
+    questions: Sequence[Any],
+    *,
+    builder: Any,
+    engine: Any,
+    sampling: Any,
+    k: int,
+    reward: str = "math",
+    benchmark: str = "",
+    existing: Iterable[Mapping[str, Any]] = (),
+    batch_questions: int | None = None,
+    timeout: float = 5.0,
+    on_batch: Callable[[list[dict[str, Any]]], None] | None = None,
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """Generate the missing samples of ``questions`` (k each), verify them, return all records.
+
+    Samples already in ``existing`` (same benchmark, question id and sample index < k) are kept
+    and not generated again; the missing ones are generated in batches of questions grouped by
+    how many samples they still need, ``engine.generate(prompt_ids, n=missing, sampling)``.
+
+    Args:
+        questions: ``hpt.data.Question`` objects.
+        builder: ``PromptBuilder`` (``prompt_text`` / ``prompt_ids``).
+        engine: a ``RolloutEngine``.
+        sampling: ``SamplingParams``; batch ``b`` uses seed ``sampling.seed + b`` when seeded.
+        k: samples a question.
+        reward: reward name for ``hpt.rewards.score``.
+        benchmark: the name written in each record.
+        existing: records loaded from an earlier run (resume).
+        batch_questions: questions per ``generate`` call (default: about 64 sequences a call).
+        timeout: per-sample verifier timeout in seconds.
+        on_batch: called with each batch's new records as soon as they are scored (append to
+            ``samples.jsonl`` there).
+        progress: show a rich progress bar over questions.
+
+    Returns:
+        One record per (question, sample), question-major then sample order: ``benchmark``,
+        ``question_id``, ``sample``, ``prompt``, ``response``, ``extracted``, ``answer``,
+        ``verdict``, ``boxed``, ``response_tokens``, ``finish_reason``, ``timeout``.
+    """
+    if k < 1:
+        raise ConfigError(f"k (samples a question) must be >= 1, got {k}")
+    keys = _question_keys(questions)
+    have: dict[tuple[str, int], dict[str, Any]] = {}
+    for record in existing:
+        if record.get("benchmark", benchmark) == benchmark and int(record["sample"]) < k:
+            have[(str(record["question_id"]), int(record["sample"]))] = dict(record)
+    missing = {i: [j for j in range(k) if (key, j) not in have] for i, key in enumerate(keys)}
+    batches = _plan_batches(missing, batch_questions or max(1, 64 // k))
+    extract = _extractor(reward)
+    from hpt.rewards import extract_boxed
+
+    with _progress(progress, len(questions), f"{benchmark or 'eval'}") as advance:
+        advance(sum(1 for todo in missing.values() if not todo))
+        for batch_index, (indices, n) in enumerate(batches):
+            prompts = _prompt_ids(builder, [questions[i] for i in indices])
+            seeded = (
+                sampling
+                if sampling.seed is None
+                else replace(sampling, seed=sampling.seed + batch_index)
+            )
+            rollouts = engine.generate(prompts, n=n, sampling=seeded)
+            if len(rollouts) != len(indices) * n:
+                raise RuntimeError(
+                    f"engine returned {len(rollouts)} rollouts for {len(indices)} prompts x {n}"
+                )
+            slots = [(i, j) for i in indices for j in missing[i][:n]]
+            responses = [r.text for r in rollouts]
+            answers = [str(questions[i].answer) for i, _ in slots]
+            verdicts, timed_out, _ = _score(responses, answers, reward, timeout)
+            new = []
+            for (i, j), rollout, verdict, late in zip(slots, rollouts, verdicts, timed_out):
+                record = {
+                    "benchmark": benchmark,
+                    "question_id": keys[i],
+                    "sample": j,
+                    "prompt": builder.prompt_text(questions[i]),
+                    "response": rollout.text,
+                    "extracted": extract(rollout.text),
+                    "answer": answers[len(new)],
+                    "verdict": verdict,
+                    "boxed": extract_boxed(rollout.text) is not None,
+                    "response_tokens": len(rollout.response_ids),
+                    "finish_reason": rollout.finish_reason,
+                    "timeout": late,
+                }
+                have[(keys[i], j)] = record
+                new.append(record)
+            for i in indices:
+                missing[i] = missing[i][n:]
+            if on_batch is not None:
+                on_batch(new)
+            advance(len(indices))
+    return [have[(key, j)] for key in keys for j in range(k)]
+
+
+def _prompt_ids(builder: Any, questions: list[Any]) -> list[list[int]]:
+    batch = getattr(builder, "prompt_ids_batch", None)
+    return batch(questions) if batch is not None else [builder.prompt_ids(q) for q in questions]
+
+
+def _plan_batches(missing: Mapping[int, list[int]], per_batch: int) -> list[tuple[list[int], int]]:
+    """Batches ``(question indices, n)``: questions needing the same number n of samples, in order."""
+    by_count: dict[int, list[int]] = {}
+    for index, todo in missing.items():
+        if todo:
+            by_count.setdefault(len(todo), []).append(index)
+    return [
+        (indices[start : start + per_batch], n)
+        for n, indices in sorted(by_count.items(), key=lambda item: -item[0])
+        for start in range(0, len(indices), per_batch)
+    ]
+
+
+class _progress:
+    """A rich progress bar over questions, or a no-op; ``with _progress(...) as advance``."""
+
+    def __init__(self, enabled: bool, total: int, label: str) -> None:
+        self.enabled, self.total, self.label = enabled, total, label
+        self.bar: Any = None
+
+    def __enter__(self) -> Callable[[int], None]:
+        if not self.enabled:
+            return lambda _count: None
+        from rich.progress import Progress
+
+        self.bar = Progress(transient=True)
+        self.bar.start()
+        task = self.bar.add_task(self.label, total=self.total)
+        return lambda count: self.bar.advance(task, count)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _metrics(records: Sequence[Mapping[str, Any]], k: int) -> dict[str, Any]:
+    """avg@k, pass@k (dict and flat ``pass@K`` keys) and maj@k of records, question-major."""
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for record in records:
+        groups.setdefault(str(record["question_id"]), []).append(record)
+    scores = [[float(r["verdict"]) for r in group] for group in groups.values()]
+    answers = [[r.get("extracted") for r in group] for group in groups.values()]
+    curve = {j: pass_at_k_mean(scores, j) for j in pass_ks(k)}
+    return {
+        "k": k,
+        "avg@k": avg_at_k(scores),
+        "maj@k": maj_at_k(answers, scores),
+        "pass@k": curve,
+        **{f"pass@{j}": value for j, value in curve.items()},
+    }
+
+
+def evaluate_questions(
+    model: Any,
+    tokenizer: Any,
+    questions: Sequence[Any],
+    *,
+    reward: str = "math",
+    k: int = 1,
+    sampling: Any = None,
+    builder: Any = None,
+    engine: Any = None,
+    progress: bool = False,
+    timeout: float = 5.0,
+) -> dict[str, Any]:
+    """Accuracy of ``model`` on ``questions`` with ``k`` samples each; writes no files.
+
+    The trainer's periodic evaluation (the paper validates with 8 samples at temperature 0.6,
+    top-p 0.95; the default here is greedy for k = 1 and that setting for k > 1).
+
+    Args:
+        model: a causal LM (used only to build the default engine).
+        tokenizer: its tokenizer.
+        questions: ``hpt.data.Question`` objects.
+        reward: ``math``, ``choice`` or ``module:function``.
+        k: samples a question.
+        sampling: ``SamplingParams`` (default: :func:`default_sampling`).
+        builder: ``PromptBuilder`` (default: :func:`make_builder` for the reward).
+        engine: ``RolloutEngine`` (default: ``HFEngine(model, tokenizer)``).
+        progress: show a progress bar.
+        timeout: per-sample verifier timeout in seconds.
+
+    Returns:
+        ``{"k", "avg@k", "maj@k", "pass@k": {K: value}, "pass@1", "pass@2", ..., "samples":
+        [records]}`` with fractions in [0, 1] (see :func:`sample_and_score` for the records).
+    """
+    if not questions:
+        raise DataError("evaluate_questions: no questions")
+    if builder is None:
+        builder = make_builder(tokenizer, choice=reward == "choice")
+    if sampling is None:
+        sampling = default_sampling(k)
+    if engine is None:
+        from hpt.rollout import HFEngine
+
+        engine = HFEngine(model, tokenizer)
+    records = sample_and_score(
+        questions,
+        builder=builder,
+        engine=engine,
+        sampling=sampling,
+        k=k,
+        reward=reward,
+        timeout=timeout,
+        progress=progress,
+    )
+    return {**_metrics(records, k), "samples": records}
+
+
+# --------------------------------------------------------------------------------------------
+# models
+
+
+def _torch_dtype(name: str) -> Any:
+    import torch
+
+    table = {
+        "auto": "auto",
+        "float32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "float16": torch.float16,
+    }
+    if name not in table:
+        raise ConfigError(f"--dtype {name!r}: choose from {', '.join(DTYPES)}")
+    return table[name]
+
+
+def _looks_local(spec: str) -> bool:
+    """A filesystem path rather than a hub id ``org/name``."""
+    return (
+        spec.startswith(("/", ".", "~"))
+        or spec.count("/") > 1
+        or "\\" in spec
+        or spec.endswith(".gguf")
+    )
+
+
+def load_model(
+    model: str | Path,
+    *,
+    dtype: str = "auto",
+    gguf_file: str | None = None,
+    device: str | None = None,
+) -> tuple[Any, Any]:
+    """Load ``(model, tokenizer)`` from a local HF folder, a GGUF file or a hub id.
+
+    Args:
+        model: a folder, a ``.gguf`` file, or a Hugging Face hub id.
+        dtype: ``auto``, ``float32``, ``bfloat16`` or ``float16``.
+        gguf_file: the GGUF file's name inside the folder ``model`` (transformers dequantises it).
+        device: ``cuda`` / ``cpu`` / ...; default cuda when available.
+
+    Raises:
+        ModelError: a missing path, or a hub id that cannot be fetched (one line).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = str(model)
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        path, gguf_file = path.parent, path.name
+    if path.exists():
+        where = str(path)
+        if gguf_file is not None and not (path / gguf_file).is_file():
+            raise ModelError(f"{path / gguf_file}: no such GGUF file")
+    elif _looks_local(spec):
+        raise ModelError(f"{spec}: no such model folder or file")
+    else:
+        where = spec
+    kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+        loaded = AutoModelForCausalLM.from_pretrained(where, dtype=_torch_dtype(dtype), **kwargs)
+    except (OSError, ValueError) as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        hub = (
+            ""
+            if path.exists()
+            else " (not a local folder; the Hugging Face hub is needed and unreachable?)"
+        )
+        raise ModelError(f"cannot load model {spec!r}{hub}: {first}") from error
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return loaded.to(device).eval(), tokenizer
+
+
+# --------------------------------------------------------------------------------------------
+# the hpt eval pipeline
+
+
+@dataclass
+class _Settings:
+    """What must match for samples of an earlier run to be reused."""
+
+    model: str
+    temperature: float
+    top_p: float
+    top_k: int
+    max_new_tokens: int
+    seed: int | None
+    template: str | None
+    system_prompt: str | None
+    drop_system: bool
+
+
+def read_samples(path: str | Path) -> list[dict[str, Any]]:
+    """Records of a ``samples.jsonl``; a torn last line (an interrupted write) is skipped.
+
+    Raises:
+        DataError: a malformed line elsewhere (names the file and line).
+    """
+    path = Path(path)
+    if not path.is_file():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            _ = record["benchmark"], record["question_id"], int(record["sample"]), record["verdict"]
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+            if number == len(lines):
+                break
+            raise DataError(f"{path}: line {number}: not a sample record ({error})") from error
+        records.append(record)
+    return records
+
+
+def _append(path: Path, records: Iterable[Mapping[str, Any]]) -> None:
+    with path.open("a", encoding="utf-8") as file:
+        for record in records:
+            file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        file.flush()
+
+
+def _check_resume(output: Path, settings: _Settings, overwrite: bool) -> list[dict[str, Any]]:
+    """Records to reuse from ``output`` (none when new or ``overwrite``); writes ``run.json``."""
+    samples, saved = output / SAMPLES_FILE, output / SETTINGS_FILE
+    if overwrite:
+        samples.unlink(missing_ok=True)
+    elif samples.is_file() and saved.is_file():
+        before = json.loads(saved.read_text())
+        diff = [
+            f"{key} {before.get(key)!r} -> {value!r}"
+            for key, value in asdict(settings).items()
+            if before.get(key) != value
+        ]
+        if diff:
+            raise ConfigError(
+                f"{output}: holds samples of another setup ({'; '.join(diff)}); use another --output or --overwrite"
+            )
+    output.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(asdict(settings), indent=2) + "\n")
+    return read_samples(samples)
+
+
+def _load_benchmark(benchmark: Benchmark, limit: int | None) -> list[Any]:
+    from hpt.data import load_questions
+
+    split = benchmark.hf_split if benchmark.source == benchmark.hf_id else None
+    return load_questions(
+        benchmark.source, fields=dict(benchmark.fields or {}) or None, split=split, limit=limit
+    )
+
+
+def evaluate(
+    model_or_path: Any,
+    benchmarks: Sequence[str],
+    *,
+    k: int = 1,
+    sampling: Any = None,
+    output_dir: str | Path | None = None,
+    limit: int | None = None,
+    tokenizer: Any = None,
+    engine: Any = None,
+    benchmark_dir: str | Path | None = None,
+    reward: str | None = None,
+    fields: Mapping[str, str] | None = None,
+    template: str | None = None,
+    system_prompt: str | None = None,
+    drop_system: bool = False,
+    dtype: str = "auto",
+    gguf_file: str | None = None,
+    device: str | None = None,
+    batch_size: int = 64,
+    name: str | None = None,
+    timeout: float = 5.0,
+    overwrite: bool = False,
+    progress: bool = True,
+    show: bool = True,
+) -> dict[str, Any]:
+    """Evaluate a model on benchmarks; the library function behind ``hpt eval``.
+
+    Args:
+        model_or_path: a loaded model (give ``tokenizer`` too) or a folder / ``.gguf`` / hub id.
+        benchmarks: names, files or folders (see :func:`hpt.eval.benchmarks.resolve_benchmarks`).
+        k: samples a question.
+        sampling: ``SamplingParams`` (default: :func:`default_sampling`).
+        output_dir: where to write samples.jsonl, results.json, results.md, pass_at_k.png and
+            run.json; ``None`` writes nothing (and cannot resume).
+        limit: the first ``limit`` questions of each benchmark.
+        tokenizer: the tokenizer of a loaded model.
+        engine: a ``RolloutEngine`` (default ``HFEngine(model, tokenizer, batch_size)``).
+        benchmark_dir: where named benchmarks live (default ``$HPT_BENCHMARK_DIR``, then
+            ``hpt.data``'s default ``../shared/benchmarks``).
+        reward, fields: reward and field mapping of custom files.
+        template, system_prompt, drop_system: prompting (see :func:`make_builder`).
+        dtype, gguf_file, device: model loading (see :func:`load_model`).
+        batch_size: sequences a generate call of the default engine.
+        name: the run's row name in tables (default: the model folder's name).
+        timeout: per-sample verifier timeout in seconds.
+        overwrite: discard samples of an earlier run in ``output_dir``.
+        progress: show progress bars.
+        show: print the result tables.
+
+    Returns:
+        The results dict written to results.json: ``name``, ``model``, ``settings``,
+        ``benchmarks`` (name -> summary, see :func:`hpt.eval.metrics.summarize`, plus
+        ``column``, ``kind``, ``reward``, ``source``), ``averages`` (``id`` / ``ood``).
+    """
+    start = time.time()
+    if k < 1:
+        raise ConfigError(f"--k must be >= 1, got {k}")
+    root = benchmark_dir if benchmark_dir is not None else _default_benchmark_dir()
+    resolved = resolve_benchmarks(benchmarks, benchmark_dir=root, reward=reward, fields=fields)
+    data = {b.name: _load_benchmark(b, limit) for b in resolved}
+    label = name or _model_label(model_or_path)
+    if isinstance(model_or_path, (str, Path)):
+        model, tokenizer = load_model(
+            model_or_path, dtype=dtype, gguf_file=gguf_file, device=device
+        )
+    else:
+        model = model_or_path
+        if tokenizer is None and engine is None:
+            raise ConfigError("evaluate: a loaded model needs its tokenizer")
+    sampling = sampling or default_sampling(k)
+    settings = _Settings(
+        str(model_or_path) if isinstance(model_or_path, (str, Path)) else label,
+        sampling.temperature,
+        sampling.top_p,
+        sampling.top_k,
+        sampling.max_new_tokens,
+        sampling.seed,
+        template,
+        system_prompt,
+        drop_system,
+    )
+    output = Path(output_dir) if output_dir is not None else None
+    existing = _check_resume(output, settings, overwrite) if output is not None else []
+    if engine is None:
+        from hpt.rollout import HFEngine
+
+        engine = HFEngine(model, tokenizer, batch_size=batch_size)
+
+    per_benchmark: dict[str, dict[str, Any]] = {}
+    builders: dict[bool, Any] = {}
+    for benchmark in resolved:
+        if benchmark.is_choice not in builders:
+            builders[benchmark.is_choice] = make_builder(
+                tokenizer,
+                choice=benchmark.is_choice,
+                template=template,
+                system_prompt=system_prompt,
+                drop_system=drop_system,
+            )
+        records = sample_and_score(
+            data[benchmark.name],
+            builder=builders[benchmark.is_choice],
+            engine=engine,
+            sampling=sampling,
+            k=k,
+            reward=benchmark.reward,
+            benchmark=benchmark.name,
+            existing=existing,
+            batch_questions=max(1, batch_size // k),
+            timeout=timeout,
+            on_batch=(lambda new: _append(output / SAMPLES_FILE, new))
+            if output is not None
+            else None,
+            progress=progress,
+        )
+        per_benchmark[benchmark.name] = {
+            "column": benchmark.column,
+            "kind": benchmark.kind,
+            "reward": benchmark.reward,
+            "source": benchmark.source,
+            **summarize(records, k),
+        }
+    results = {
+        "name": label,
+        "model": settings.model,
+        "settings": {**asdict(settings), "k": k, "limit": limit},
+        "benchmarks": per_benchmark,
+        "averages": kind_averages(per_benchmark, "avg@k"),
+        "seconds": round(time.time() - start, 1),
+    }
+    if output is not None:
+        _write_outputs(output, results)
+    if show:
+        _print(results)
+    return results
+
+
+def _default_benchmark_dir() -> Path | None:
+    try:
+        from hpt.data.loaders import benchmark_dir
+    except ImportError:  # pragma: no cover - hpt.data always has it
+        return None
+    return benchmark_dir()
+
+
+def _model_label(model: Any) -> str:
+    if isinstance(model, (str, Path)):
+        path = Path(str(model))
+        return path.stem if path.suffix == ".gguf" else (path.name or str(model))
+    config = getattr(model, "config", None)
+    return (
+        str(getattr(config, "_name_or_path", "") or type(model).__name__).rstrip("/").split("/")[-1]
+    )
+
+
+def _write_outputs(output: Path, results: Mapping[str, Any]) -> None:
+    from hpt.eval.plots import plot_pass_at_k
+    from hpt.eval.report import markdown_table
+
+    (output / RESULTS_FILE).write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    (output / MARKDOWN_FILE).write_text(markdown_table([results]))
+    plot_pass_at_k(results["benchmarks"], output / PLOT_FILE, title=f"pass@k: {results['name']}")
+
+
+def _print(results: Mapping[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from hpt.eval.report import rich_table
+
+    console = Console()
+    detail = Table(title=f"{results['name']}: per benchmark")
+    for column in (
+        "benchmark",
+        "questions",
+        "k",
+        "avg@k",
+        "maj@k",
+        "pass@k",
+        "tokens",
+        "no box",
+        "truncated",
+        "timeouts",
+    ):
+        detail.add_column(column, justify="left" if column == "benchmark" else "right")
+    for name, s in results["benchmarks"].items():
+        top = max(s["pass@k"], key=int, default=None)
+        detail.add_row(
+            name,
+            str(s["questions"]),
+            str(s["k"]),
+            f"{100 * s['avg@k']:.1f}",
+            f"{100 * s['maj@k']:.1f}",
+            "-" if top is None else f"{100 * s['pass@k'][top]:.1f} (@{top})",
+            f"{s['response_tokens']:.0f}",
+            f"{100 * s['no_boxed']:.0f}%",
+            f"{100 * s['truncated']:.0f}%",
+            str(s["timeouts"]),
+        )
+    console.print(detail)
+    console.print(rich_table([results], "avg@k"))
