@@ -1,0 +1,245 @@
+"""Small helpers shared by the layers: progress bars, seeding, atomic file writes.
+
+``import hpt.utils`` is light: rich, numpy and torch are imported inside the functions that need
+them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------------------------
+# Progress bars
+# --------------------------------------------------------------------------------------------
+
+
+class ProgressBar:
+    """One task of a rich progress display; every method is a no-op when the bar is disabled.
+
+    Made by :func:`progress`; do not build it directly.
+    """
+
+    def __init__(self, rich_progress: Any = None, task_id: Any = None) -> None:
+        self._progress = rich_progress
+        self._task = task_id
+
+    @property
+    def enabled(self) -> bool:
+        """Whether anything is drawn."""
+        return self._progress is not None
+
+    def advance(self, n: float = 1, **fields: Any) -> None:
+        """Move forward by ``n`` and update the extra fields shown by the bar's columns."""
+        if self._progress is not None:
+            self._progress.update(self._task, advance=n, **fields)
+
+    def update(self, completed: float | None = None, **fields: Any) -> None:
+        """Set the position (``completed``) and/or the extra fields shown by the bar's columns."""
+        if self._progress is not None:
+            self._progress.update(self._task, completed=completed, **fields)
+
+    def set_total(self, total: float | None) -> None:
+        """Change the total (None: an indeterminate bar)."""
+        if self._progress is not None:
+            self._progress.update(self._task, total=total)
+
+
+def progress_enabled(enabled: bool = True) -> bool:
+    """Whether a progress bar should be drawn: asked for, and stderr is a terminal.
+
+    The environment variable ``HPT_PROGRESS=0`` turns every bar off; ``HPT_PROGRESS=1`` forces
+    them on even without a terminal (useful under some job schedulers).
+    """
+    forced = os.environ.get("HPT_PROGRESS", "").strip().lower()
+    if not enabled or forced in ("0", "false", "no", "off"):
+        return False
+    if forced in ("1", "true", "yes", "on"):
+        return True
+    stream = sys.stderr
+    return bool(getattr(stream, "isatty", lambda: False)())
+
+
+@contextmanager
+def progress(
+    description: str,
+    total: float | None = None,
+    *,
+    enabled: bool = True,
+    columns: Sequence[str] = (),
+    transient: bool = True,
+    completed: float = 0,
+    **fields: Any,
+) -> Iterator[ProgressBar]:
+    """A rich progress bar for a long loop, drawn on stderr and removed when the loop ends.
+
+    The bar is disabled (a no-op :class:`ProgressBar`) when ``enabled`` is False or stderr is not
+    a terminal, so library code can always wrap its loops with it.
+
+    Args:
+        description: Text left of the bar.
+        total: Number of steps (None: indeterminate).
+        enabled: False turns the bar off.
+        columns: Extra rich ``TextColumn`` templates drawn after the bar, e.g.
+            ``"reward {task.fields[reward]:.3f}"``; give the fields' first values as ``**fields``.
+        transient: Remove the bar from the terminal when done.
+        completed: Starting position (a resumed run starts past 0).
+        **fields: Initial values of the fields used by ``columns``.
+
+    Yields:
+        The bar: call ``advance(n, **fields)`` or ``update(completed, **fields)``.
+    """
+    if not progress_enabled(enabled):
+        yield ProgressBar()
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    parts = [
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn() if total is not None else TextColumn("{task.completed:.0f}"),
+        *(TextColumn(template) for template in columns),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+    ]
+    console = Console(stderr=True)
+    with Progress(*parts, console=console, transient=transient) as rich_progress:
+        task = rich_progress.add_task(description, total=total, completed=completed, **fields)
+        yield ProgressBar(rich_progress, task)
+
+
+def track(
+    items: Iterable[T],
+    description: str,
+    *,
+    total: float | None = None,
+    enabled: bool = True,
+) -> Iterator[T]:
+    """Iterate over ``items`` with a transient progress bar (see :func:`progress`)."""
+    if total is None and hasattr(items, "__len__"):
+        total = len(items)  # type: ignore[arg-type]
+    with progress(description, total, enabled=enabled) as bar:
+        for item in items:
+            yield item
+            bar.advance()
+
+
+# --------------------------------------------------------------------------------------------
+# Seeding
+# --------------------------------------------------------------------------------------------
+
+
+def seed_everything(seed: int, *, deterministic: bool = False) -> None:
+    """Seed Python's ``random``, numpy and torch (CPU and every CUDA device).
+
+    Args:
+        seed: The seed.
+        deterministic: Also ask torch for deterministic kernels (slower on GPU; raises at run
+            time on an operation that has none).
+    """
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # seeds every CUDA device too
+    if deterministic:
+        torch.use_deterministic_algorithms(True)
+
+
+# --------------------------------------------------------------------------------------------
+# Atomic writes
+# --------------------------------------------------------------------------------------------
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Flush a directory entry to disk (so a rename inside it survives a crash); best effort."""
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. Windows cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` so that a reader sees the old file or the new one, never a part.
+
+    The bytes go to a temporary file in the same directory, are flushed and fsynced, and the
+    temporary file replaces ``path`` with ``os.replace`` (atomic on POSIX and Windows).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> Path:
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_write_bytes`)."""
+    return atomic_write_bytes(path, text.encode(encoding))
+
+
+def to_jsonable(value: Any) -> Any:
+    """Turn tensors, numpy values, paths, tuples and dataclasses into plain JSON values.
+
+    Non-finite floats (nan, inf) become ``None`` so that the output is strict JSON.
+    """
+    if value is None or isinstance(value, (bool, str, int)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(key): to_jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [to_jsonable(item) for item in value]
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "__dataclass_fields__"):
+        import dataclasses
+
+        return to_jsonable(dataclasses.asdict(value))
+    if hasattr(value, "tolist"):  # torch tensors, numpy arrays and scalars
+        return to_jsonable(value.tolist())
+    if hasattr(value, "item"):
+        return to_jsonable(value.item())
+    return str(value)
+
+
+def atomic_write_json(path: str | Path, obj: Any, *, indent: int | None = 2) -> Path:
+    """Write ``obj`` as strict JSON to ``path`` atomically (values pass through :func:`to_jsonable`)."""
+    text = json.dumps(to_jsonable(obj), indent=indent, allow_nan=False, ensure_ascii=False)
+    return atomic_write_text(path, text + "\n")
