@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from hpt.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from hpt.data import Question
+    from hpt.data.question import Question
 
 NAMES = ("Ann", "Ben", "Cara", "Dan", "Eve", "Finn", "Gia", "Hugo", "Ivy", "Jack")
 ITEMS = ("apples", "books", "coins", "marbles", "pens", "stamps", "cards", "shells")
@@ -88,7 +88,7 @@ def demonstration(a: int, b: int) -> str:
     """The worked solution of ``a + b``: one column at a time from the units, with carries.
 
     Example: ``demonstration(57, 48)`` is
-    ``"7+8=15, carry 1. 5+4+1=10, carry 1. So 57+48=105. The answer is \\boxed{105}."``
+    ``"7+8=15, carry 1. 5+4+1=10, carry 1. The answer is \\boxed{105}."``
     """
     width = max(len(str(a)), len(str(b)))
     digits_a, digits_b = str(a).zfill(width)[::-1], str(b).zfill(width)[::-1]
@@ -98,7 +98,7 @@ def demonstration(a: int, b: int) -> str:
         terms = f"{x}+{y}" + (f"+{carry}" if carry else "")
         carry = total // 10
         steps.append(f"{terms}={total}, carry {carry}.")
-    return " ".join(steps) + f" So {a}+{b}={a + b}. The answer is \\boxed{{{a + b}}}."
+    return " ".join(steps) + f" The answer is \\boxed{{{a + b}}}."
 
 
 def make_questions(split: str, n: int, seed: int = 0) -> list[Question]:
@@ -114,7 +114,7 @@ def make_questions(split: str, n: int, seed: int = 0) -> list[Question]:
         the carry derivation as the demonstration, ``source="arith-<level>"`` and
         ``meta={"level", "a", "b"}``.
     """
-    from hpt.data import Question
+    from hpt.data.question import Question
 
     spec = SPLITS.get(split)
     if spec is None:
