@@ -174,21 +174,21 @@ def _from_path(path: Path, reward: str | None, fields: Mapping[str, str] | None)
         ]
     known = _known_folder(path)
     data = _data_file(path)
-    if data is not None:
-        return [_custom_or_known(known, path.name, data, reward, fields)]
+    if known is not None and data is not None:
+        return [replace(known, source=str(data))]
     found = [
         replace(b, source=str(path / b.folder / data.name))
         for b in BENCHMARKS.values()
-        if b.folder
-        and (path / b.folder).is_dir()
-        and (data := _data_file(path / b.folder)) is not None
+        if b.folder and (path / b.folder).is_dir() and (data := _data_file(path / b.folder)) is not None
     ]
-    if not found:
-        raise DataError(
-            f"{path}: no benchmark data in this folder (expected test.json/.jsonl/.parquet, "
-            f"or folders named {', '.join(b.folder for b in BENCHMARKS.values() if b.folder)})"
-        )
-    return found
+    if found:
+        return found
+    if data is not None:
+        return [_custom_or_known(None, path.name, data, reward, fields)]
+    raise DataError(
+        f"{path}: no benchmark data in this folder (expected test.json/.jsonl/.parquet, "
+        f"or folders named {', '.join(b.folder for b in BENCHMARKS.values() if b.folder)})"
+    )
 
 
 def _custom_or_known(
