@@ -150,7 +150,8 @@ class PromptBuilder:
     def _encode(self, texts: list[str]) -> list[list[int]]:
         if not texts:
             return []
-        return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        encoded = self.tokenizer(texts, add_special_tokens=False, verbose=False)
+        return [list(ids) for ids in encoded["input_ids"]]
 
     def prompt_ids(self, question: Question) -> list[int]:
         """Token ids of :meth:`prompt_text`, with exactly one BOS where the model uses one.
@@ -214,7 +215,7 @@ class PromptBuilder:
         full_ids = self._encode(fulls)
         turns = []
         for q, prompt, full, p_ids, f_ids in zip(questions, prompts, fulls, prompt_ids, full_ids):
-            if not full.startswith(prompt) or q.demonstration not in full[len(prompt) :]:
+            if not full.startswith(prompt) or q.demonstration.strip() not in full[len(prompt) :]:
                 # the template rewrites the reply (e.g. strips reasoning): train on it verbatim
                 self._warn_fallback()
                 turns.append([*self._encode([q.demonstration])[0], self.eos_token_id])
