@@ -50,6 +50,13 @@ class ProgressBar:
         if self._progress is not None:
             self._progress.update(self._task, completed=completed, **fields)
 
+    def print(self, text: str) -> None:
+        """Print a line above the bar (or to stderr when the bar is disabled)."""
+        if self._progress is not None:
+            self._progress.console.print(text, markup=False, highlight=False)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
     def set_total(self, total: float | None) -> None:
         """Change the total (None: an indeterminate bar)."""
         if self._progress is not None:
@@ -211,6 +218,51 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> Path:
     """Write ``text`` to ``path`` atomically (see :func:`atomic_write_bytes`)."""
     return atomic_write_bytes(path, text.encode(encoding))
+
+
+def fsync_tree(path: str | Path) -> None:
+    """fsync every file under ``path`` and every directory entry (best effort)."""
+    root = Path(path)
+    for directory, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(directory, name), "rb") as handle:
+                os.fsync(handle.fileno())
+        fsync_dir(directory)
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Build a directory in a temporary sibling and move it into place only when the block succeeds.
+
+    The block writes into the yielded temporary directory (a hidden name in the same parent,
+    so a half-written one is never mistaken for ``path``). On success its files are fsynced and it
+    is renamed to ``path``, replacing an existing directory of that name (which is moved aside
+    first, then deleted). On an exception the temporary directory is removed and nothing changes.
+
+    Yields:
+        The temporary directory to write into.
+    """
+    import shutil
+    import uuid
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if path.exists():
+        old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(path, old)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def to_jsonable(value: Any) -> Any:

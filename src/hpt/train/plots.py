@@ -1,0 +1,153 @@
+"""Plots of a run, drawn from its ``metrics.jsonl``: ``hpt plot RUN_DIR``.
+
+Each plot is a row of :data:`PLOTS` (file name, title, y label, which keys to draw); a plot whose
+keys never occur is skipped. Held-out accuracy is read from the ``eval/<set>`` keys logged during
+training plus, when ``summary.json`` exists, ``eval_before`` (at step 0) and ``eval_after`` (at the
+last step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hpt.errors import DataError
+from hpt.train.logger import METRICS_FILE, SUMMARY_FILE, read_metrics
+
+PLOTS_DIR = "plots"
+
+
+def _exact(*keys: str) -> Callable[[list[str]], list[str]]:
+    return lambda available: [key for key in keys if key in available]
+
+
+def _accuracy_keys(available: list[str]) -> list[str]:
+    """``eval/<set>`` (avg@k accuracy of a set), not ``eval/<set>/pass@k`` and the like."""
+    return sorted(k for k in available if k.startswith("eval/") and k.count("/") == 1)
+
+
+@dataclass(frozen=True)
+class PlotSpec:
+    """One figure: the keys it draws against the step."""
+
+    file: str
+    title: str
+    ylabel: str
+    keys: Callable[[list[str]], list[str]]
+
+
+PLOTS: tuple[PlotSpec, ...] = (
+    PlotSpec("reward.png", "Mean reward of the rollouts", "reward", _exact("reward_mean")),
+    PlotSpec(
+        "routes.png",
+        "Questions routed to each loss (HPT's gate)",
+        "fraction of questions",
+        _exact("route_sft", "route_rl", "route_off_policy"),
+    ),
+    PlotSpec("entropy.png", "Mean token entropy", "entropy (nats)", _exact("entropy")),
+    PlotSpec("accuracy.png", "Held-out accuracy", "accuracy (avg@k)", _accuracy_keys),
+    PlotSpec("loss.png", "Training loss", "loss", _exact("loss")),
+)
+
+
+def series(records: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    """(steps, values) of ``key`` over the records that have a numeric value for it."""
+    steps, values = [], []
+    for record in records:
+        step, value = record.get("step"), record.get(key)
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if numeric and isinstance(step, (int, float)):
+            steps.append(float(step))
+            values.append(float(value))
+    return steps, values
+
+
+def _summary_records(run_dir: Path, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``eval_before`` / ``eval_after`` of summary.json as ``eval/<set>`` records at the ends."""
+    file = run_dir / SUMMARY_FILE
+    if not file.is_file():
+        return []
+    try:
+        summary = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return []
+    last = summary.get("steps")
+    if not isinstance(last, (int, float)):
+        steps = [r["step"] for r in records if isinstance(r.get("step"), (int, float))]
+        last = max(steps, default=0)
+    extra = []
+    for name, step in (("eval_before", 0), ("eval_after", last)):
+        results = summary.get(name)
+        if isinstance(results, dict):
+            extra.append({"step": step, **{f"eval/{k}": v for k, v in results.items()}})
+    return extra
+
+
+def _draw(spec: PlotSpec, records: list[dict[str, Any]], keys: list[str], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6.4, 4.0), layout="constrained")
+    axes = figure.add_subplot()
+    for key in keys:
+        steps, values = series(records, key)
+        marker = "o" if len(steps) <= 30 else None
+        axes.plot(steps, values, label=key.removeprefix("eval/"), marker=marker, markersize=3)
+    axes.set_title(spec.title)
+    axes.set_xlabel("step")
+    axes.set_ylabel(spec.ylabel)
+    axes.grid(alpha=0.3)
+    if len(keys) > 1 or spec.keys is _accuracy_keys:
+        axes.legend()
+    figure.savefig(path, dpi=120)
+
+
+def plot_run(run_dir: str | Path, output_dir: str | Path | None = None) -> list[Path]:
+    """Draw the run's PNG plots (reward, routes, entropy, held-out accuracy, loss vs step).
+
+    Args:
+        run_dir: The run folder (holding ``metrics.jsonl``).
+        output_dir: Where to write; default ``<run_dir>/plots``.
+
+    Returns:
+        The files written (plots without data are skipped).
+
+    Raises:
+        DataError: no run folder or no ``metrics.jsonl``, or a malformed line.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise DataError(f"run folder not found: {run_dir}")
+    if not (run_dir / METRICS_FILE).is_file():
+        raise DataError(f"no {METRICS_FILE} in {run_dir}: not a run folder")
+    records = read_metrics(run_dir)
+    records = records + _summary_records(run_dir, records)
+    available = sorted({key for record in records for key in record})
+    out = Path(output_dir) if output_dir is not None else run_dir / PLOTS_DIR
+    written = []
+    for spec in PLOTS:
+        keys = [key for key in spec.keys(available) if series(records, key)[0]]
+        if not keys:
+            continue
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / spec.file
+        _draw(spec, records, keys, path)
+        written.append(path)
+    return written
+
+
+def main(argv: list[str]) -> int:
+    """``hpt plot RUN_DIR [--output DIR]``: redraw a run's plots."""
+    parser = argparse.ArgumentParser(prog="hpt plot", description="Redraw a run's plots.")
+    parser.add_argument("run_dir", help="the run folder, e.g. runs/demo")
+    parser.add_argument("--output", default=None, help="where to write (default RUN_DIR/plots)")
+    args = parser.parse_args(argv)
+    written = plot_run(args.run_dir, args.output)
+    if not written:
+        print(f"nothing to plot in {args.run_dir}/{METRICS_FILE}")
+    for path in written:
+        print(path)
+    return 0
