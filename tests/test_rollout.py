@@ -1,0 +1,234 @@
+"""The Hugging Face rollout engine: shapes, order, stopping, padding, seeds and log-probs."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from hpt.errors import ConfigError
+from hpt.rollout import HFEngine, Rollout, RolloutEngine, SamplingParams
+
+QUESTIONS = [
+    "What is 2 + 3?",
+    "Ann has 123 apples and buys 48 more. How many apples does she have now?",
+    "Hi",
+    "A box holds 57 pens. How many pens?",
+]
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny):
+    _, tokenizer = tiny
+
+    def encode(content):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    encoded = [encode(q) for q in QUESTIONS]
+    assert len({len(p) for p in encoded}) == len(encoded)  # different lengths: padding matters
+    return encoded
+
+
+def teacher_forced_logprobs(model, rollout: Rollout, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / T) of the response tokens, from one unpadded forward pass. [T]"""
+    ids = torch.tensor([rollout.prompt_ids + rollout.response_ids])
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(rollout.prompt_ids) - 1 : -1].float() / temperature
+    targets = torch.tensor(rollout.response_ids)[:, None]
+    return torch.log_softmax(logits, dim=-1).gather(1, targets).squeeze(1)
+
+
+def test_shapes_and_prompt_major_order(tiny, prompts):
+    model, tokenizer = tiny
+    engine = HFEngine(model, tokenizer, batch_size=5)
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=12, seed=0)
+    rollouts = engine.generate(prompts, n=3, sampling=sampling)
+    assert isinstance(engine, RolloutEngine)
+    assert len(rollouts) == len(prompts) * 3
+    assert [r.prompt_index for r in rollouts] == [i for i in range(len(prompts)) for _ in range(3)]
+    for r in rollouts:
+        assert r.prompt_ids == prompts[r.prompt_index]
+        assert 1 <= len(r.response_ids) <= 12
+        assert len(r.logprobs) == len(r.response_ids)
+        assert all(lp <= 0.0 for lp in r.logprobs)
+        assert r.text == tokenizer.decode(r.response_ids, skip_special_tokens=True)
+        assert r.finish_reason == (
+            "stop" if r.response_ids[-1] == tokenizer.eos_token_id else "length"
+        )
+        assert tokenizer.pad_token_id not in r.response_ids or r.finish_reason == "length"
+    # three samples of one prompt are not one sample copied three times
+    assert len({tuple(r.response_ids) for r in rollouts[:3]}) > 1
+
+
+def test_greedy_batched_equals_one_at_a_time(tiny, prompts):
+    model, tokenizer = tiny
+    sampling = SamplingParams(temperature=0.0, max_new_tokens=16)
+    batched = HFEngine(model, tokenizer, batch_size=8).generate(prompts, 1, sampling)
+    single = HFEngine(model, tokenizer, batch_size=1).generate(prompts, 1, sampling)
+    for b, s in zip(batched, single):
+        assert b.response_ids == s.response_ids
+        assert b.logprobs == pytest.approx(s.logprobs, abs=1e-4)
+
+
+def test_greedy_logprobs_are_the_models(tiny, prompts):
+    model, tokenizer = tiny
+    rollouts = HFEngine(model, tokenizer).generate(
+        prompts, 2, SamplingParams(0.0, max_new_tokens=10)
+    )
+    assert rollouts[0].response_ids == rollouts[1].response_ids  # greedy: n identical copies
+    for r in rollouts:
+        expected = teacher_forced_logprobs(model, r)
+        assert torch.allclose(torch.tensor(r.logprobs), expected, atol=1e-4)
+        # greedy picks the most likely token at each step
+        ids = torch.tensor([r.prompt_ids + r.response_ids])
+        with torch.no_grad():
+            logits = model(ids).logits[0, len(r.prompt_ids) - 1 : -1]
+        assert logits.argmax(-1).tolist() == r.response_ids
+
+
+def test_sampled_logprobs_follow_the_temperature(tiny, prompts):
+    model, tokenizer = tiny
+    sampling = SamplingParams(temperature=0.7, max_new_tokens=10, seed=1)
+    for r in HFEngine(model, tokenizer).generate(prompts[:2], 2, sampling):
+        expected = teacher_forced_logprobs(model, r, temperature=0.7)
+        assert torch.allclose(torch.tensor(r.logprobs), expected, atol=1e-4)
+
+
+def test_top_p_samples_stay_in_the_nucleus(tiny, prompts):
+    model, tokenizer = tiny
+    sampling = SamplingParams(temperature=1.0, top_p=0.3, max_new_tokens=10, seed=2)
+    for r in HFEngine(model, tokenizer).generate(prompts, 2, sampling):
+        ids = torch.tensor([r.prompt_ids + r.response_ids])
+        with torch.no_grad():
+            probs = model(ids).logits[0, len(r.prompt_ids) - 1 : -1].softmax(-1)
+        for step, token in enumerate(r.response_ids):
+            more_likely = probs[step][probs[step] > probs[step, token]].sum()
+            assert more_likely < 0.3 + 1e-5
+        # the renormalised nucleus gives each token at least its own probability
+        own = teacher_forced_logprobs(model, r)
+        assert all(lp >= o - 1e-5 for lp, o in zip(r.logprobs, own.tolist()))
+
+
+def test_top_k_one_is_greedy(tiny, prompts):
+    model, tokenizer = tiny
+    engine = HFEngine(model, tokenizer)
+    greedy = engine.generate(prompts, 1, SamplingParams(temperature=0.0, max_new_tokens=12))
+    top1 = engine.generate(
+        prompts, 1, SamplingParams(temperature=1.3, top_k=1, max_new_tokens=12, seed=5)
+    )
+    assert [r.response_ids for r in top1] == [r.response_ids for r in greedy]
+    assert all(lp == pytest.approx(0.0, abs=1e-6) for r in top1 for lp in r.logprobs)
+
+
+def test_seeded_sampling_is_reproducible_and_leaves_global_rng(tiny, prompts):
+    model, tokenizer = tiny
+    engine = HFEngine(model, tokenizer, batch_size=4)
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=12, seed=11)
+    torch.manual_seed(0)
+    first = engine.generate(prompts, 2, sampling)
+    torch.manual_seed(12345)
+    state = torch.get_rng_state()
+    again = engine.generate(prompts, 2, sampling)
+    assert torch.equal(state, torch.get_rng_state())
+    assert [r.response_ids for r in first] == [r.response_ids for r in again]
+    other = engine.generate(prompts, 2, SamplingParams(temperature=1.0, max_new_tokens=12, seed=12))
+    assert [r.response_ids for r in other] != [r.response_ids for r in first]
+
+
+def test_stops_at_the_first_eos_and_keeps_it(tiny, prompts):
+    model, tokenizer = tiny
+    free = HFEngine(model, tokenizer).generate(prompts, 1, SamplingParams(0.0, max_new_tokens=12))
+    response = free[1].response_ids
+    assert free[1].finish_reason == "length" and len(response) == 12
+    stop = response[4]
+    first = response.index(stop)
+    # a tokenizer whose EOS is a token the model will generate: the engine must stop there
+    fake = SimpleNamespace(
+        eos_token_id=stop, pad_token_id=tokenizer.pad_token_id, decode=tokenizer.decode
+    )
+    stopped = HFEngine(model, fake).generate(prompts, 1, SamplingParams(0.0, max_new_tokens=12))[1]
+    assert stopped.response_ids == response[: first + 1]
+    assert stopped.finish_reason == "stop"
+    assert len(stopped.logprobs) == first + 1
+    # extra stop ids work the same way, alongside the tokenizer's EOS
+    extra = HFEngine(model, tokenizer, stop_token_ids=[stop]).generate(
+        prompts, 1, SamplingParams(0.0, max_new_tokens=12)
+    )[1]
+    assert extra.response_ids == stopped.response_ids and extra.finish_reason == "stop"
+
+
+def test_model_mode_and_generation_config_are_restored(tiny, prompts):
+    model, tokenizer = tiny
+    saved_config = model.generation_config
+    model.train()
+    try:
+        HFEngine(model, tokenizer).generate(prompts[:1], 1, SamplingParams(0.0, max_new_tokens=3))
+        assert model.training
+        assert model.generation_config is saved_config
+    finally:
+        model.eval()
+
+
+def test_progress_bar_does_not_change_results(tiny, prompts):
+    model, tokenizer = tiny
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=6, seed=3)
+    quiet = HFEngine(model, tokenizer, batch_size=2).generate(prompts, 2, sampling)
+    shown = HFEngine(model, tokenizer, batch_size=2, progress=True).generate(prompts, 2, sampling)
+    assert [r.response_ids for r in quiet] == [r.response_ids for r in shown]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(temperature=-1.0), dict(top_p=0.0), dict(top_k=-1), dict(max_new_tokens=0)],
+)
+def test_bad_sampling_params_are_config_errors(kwargs):
+    with pytest.raises(ConfigError, match=next(iter(kwargs))):
+        SamplingParams(**kwargs)
+
+
+def test_bad_generate_arguments_are_config_errors(tiny, prompts):
+    model, tokenizer = tiny
+    engine = HFEngine(model, tokenizer)
+    with pytest.raises(ConfigError, match="n must be"):
+        engine.generate(prompts, 0, SamplingParams())
+    with pytest.raises(ConfigError, match="prompt 1 is empty"):
+        engine.generate([prompts[0], []], 1, SamplingParams())
+    with pytest.raises(ConfigError, match="batch_size"):
+        HFEngine(model, tokenizer, batch_size=0)
+
+
+@pytest.mark.slow
+def test_smollm2_generates_chat_responses():
+    from hpt.demo.tiny import load_smollm2
+
+    model, tokenizer = load_smollm2()
+    questions = ["What is 2 + 3? Answer briefly.", "Name a colour."]
+    prompts = [
+        tokenizer(
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
+            ),
+            add_special_tokens=False,
+        )["input_ids"]
+        for q in questions
+    ]
+    engine = HFEngine(model, tokenizer, batch_size=8)
+    greedy = engine.generate(prompts, 1, SamplingParams(temperature=0.0, max_new_tokens=48))
+    assert any(r.finish_reason == "stop" for r in greedy)
+    for r in greedy:
+        assert r.text.strip()
+        if r.finish_reason == "stop":
+            assert r.response_ids[-1] == tokenizer.eos_token_id
+            assert tokenizer.eos_token_id not in r.response_ids[:-1]
+    single = HFEngine(model, tokenizer, batch_size=1).generate(
+        prompts, 1, SamplingParams(temperature=0.0, max_new_tokens=48)
+    )
+    assert [r.response_ids for r in single] == [r.response_ids for r in greedy]
+    sampling = SamplingParams(temperature=0.8, top_p=0.95, max_new_tokens=24, seed=0)
+    first, again = engine.generate(prompts, 2, sampling), engine.generate(prompts, 2, sampling)
+    assert [r.response_ids for r in first] == [r.response_ids for r in again]
+    assert [r.prompt_index for r in first] == [0, 0, 1, 1]
