@@ -1,0 +1,625 @@
+"""The paper's table as data: every algorithm is a composition of the UPGE's four parts.
+
+An :class:`Algorithm` is a frozen row of settings plus its loss :class:`Term` s, each term naming
+one reference (``1/pi_ref``), one advantage (``A_hat``), one mask (``1_stable``), one shaping and
+one per-sequence weight, applied to the rows of one sample kind. The training loop reads these
+fields and never branches on an algorithm's name; a new algorithm is a new entry in ``_TABLE``.
+
+    >>> import hpt
+    >>> hpt.get_algorithm("dapo").clip_high
+    0.28
+    >>> hpt.get_algorithm("hpt", gate_threshold=0.25, rl_mask="clip").terms[1].mask
+    'clip'
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import torch
+from torch import Tensor
+
+from hpt.errors import ConfigError
+from hpt.estimator.advantage import (
+    ADVANTAGES,
+    SEQUENCE_WEIGHTS,
+    TOKEN_LEVEL,
+    USES_ENTROPY,
+    get_advantage,
+)
+from hpt.estimator.aggregate import AGGREGATIONS
+from hpt.estimator.mask import MASKS
+from hpt.estimator.reference import REFERENCES
+from hpt.estimator.shaping import SHAPINGS
+from hpt.estimator.unified import KIND_ID, KINDS, KL_ESTIMATORS, resolve_kinds
+from hpt.gate import GATES
+
+SoftGate = Union[tuple[tuple[float, float, float], ...], Callable[[float], tuple[float, float]]]
+# (P_max, alpha_rl, beta_sft): all-wrong questions learn from the demonstration only, half-solved
+# ones from both, the rest from their rollouts only.
+DEFAULT_SOFT_GATE: tuple[tuple[float, float, float], ...] = (
+    (0.0, 0.0, 1.0),
+    (0.5, 1.0, 0.5),
+    (1.0, 1.0, 0.0),
+)
+
+
+@dataclass(frozen=True)
+class Term:
+    """One summand of the loss, applied to the rows of one sample kind.
+
+    Attributes:
+        kind: "rollout" | "sft" | "off_policy".
+        reference: 1/pi_ref: "current" | "old" | "one" | "sequence".
+        advantage: A_hat: "one" | "sign" | "group_norm" | "group_centered" | "rloo" | "batch_whiten" | "gae".
+        mask: 1_stable: "none" | "clip" | "cispo" | "sequence_clip".
+        shaping: "none" | "luffy" (f(p) = p / (p + shaping_gamma) in place of p).
+        weight: per-sequence weight multiplying A: "none" | "srft_sft" | "srft_rollout".
+        coef: the term's coefficient.
+        aggregation: None: the algorithm's aggregation.
+    """
+
+    kind: str
+    reference: str
+    advantage: str
+    mask: str = "none"
+    shaping: str = "none"
+    weight: str = "none"
+    coef: float = 1.0
+    aggregation: str | None = None
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """An algorithm of the unified view: its terms and every setting the trainer needs.
+
+    Attributes:
+        name: table key. source: the paper it comes from. description: one line.
+        terms: the loss terms (rebuilt from the fields below by :func:`get_algorithm`).
+        routes: the gate: "rl" | "sft" | "off_policy" (fixed) or "switch" | "three_band" | "soft".
+        group_with_demos: advantage statistics over rollouts AND off-policy demonstrations.
+        clip_low: clip epsilon below 1. clip_high: clip epsilon above 1 (clip-higher).
+        dual_clip: dual-clip constant c > 1 for A < 0, or None.
+        aggregation: the RL terms' aggregation (token-mean | seq-mean-token-mean | seq-mean-token-sum
+            | seq-mean-token-sum-norm). norm_length: seq-mean-token-sum-norm's constant (None: padded T).
+        shaping_gamma: LUFFY's gamma in f(p) = p / (p + gamma).
+        sft_coef: coefficient of the SFT terms. entropy_coef: entropy bonus (needs ``entropy``).
+        kl_coef: KL-to-reference penalty (needs a reference model). kl_estimator: "k1" | "k2" | "k3".
+        gate_threshold: a question goes to SFT when its fraction correct P <= this.
+        gate_upper: three_band: off_policy when gate_threshold < P <= gate_upper.
+        soft_gate: soft gate: table of (P_max, alpha_rl, beta_sft) rows or a callable P -> (alpha, beta).
+        ppo_epochs: passes over each batch of rollouts. gae_gamma, gae_lambda: GAE's discount and lambda.
+        rl_mask: the stabilisation mask of the rollout terms (override ``clip=True`` sets "clip").
+        lr: the source recipe's learning rate (advisory: the trainer's config decides).
+    """
+
+    name: str
+    source: str
+    description: str
+    terms: tuple[Term, ...] = ()
+    routes: str = "rl"
+    group_with_demos: bool = False
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: float | None = None
+    aggregation: str = "token-mean"
+    norm_length: int | None = None
+    shaping_gamma: float = 0.1
+    sft_coef: float = 1.0
+    entropy_coef: float = 0.0
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+    gate_threshold: float = 0.0
+    gate_upper: float = 0.5
+    soft_gate: SoftGate = DEFAULT_SOFT_GATE
+    ppo_epochs: int = 1
+    gae_gamma: float = 1.0
+    gae_lambda: float = 0.95
+    rl_mask: str = "none"
+    lr: float | None = None
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """Sample kinds that have at least one term, in KINDS order."""
+        present = {term.kind for term in self.terms}
+        return tuple(kind for kind in KINDS if kind in present)
+
+    @property
+    def demo_kind(self) -> str:
+        """The kind a demonstration row gets: "sft" if there is an SFT-kind term, else "off_policy"."""
+        return "off_policy" if "off_policy" in self.kinds and "sft" not in self.kinds else "sft"
+
+    @property
+    def needs_rollouts(self) -> bool:
+        """Whether the trainer must sample rollouts (any rollout term)."""
+        return "rollout" in self.kinds
+
+    @property
+    def needs_demonstrations(self) -> bool:
+        """Whether questions need demonstrations (any sft or off_policy term)."""
+        return any(kind != "rollout" for kind in self.kinds)
+
+    @property
+    def needs_old_logprobs(self) -> bool:
+        """Whether a term divides by pi_old (references old / sequence, or a ratio-based mask)."""
+        return any(t.reference in ("old", "sequence") or t.mask != "none" for t in self.terms)
+
+    @property
+    def needs_values(self) -> bool:
+        """Whether a term uses GAE (a critic)."""
+        return any(t.advantage in TOKEN_LEVEL for t in self.terms)
+
+    @property
+    def needs_reference_model(self) -> bool:
+        """Whether the KL penalty is on (kl_coef > 0)."""
+        return self.kl_coef > 0
+
+    @property
+    def needs_entropy(self) -> bool:
+        """Whether ``unified_loss`` should get token entropies (bonus or SRFT's weights)."""
+        return self.entropy_coef != 0 or any(t.weight in USES_ENTROPY for t in self.terms)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """A row of the table: the source's defaults and how its terms follow from the settings."""
+
+    source: str
+    description: str
+    build: Callable[[Algorithm], tuple[Term, ...]]
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _on_policy_rl(reference: str, advantage: str) -> Callable[[Algorithm], tuple[Term, ...]]:
+    """Terms of an RL algorithm with one rollout term whose mask is the algorithm's ``rl_mask``."""
+    return lambda a: (Term("rollout", reference, advantage, mask=a.rl_mask),)
+
+
+_TABLE: dict[str, _Entry] = {
+    "sft": _Entry(
+        "supervised fine-tuning (LUFFY's SFT baseline setting, arXiv 2504.14945)",
+        "maximise the demonstration's likelihood: mean token NLL",
+        lambda a: (Term("sft", "current", "one", coef=a.sft_coef),),
+        {"routes": "sft", "aggregation": "token-mean", "lr": 5e-5},
+    ),
+    "reinforce": _Entry(
+        "REINFORCE (Williams 1992); the UPGE table's +-1 advantage",
+        "on-policy policy gradient with A = +1 for correct, -1 for wrong rollouts",
+        _on_policy_rl("current", "sign"),
+        {"aggregation": "token-mean", "rl_mask": "none"},
+    ),
+    "ppo": _Entry(
+        "PPO (Schulman et al. 2017, arXiv 1707.06347)",
+        "clipped importance ratio with GAE advantages from a critic",
+        _on_policy_rl("old", "gae"),
+        {
+            "rl_mask": "clip",
+            "clip_low": 0.2,
+            "clip_high": 0.2,
+            "aggregation": "token-mean",
+            "gae_gamma": 1.0,
+            "gae_lambda": 0.95,
+        },
+    ),
+    "grpo": _Entry(
+        "GRPO (DeepSeekMath, arXiv 2402.03300); its KL (k3, 0.04) is off by default: kl_coef=0.04",
+        "clipped ratio with the group-normalised reward (R - mean)/std of the question's rollouts",
+        _on_policy_rl("old", "group_norm"),
+        {
+            "rl_mask": "clip",
+            "clip_low": 0.2,
+            "clip_high": 0.2,
+            "aggregation": "seq-mean-token-mean",
+            "kl_estimator": "k3",
+        },
+    ),
+    "dr_grpo": _Entry(
+        "Dr.GRPO (Liu et al. 2025, arXiv 2503.20783)",
+        "GRPO without the std and the length normaliser: R - mean, token sum over a constant length",
+        _on_policy_rl("old", "group_centered"),
+        {
+            "rl_mask": "clip",
+            "clip_low": 0.2,
+            "clip_high": 0.2,
+            "aggregation": "seq-mean-token-sum-norm",
+        },
+    ),
+    "dapo": _Entry(
+        "DAPO (Yu et al. 2025, arXiv 2503.14476); dynamic sampling and overlong shaping are trainer options",
+        "GRPO with clip-higher (0.2 / 0.28) and token-level mean",
+        _on_policy_rl("old", "group_norm"),
+        {"rl_mask": "clip", "clip_low": 0.2, "clip_high": 0.28, "aggregation": "token-mean"},
+    ),
+    "cispo": _Entry(
+        "CISPO (MiniMax-M1, arXiv 2506.13585): no lower bound (clip_low 1.0), clip_high 0.28",
+        "GRPO's advantage with a clipped, stop-gradient importance weight: no token loses its gradient",
+        _on_policy_rl("old", "group_norm"),
+        {"rl_mask": "cispo", "clip_low": 1.0, "clip_high": 0.28, "aggregation": "token-mean"},
+    ),
+    "gspo": _Entry(
+        "GSPO (Zheng et al. 2025, arXiv 2507.18071)",
+        "sequence-level geometric-mean ratio, clipped per sequence at 3e-4 / 4e-4",
+        lambda a: (Term("rollout", "sequence", "group_norm", mask=a.rl_mask),),
+        {
+            "rl_mask": "sequence_clip",
+            "clip_low": 3e-4,
+            "clip_high": 4e-4,
+            "aggregation": "seq-mean-token-mean",
+        },
+    ),
+    "rloo": _Entry(
+        "RLOO (Ahmadian et al. 2024, arXiv 2402.14740)",
+        "on-policy REINFORCE with the leave-one-out baseline, one action per response",
+        _on_policy_rl("current", "rloo"),
+        {"rl_mask": "none", "aggregation": "seq-mean-token-sum"},
+    ),
+    "srft": _Entry(
+        "SRFT (Fu et al. 2025, arXiv 2506.19767), as the official HPT code runs it",
+        "demos: 0.5 exp(-H) SFT + LUFFY-shaped RL in the group; rollouts: -(0.1 exp(H)) log pi if right, +log pi if wrong",
+        lambda a: (
+            Term("off_policy", "current", "one", weight="srft_sft", coef=a.sft_coef),
+            Term("off_policy", "one", "group_norm", shaping="luffy"),
+            Term("rollout", "current", "sign", mask=a.rl_mask, weight="srft_rollout"),
+        ),
+        {"routes": "off_policy", "group_with_demos": True, "aggregation": "token-mean", "lr": 1e-6},
+    ),
+    "luffy": _Entry(
+        "LUFFY (Yan et al. 2025, arXiv 2504.14945), clip removed as in its scripts",
+        "rollouts and the demonstration in one group; the demonstration's pi reshaped by p/(p + 0.1)",
+        lambda a: (
+            Term("rollout", "old", "group_norm", mask=a.rl_mask),
+            Term("off_policy", "one", "group_norm", shaping="luffy"),
+        ),
+        {"routes": "off_policy", "group_with_demos": True, "aggregation": "token-mean", "lr": 1e-6},
+    ),
+    "hpt": _Entry(
+        "HPT (Lv et al. 2025, arXiv 2509.04419), the released recipe (exp_scripts/train.sh)",
+        "per question: SFT on the demonstration if P <= gate_threshold, else on-policy RL (R - mean, no clip, sum/8192)",
+        lambda a: (
+            Term("sft", "current", "one", coef=a.sft_coef, aggregation="token-mean"),
+            Term("rollout", "old", "group_centered", mask=a.rl_mask),
+            Term(
+                "off_policy", "one", "group_centered", shaping="luffy"
+            ),  # three_band's middle band
+        ),
+        {
+            "routes": "switch",
+            "group_with_demos": True,
+            "rl_mask": "none",
+            "aggregation": "seq-mean-token-sum-norm",
+            "norm_length": 8192,
+            "entropy_coef": 0.001,
+            "gate_threshold": 0.0,
+            "lr": 5e-6,
+        },
+    ),
+}
+
+_FIXED_FIELDS = ("name", "source", "description", "terms")
+_ALIASES = ("clip",)  # clip=True -> rl_mask="clip", clip=False -> rl_mask="none"
+
+
+def list_algorithms() -> list[str]:
+    """Names of the algorithms in the table, in the paper's order."""
+    return list(_TABLE)
+
+
+def valid_overrides() -> list[str]:
+    """Names ``get_algorithm`` accepts as overrides."""
+    names = [f.name for f in dataclasses.fields(Algorithm) if f.name not in _FIXED_FIELDS]
+    return sorted(names + list(_ALIASES))
+
+
+def get_algorithm(name: str, **overrides: Any) -> Algorithm:
+    """A new frozen Algorithm: the table's row ``name`` with ``overrides`` applied, terms rebuilt.
+
+    Raises:
+        ConfigError (a ValueError): unknown name or override, or an invalid value; lists valid ones.
+    """
+    entry = _TABLE.get(name) if isinstance(name, str) else None
+    if entry is None:
+        raise ConfigError(f"unknown algorithm {name!r}; valid: {', '.join(list_algorithms())}")
+    unknown = sorted(set(overrides) - set(valid_overrides()))
+    if unknown:
+        raise ConfigError(
+            f"unknown override {unknown[0]!r} for algorithm {name!r}; valid: {', '.join(valid_overrides())}"
+        )
+    overrides = dict(overrides)
+    if "clip" in overrides:
+        flag = overrides.pop("clip")
+        if not isinstance(flag, bool):
+            raise ConfigError(
+                f"override 'clip' for algorithm {name!r}: expected true or false, got {flag!r}"
+            )
+        overrides.setdefault("rl_mask", "clip" if flag else "none")
+    algorithm = Algorithm(
+        name=name, source=entry.source, description=entry.description, **entry.defaults
+    )
+    algorithm = dataclasses.replace(
+        algorithm, **{k: _checked(name, k, v) for k, v in overrides.items()}
+    )
+    algorithm = dataclasses.replace(algorithm, terms=entry.build(algorithm))
+    _validate(algorithm)
+    return algorithm
+
+
+_NUMBERS = {
+    "clip_low": (0.0, 1.0),
+    "clip_high": (0.0, math.inf),
+    "shaping_gamma": (1e-12, math.inf),
+    "sft_coef": (0.0, math.inf),
+    "entropy_coef": (-math.inf, math.inf),
+    "kl_coef": (0.0, math.inf),
+    "gate_threshold": (0.0, 1.0),
+    "gate_upper": (0.0, 1.0),
+    "gae_gamma": (0.0, 1.0),
+    "gae_lambda": (0.0, 1.0),
+}
+_NAMES = {
+    "routes": GATES,
+    "aggregation": AGGREGATIONS,
+    "kl_estimator": KL_ESTIMATORS,
+    "rl_mask": MASKS,
+}
+
+
+def _checked(name: str, key: str, value: Any) -> Any:
+    """One override, type- and range-checked (ConfigError naming the override otherwise)."""
+    where = f"override {key!r} for algorithm {name!r}"
+    if key in _NUMBERS:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        low, high = _NUMBERS[key]
+        if not low <= value <= high:
+            raise ConfigError(f"{where}: {value!r} is outside [{low}, {high}]")
+        return float(value)
+    if key in _NAMES:
+        if value not in _NAMES[key]:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(_NAMES[key].names())}")
+        return value
+    if key == "dual_clip":
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 1
+        ):
+            raise ConfigError(f"{where}: expected None or a number > 1, got {value!r}")
+        return None if value is None else float(value)
+    if key in ("norm_length", "ppo_epochs"):
+        if value is None and key == "norm_length":
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{where}: expected a positive integer, got {value!r}")
+        return value
+    if key == "group_with_demos":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if key == "lr":
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0
+        ):
+            raise ConfigError(f"{where}: expected None or a positive number, got {value!r}")
+        return value
+    if key == "soft_gate":
+        return _soft_gate(where, value)
+    raise ConfigError(f"{where}: cannot be set")  # pragma: no cover - every field is handled above
+
+
+def _soft_gate(where: str, value: Any) -> SoftGate:
+    """A callable, or a table of (P_max, alpha, beta) rows with ascending P_max ending at >= 1."""
+    if callable(value):
+        return value
+    try:
+        rows = tuple((float(p), float(a), float(b)) for p, a, b in value)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"{where}: expected rows of (P_max, alpha, beta) or a callable, got {value!r}"
+        ) from None
+    if not rows or any(a < 0 or b < 0 for _, a, b in rows):
+        raise ConfigError(f"{where}: needs at least one row and non-negative alpha, beta")
+    if any(later[0] < earlier[0] for earlier, later in zip(rows, rows[1:])) or rows[-1][0] < 1.0:
+        raise ConfigError(f"{where}: P_max must ascend and the last row must cover P = 1")
+    return rows
+
+
+def _validate(algorithm: Algorithm) -> None:
+    """Every part named by the terms exists; the gate band is ordered."""
+    registries = {
+        "reference": REFERENCES,
+        "advantage": ADVANTAGES,
+        "mask": MASKS,
+        "shaping": SHAPINGS,
+        "weight": SEQUENCE_WEIGHTS,
+    }
+    for term in algorithm.terms:
+        if term.kind not in KIND_ID:
+            raise ConfigError(
+                f"algorithm {algorithm.name!r}: unknown sample kind {term.kind!r}; valid: {', '.join(KINDS)}"
+            )
+        for part, registry in registries.items():
+            registry.get(getattr(term, part))
+        if term.aggregation is not None:
+            AGGREGATIONS.get(term.aggregation)
+    if algorithm.gate_upper < algorithm.gate_threshold:
+        raise ConfigError(
+            f"algorithm {algorithm.name!r}: gate_upper {algorithm.gate_upper} is below gate_threshold {algorithm.gate_threshold}"
+        )
+
+
+def outcome_advantages(
+    algorithm: Algorithm,
+    rewards: Tensor | Sequence[float],
+    group: Tensor | Sequence[int],
+    is_demo: Tensor | Sequence[bool] | None = None,
+    kinds: Tensor | Sequence[Any] | None = None,
+) -> Tensor:
+    """Each row's outcome advantage under ``algorithm``, [N] float32.
+
+    A row gets the advantage of its kind's (unique) non-"one" advantage term, computed over its
+    question's group: the rollouts, plus the off-policy demonstrations when
+    ``algorithm.group_with_demos``. Rows whose kind has only "one" terms get 1.0; rows whose kind
+    has no term get 0.0 (they contribute nothing). Kinds as in ``unified_loss`` (``kinds``, else
+    ``is_demo`` -> the algorithm's demonstration kind).
+
+    Args:
+        algorithm: an Algorithm. rewards: [N] float. group: [N] question index of each row.
+        is_demo: [N] bool, row is a demonstration. kinds: [N] kind ids or names (overrides is_demo).
+
+    Raises:
+        ConfigError: the algorithm's advantage is token-level (GAE: use ``advantage.gae``).
+    """
+    rewards = torch.as_tensor(rewards, dtype=torch.float32).reshape(-1)
+    group = torch.as_tensor(group).reshape(-1).long()
+    if group.numel() != rewards.numel():
+        raise ValueError(f"group: expected {rewards.numel()} rows, got {group.numel()}")
+    kind_ids = resolve_kinds(algorithm, rewards.numel(), is_demo, kinds, rewards.device)
+    include = kind_ids == KIND_ID["rollout"]
+    if algorithm.group_with_demos:
+        include |= kind_ids == KIND_ID["off_policy"]
+    out = torch.zeros_like(rewards)
+    for kind in algorithm.kinds:
+        rows = kind_ids == KIND_ID[kind]
+        names = {t.advantage for t in algorithm.terms if t.kind == kind and t.advantage != "one"}
+        if len(names) > 1:
+            raise ConfigError(
+                f"algorithm {algorithm.name!r}: kind {kind!r} mixes advantages {sorted(names)}"
+            )
+        if not names:
+            out[rows] = 1.0
+            continue
+        (estimator,) = names
+        if estimator in TOKEN_LEVEL:
+            raise ConfigError(
+                f"algorithm {algorithm.name!r} uses the token-level {estimator!r} advantage: compute it with "
+                "hpt.estimator.advantage.gae(values, rewards, response_mask, gamma, lam)"
+            )
+        out[rows] = get_advantage(estimator)(rewards, group, include)[rows]
+    return out
+
+
+# ---- the table, printed from the code --------------------------------------------------------
+
+_REFERENCE_SYMBOL = {
+    "current": "pi_theta",
+    "old": "pi_old",
+    "one": "1",
+    "sequence": "pi_theta (pi_old/pi_theta)^(1/|tau|)",
+}
+_ADVANTAGE_SYMBOL = {
+    "one": "1",
+    "sign": "+-1",
+    "group_norm": "(R - mean)/std",
+    "group_centered": "R - mean",
+    "rloo": "R - mean(others)",
+    "batch_whiten": "(R - mean_batch)/std_batch",
+    "gae": "GAE",
+}
+_KIND_LABEL = {"rollout": "on", "sft": "sft", "off_policy": "off"}
+
+
+def _mask_symbol(algorithm: Algorithm, mask: str) -> str:
+    bounds = f"[{1 - algorithm.clip_low:g}, {1 + algorithm.clip_high:g}]"
+    dual = f", dual {algorithm.dual_clip:g}" if algorithm.dual_clip else ""
+    return {
+        "none": "none",
+        "clip": f"clip {bounds}{dual}",
+        "cispo": f"sg clip IS weight {bounds}",
+        "sequence_clip": f"sequence clip {bounds}",
+    }.get(mask, mask)
+
+
+def _per_term(algorithm: Algorithm, describe: Callable[[Term], str]) -> str:
+    """One cell: each term's part, prefixed by its kind when the terms differ."""
+    cells = [(_KIND_LABEL[t.kind], describe(t)) for t in algorithm.terms]
+    if len({text for _, text in cells}) == 1:
+        return cells[0][1]
+    return "; ".join(dict.fromkeys(f"{label}: {text}" for label, text in cells))
+
+
+def _advantage_text(term: Term) -> str:
+    text = _ADVANTAGE_SYMBOL.get(term.advantage, term.advantage)
+    return text if term.weight == "none" else f"{text} x {term.weight}"
+
+
+def _gate_text(algorithm: Algorithm) -> str:
+    return {
+        "switch": f"switch: SFT if P <= {algorithm.gate_threshold:g}, else RL",
+        "three_band": f"SFT if P <= {algorithm.gate_threshold:g}, off-policy if P <= {algorithm.gate_upper:g}, else RL",
+        "soft": "soft: alpha, beta = soft_gate(P)",
+    }.get(algorithm.routes, "")
+
+
+def _table_row(a: Algorithm) -> dict[str, str]:
+    """One algorithm's row of the table."""
+    kinds = ("rollout", "sft", "off_policy")
+    data = dict.fromkeys(_KIND_LABEL[k] if k == "rollout" else "off" for k in kinds if k in a.kinds)
+    advantage = _per_term(a, _advantage_text)
+    if a.group_with_demos and "off_policy" in a.kinds:
+        advantage += " (group: rollouts + demo)"
+    aggregation = _per_term(a, lambda t: t.aggregation or a.aggregation)
+    if a.norm_length and "seq-mean-token-sum-norm" in aggregation:
+        aggregation += f" (/{a.norm_length})"
+    shaping = f"p/(p+{a.shaping_gamma:g})"
+    return {
+        "name": a.name,
+        "data": " + ".join(data),
+        "pi_ref": _per_term(a, lambda t: _REFERENCE_SYMBOL.get(t.reference, t.reference)),
+        "A_hat": advantage,
+        "mask": _per_term(a, lambda t: _mask_symbol(a, t.mask)),
+        "shaping": _per_term(a, lambda t: shaping if t.shaping == "luffy" else "none"),
+        "aggregation": aggregation,
+        "gate": _gate_text(a),
+        "source": a.source,
+    }
+
+
+def table_rows() -> list[dict[str, str]]:
+    """The paper's table from the code: one dict per algorithm (name, data, pi_ref, A_hat, mask,
+    shaping, aggregation, gate, source)."""
+    return [_table_row(get_algorithm(name)) for name in list_algorithms()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``hpt algorithms``: print the table of algorithms and their four parts, from the code."""
+    parser = argparse.ArgumentParser(
+        prog="hpt algorithms", description="the table of algorithms, from the code"
+    )
+    parser.add_argument(
+        "--sources", action="store_true", help="also show each algorithm's source paper"
+    )
+    args = parser.parse_args(argv or [])
+    from rich.console import Console
+    from rich.table import Table
+
+    columns = ["name", "data", "pi_ref", "A_hat", "mask", "shaping", "aggregation", "gate"]
+    if args.sources:
+        columns.append("source")
+    table = Table(
+        title="Algorithms as instances of the UPGE: 1_stable * (1/pi_ref) * A_hat * grad pi_theta"
+    )
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for row in table_rows():
+        table.add_row(*(row[column] for column in columns))
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)
+    console.print(table)
+    return 0
+
+
+__all__ = [
+    "Algorithm",
+    "Term",
+    "DEFAULT_SOFT_GATE",
+    "get_algorithm",
+    "list_algorithms",
+    "outcome_advantages",
+    "table_rows",
+    "valid_overrides",
+    "main",
+]

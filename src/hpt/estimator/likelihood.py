@@ -1,0 +1,139 @@
+"""Token log-probabilities and entropy: the ``grad pi_theta`` factor of the UPGE, in code.
+
+Two routes to the same numbers:
+
+- from logits ``[N, T, V]`` (:func:`token_logprobs`, :func:`token_entropy`), and
+- from final hidden states ``[N, T, H]`` and the output head ``[V, H]``
+  (:func:`token_logprobs_and_entropy`), in chunks of tokens. Each chunk's logits are built,
+  reduced to a log-probability and an entropy, and dropped; backward recomputes one chunk at a time
+  (``torch.utils.checkpoint``), so neither pass holds a ``[tokens x vocab]`` float tensor of the
+  whole batch. With V = 152k (Qwen2.5) and 8k-token responses that tensor alone is ~5 GB a row.
+
+Both work in float32 whatever the model's dtype (the matmul runs in the model's dtype).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+DEFAULT_CHUNK_SIZE = 1024  # tokens per chunk: 1024 x 152k float32 logits = 0.6 GB
+
+
+def _valid_labels(labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Labels < 0 (e.g. -100, ignored positions) are gathered as 0 and reported invalid."""
+    valid = labels >= 0
+    return torch.where(valid, labels, 0), valid
+
+
+def token_logprobs(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:
+    """``log softmax(logits / temperature)[label]`` per token, in float32.
+
+    Args:
+        logits: [N, T, V] (any float dtype). labels: [N, T] long; negative labels give 0.
+        temperature: the sampling temperature the logits are divided by.
+
+    Returns:
+        [N, T] float32 log-probabilities.
+    """
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    index, valid = _valid_labels(labels)
+    picked = logits.gather(-1, index.unsqueeze(-1)).squeeze(-1)
+    return torch.where(valid, picked - torch.logsumexp(logits, dim=-1), 0.0)
+
+
+def token_entropy(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Entropy of ``softmax(logits / temperature)`` per token: [N, T, V] -> [N, T] float32.
+
+    ``H = logsumexp(z) - sum softmax(z) * z``.
+    """
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    probs = torch.softmax(logits, dim=-1)
+    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(dim=-1)
+
+
+def _chunk(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    labels: Tensor,
+    temperature: float,
+    with_entropy: bool,
+) -> tuple[Tensor, Tensor]:
+    """Log-probs and entropy of one chunk of tokens: hidden [C, H] -> ([C], [C])."""
+    logits = F.linear(hidden, weight, bias).float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    index, valid = _valid_labels(labels)
+    normaliser = torch.logsumexp(logits, dim=-1)
+    picked = logits.gather(-1, index.unsqueeze(-1)).squeeze(-1)
+    logprobs = torch.where(valid, picked - normaliser, 0.0)
+    if not with_entropy:
+        return logprobs, torch.zeros_like(logprobs)
+    entropy = normaliser - (torch.softmax(logits, dim=-1) * logits).sum(dim=-1)
+    return logprobs, entropy
+
+
+def token_logprobs_and_entropy(
+    hidden: Tensor,
+    lm_head_weight: Tensor,
+    labels: Tensor,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    *,
+    bias: Tensor | None = None,
+    temperature: float = 1.0,
+    with_entropy: bool = True,
+) -> tuple[Tensor, Tensor | None]:
+    """Token log-probs and entropies from final hidden states and the output head, in chunks.
+
+    Equal in value and gradient to ``token_logprobs(hidden @ W.T, labels)`` and
+    ``token_entropy(hidden @ W.T)``, without a full ``[N*T, V]`` logits tensor in forward or
+    backward: each chunk runs under ``torch.utils.checkpoint`` (only its inputs are saved).
+
+    Args:
+        hidden: [N, T, H] final hidden states (after the final norm), aligned with ``labels``.
+        lm_head_weight: [V, H] output embedding. labels: [N, T] long, negative = ignored (0).
+        chunk_size: tokens per chunk. bias: optional [V] head bias.
+        temperature: sampling temperature the logits are divided by.
+        with_entropy: also return the entropy (False: None, and a cheaper pass).
+
+    Returns:
+        (logprobs [N, T] float32, entropy [N, T] float32 or None).
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    shape = labels.shape
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    flat_labels = labels.reshape(-1)
+    needs_grad = torch.is_grad_enabled() and (
+        hidden.requires_grad
+        or lm_head_weight.requires_grad
+        or (bias is not None and bias.requires_grad)
+    )
+    logprobs, entropies = [], []
+    for start in range(0, flat_labels.shape[0], chunk_size):
+        piece = (
+            flat_hidden[start : start + chunk_size],
+            lm_head_weight,
+            bias,
+            flat_labels[start : start + chunk_size],
+            temperature,
+            with_entropy,
+        )
+        if needs_grad:
+            lp, ent = checkpoint(_chunk, *piece, use_reentrant=False)
+        else:
+            lp, ent = _chunk(*piece)
+        logprobs.append(lp)
+        entropies.append(ent)
+    if not logprobs:
+        empty = flat_hidden.new_zeros(shape, dtype=torch.float32)
+        return empty, (empty.clone() if with_entropy else None)
+    out_logprobs = torch.cat(logprobs).reshape(shape)
+    return out_logprobs, (torch.cat(entropies).reshape(shape) if with_entropy else None)

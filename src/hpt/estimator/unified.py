@@ -1,0 +1,380 @@
+"""The unified loss: one estimator for SFT, PPO, GRPO, ..., LUFFY, SRFT and HPT (arXiv 2509.04419).
+
+For every :class:`~hpt.algorithms.Term` of an algorithm, over the rows of the term's sample kind::
+
+    objective_t = 1_stable * A_hat * w_i * rho_t,      d rho_t = (1/pi_ref) * d g(pi_theta)
+    loss       += -coef * aggregate(objective)
+
+so that ``d loss / d logprobs`` is, token by token, the UPGE
+``-coef * agg_weight * 1_stable * (1/pi_ref) * A_hat * w_i * d g(pi)/d logpi`` (``g`` = pi, or
+LUFFY's ``f(pi)`` where the term shapes it; ``w_i`` = per-sequence weight x ``row_weights``).
+An entropy bonus and a KL penalty to a reference model are separate named terms. Rows whose kind
+has no term contribute nothing; a kind without rows gives a zero (not NaN) term.
+
+Sample kinds: ``"rollout"`` (sampled from the model), ``"sft"`` (a demonstration trained with an
+SFT term), ``"off_policy"`` (a demonstration inside its question's RL group, LUFFY / SRFT).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from hpt.errors import ConfigError
+from hpt.estimator import Registry
+from hpt.estimator.advantage import get_advantage, get_sequence_weight, sequence_entropy
+from hpt.estimator.aggregate import aggregate
+from hpt.estimator.mask import Clip, Masked, get_mask
+from hpt.estimator.reference import get_reference
+from hpt.estimator.shaping import get_shaping
+
+KINDS: tuple[str, ...] = ("rollout", "sft", "off_policy")
+KIND_ID: dict[str, int] = {kind: index for index, kind in enumerate(KINDS)}
+RATIO_REFERENCES = ("old", "sequence")  # references whose ratio pi/pi_old is worth reporting
+
+KLFn = Callable[[Tensor, Tensor], Tensor]
+KL_ESTIMATORS: Registry[KLFn] = Registry("KL estimator")
+register_kl = KL_ESTIMATORS.register
+
+
+@register_kl("k1")
+def kl_k1(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+    """``log pi - log pi_ref`` (Schulman, "Approximating KL divergence", 2020). [N,T] -> [N,T]."""
+    return logprobs - ref_logprobs
+
+
+@register_kl("k2")
+def kl_k2(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+    """``0.5 (log pi - log pi_ref)^2`` (Schulman 2020). [N,T] -> [N,T]."""
+    return 0.5 * (logprobs - ref_logprobs).square()
+
+
+@register_kl("k3")
+def kl_k3(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+    """``exp(d) - d - 1`` with ``d = log pi_ref - log pi``, clamped as verl (GRPO's KL). [N,T] -> [N,T]."""
+    d = torch.clamp(ref_logprobs - logprobs, -20.0, 20.0)
+    return torch.clamp(torch.exp(d) - d - 1.0, -10.0, 10.0)
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Normalisers of one optimiser mini-batch, per sample kind (indexed by ``KIND_ID``).
+
+    Sum the counts of all micro-batches (``+``) and all-reduce them over data-parallel ranks
+    (``to_tensor`` / ``from_tensor``, SUM), then pass them to every micro-batch's
+    :func:`unified_loss` so micro-batch losses add up to the mini-batch loss.
+
+    Attributes:
+        tokens: valid response tokens of each kind. sequences: rows of each kind.
+    """
+
+    tokens: tuple[float, ...] = (0.0, 0.0, 0.0)
+    sequences: tuple[float, ...] = (0.0, 0.0, 0.0)
+
+    def __add__(self, other: Counts) -> Counts:
+        return Counts(
+            tuple(a + b for a, b in zip(self.tokens, other.tokens)),
+            tuple(a + b for a, b in zip(self.sequences, other.sequences)),
+        )
+
+    def to_tensor(self, device: torch.device | str | None = None) -> Tensor:
+        """[2 * len(KINDS)] float64: tokens then sequences (for ``all_reduce``)."""
+        return torch.tensor(self.tokens + self.sequences, dtype=torch.float64, device=device)
+
+    @classmethod
+    def from_tensor(cls, tensor: Tensor) -> Counts:
+        """Inverse of :meth:`to_tensor`."""
+        values = [float(v) for v in tensor.detach().cpu().tolist()]
+        half = len(values) // 2
+        return cls(tuple(values[:half]), tuple(values[half:]))
+
+    def of(self, kinds: Sequence[str]) -> tuple[float, float]:
+        """(tokens, sequences) summed over ``kinds``."""
+        ids = [KIND_ID[kind] for kind in kinds]
+        return sum(self.tokens[i] for i in ids), sum(self.sequences[i] for i in ids)
+
+
+@dataclass
+class LossOutput:
+    """The unified loss of a (micro-)batch.
+
+    Attributes:
+        loss: scalar, differentiable w.r.t. ``logprobs`` (and ``entropy``).
+        metrics: floats: ``loss``, ``clipfrac_low``, ``clipfrac_high``, ``clipfrac_dual``,
+            ``ratio_mean``, ``ratio_max``, ``approx_kl``, ``tokens_<kind>``, ``sequences_<kind>``,
+            ``pg_<kind>``, ``entropy`` / ``kl`` (when given). Local to this micro-batch.
+        terms: named scalar tensors: ``pg_<kind>`` per kind with terms, ``entropy``, ``kl``.
+    """
+
+    loss: Tensor
+    metrics: dict[str, float] = field(default_factory=dict)
+    terms: dict[str, Tensor] = field(default_factory=dict)
+
+
+def _as_long(values: Any, n: int, device: torch.device, what: str) -> Tensor:
+    """A [N] long tensor of kind ids from a tensor or a list of ids / kind names."""
+    if isinstance(values, Tensor):
+        out = values.to(device=device, dtype=torch.long).reshape(-1)
+    else:
+        items = list(values)
+        try:
+            ids = [KIND_ID[v] if isinstance(v, str) else int(v) for v in items]
+        except KeyError as error:
+            raise ConfigError(
+                f"{what}: unknown sample kind {error.args[0]!r}; valid: {', '.join(KINDS)}"
+            ) from None
+        out = torch.tensor(ids, dtype=torch.long, device=device)
+    if out.numel() != n:
+        raise ValueError(f"{what}: expected {n} rows, got {out.numel()}")
+    if out.numel() and (int(out.min()) < 0 or int(out.max()) >= len(KINDS)):
+        raise ValueError(f"{what}: kind ids must be in 0..{len(KINDS) - 1} ({', '.join(KINDS)})")
+    return out
+
+
+def term_kinds(algorithm: Any) -> list[str]:
+    """Kinds that have at least one term, in ``KINDS`` order."""
+    present = {term.kind for term in algorithm.terms}
+    return [kind for kind in KINDS if kind in present]
+
+
+def resolve_kinds(
+    algorithm: Any,
+    n: int,
+    is_demo: Any = None,
+    kinds: Any = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Each row's kind id [N]: ``kinds`` if given; else ``is_demo`` (True -> the algorithm's
+    demonstration kind, False -> rollout); else every row is the algorithm's default kind
+    (rollout if it has rollout terms, else its demonstration kind: SFT's rows are demonstrations).
+    """
+    device = torch.device("cpu") if device is None else torch.device(device)
+    if kinds is not None:
+        return _as_long(kinds, n, device, "kinds")
+    demo = KIND_ID[algorithm.demo_kind]
+    if is_demo is not None:
+        flags = torch.as_tensor(is_demo, device=device).reshape(-1).bool()
+        if flags.numel() != n:
+            raise ValueError(f"is_demo: expected {n} rows, got {flags.numel()}")
+        return torch.where(flags, demo, KIND_ID["rollout"]).long()
+    default = KIND_ID["rollout"] if "rollout" in term_kinds(algorithm) else demo
+    return torch.full((n,), default, dtype=torch.long, device=device)
+
+
+def batch_counts(algorithm: Any, kinds: Any, response_mask: Tensor) -> Counts:
+    """The normalisers of these rows: valid tokens and rows of each kind.
+
+    Args:
+        algorithm: the Algorithm (kept for the contract; every kind is counted).
+        kinds: [N] kind ids (or names). response_mask: [N, T] bool or 0/1.
+    """
+    mask = response_mask.to(torch.float64)
+    kind_ids = _as_long(kinds, mask.shape[0], mask.device, "kinds")
+    tokens, sequences = [], []
+    for index in range(len(KINDS)):
+        rows = kind_ids == index
+        tokens.append(float(mask[rows].sum()))
+        sequences.append(float(rows.sum()))
+    return Counts(tuple(tokens), tuple(sequences))
+
+
+def _advantage_matrix(advantages: Tensor, shape: torch.Size) -> Tensor:
+    """[N] or [N, T] advantages as a detached float32 [N, T]."""
+    advantages = advantages.detach().to(torch.float32)
+    if advantages.dim() == 1:
+        advantages = advantages[:, None]
+    return advantages.expand(shape)
+
+
+def term_objective(
+    term: Any,
+    algorithm: Any,
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    seq_entropy: Tensor,
+    row_weights: Tensor,
+) -> Masked:
+    """One term's per-token objective over all rows (the caller keeps the term's kind).
+
+    Shapes: logprobs, old_logprobs, advantages, mask [N, T]; seq_entropy, row_weights [N, 1].
+    Returns the mask's ``Masked`` (objective [N, T] and clip indicators).
+    """
+    log_likelihood = get_shaping(term.shaping)(logprobs, algorithm.shaping_gamma)
+    reference = get_reference(term.reference)(log_likelihood, logprobs, old_logprobs, mask)
+    if term.advantage == "one":
+        advantage = torch.ones_like(advantages)
+    else:
+        get_advantage(term.advantage)  # validates the name
+        advantage = advantages
+    weight = get_sequence_weight(term.weight)(advantage, seq_entropy)
+    clip = Clip(algorithm.clip_low, algorithm.clip_high, algorithm.dual_clip)
+    return get_mask(term.mask)(
+        reference.surrogate,
+        reference.ratio,
+        advantage * weight * row_weights,
+        logprobs,
+        old_logprobs,
+        mask,
+        clip,
+    )
+
+
+def unified_loss(
+    algorithm: Any,
+    logprobs: Tensor,
+    old_logprobs: Tensor | None,
+    advantages: Tensor,
+    response_mask: Tensor,
+    is_demo: Tensor | None = None,
+    *,
+    kinds: Tensor | None = None,
+    entropy: Tensor | None = None,
+    ref_logprobs: Tensor | None = None,
+    row_weights: Tensor | None = None,
+    counts: Counts | None = None,
+) -> LossOutput:
+    """The UPGE loss of an algorithm on a (micro-)batch.
+
+    Args:
+        algorithm: an :class:`hpt.algorithms.Algorithm` (its terms and settings).
+        logprobs: [N, T] current token log-probs (differentiable; any float dtype, computed in fp32).
+        old_logprobs: [N, T] sampling-policy log-probs; None means on-policy (``logprobs.detach()``).
+        advantages: [N] outcome or [N, T] token advantages (``outcome_advantages`` / ``gae``).
+            Terms whose advantage is ``one`` ignore them.
+        response_mask: [N, T] bool or 0/1, the response tokens.
+        is_demo: [N] bool, row is a demonstration (-> the algorithm's demonstration kind).
+        kinds: [N] kind ids (``KIND_ID``) or names; overrides ``is_demo``.
+        entropy: [N, T] token entropies (differentiable) for the entropy bonus and SRFT's weights;
+            without it the bonus is skipped and SRFT's ``H`` is the mean token NLL.
+        ref_logprobs: [N, T] reference-model log-probs for the KL term (``kl_coef > 0``).
+        row_weights: [N] per-row multipliers of A (the soft gate's alpha / beta), also applied
+            to the entropy and KL terms.
+        counts: the whole optimiser mini-batch's :class:`Counts` (summed over micro-batches and
+            ranks); None: this batch's own counts.
+
+    Returns:
+        LossOutput with ``loss``, ``terms`` (``pg_<kind>``, ``entropy``, ``kl``) and ``metrics``.
+        Entropy and KL terms use token-mean over the rows of kinds that have terms.
+    """
+    n, length = logprobs.shape
+    device = logprobs.device
+    kind_ids = resolve_kinds(algorithm, n, is_demo, kinds, device)
+    lp = logprobs.float()
+    old = lp.detach() if old_logprobs is None else old_logprobs.detach().float()
+    mask = response_mask.to(device=device, dtype=torch.float32)
+    adv = _advantage_matrix(advantages.to(device), lp.shape)
+    weights = (
+        torch.ones(n, 1, device=device)
+        if row_weights is None
+        else row_weights.detach().float().reshape(n, 1)
+    )
+    seq_entropy = sequence_entropy(entropy, lp, mask)
+    counts = batch_counts(algorithm, kind_ids, mask) if counts is None else counts
+
+    zero = (lp * 0.0).sum()
+    loss, terms = zero, {}
+    clipped = {"low": zero.detach(), "high": zero.detach(), "dual": zero.detach()}
+    clip_tokens = zero.detach()
+    for term in algorithm.terms:
+        rows = (kind_ids == KIND_ID[term.kind])[:, None].float()
+        kind_mask = mask * rows
+        masked = term_objective(term, algorithm, lp, old, adv, kind_mask, seq_entropy, weights)
+        tokens, sequences = counts.of([term.kind])
+        value = aggregate(
+            term.aggregation or algorithm.aggregation,
+            -masked.objective,
+            kind_mask,
+            tokens=tokens,
+            sequences=sequences,
+            norm_length=algorithm.norm_length,
+        )
+        name = f"pg_{term.kind}"
+        terms[name] = terms.get(name, zero) + term.coef * value
+        loss = loss + term.coef * value
+        if term.mask != "none":
+            on = kind_mask > 0
+            clip_tokens = clip_tokens + on.sum()
+            for side, flags in zip(("low", "high", "dual"), masked[1:]):
+                clipped[side] = clipped[side] + (flags & on).sum()
+
+    active = term_kinds(algorithm)
+    active_rows = torch.zeros(n, 1, device=device)
+    for kind in active:
+        active_rows = active_rows + (kind_ids == KIND_ID[kind])[:, None].float()
+    active_mask = mask * active_rows
+    active_tokens, _ = counts.of(active)
+    if entropy is not None:
+        bonus = aggregate(
+            "token-mean", entropy.float() * weights, active_mask, tokens=active_tokens
+        )
+        terms["entropy"] = bonus
+        if algorithm.entropy_coef:
+            loss = loss - algorithm.entropy_coef * bonus
+    if ref_logprobs is not None:
+        estimate = KL_ESTIMATORS.get(algorithm.kl_estimator)(lp, ref_logprobs.detach().float())
+        kl = aggregate("token-mean", estimate * weights, active_mask, tokens=active_tokens)
+        terms["kl"] = kl
+        if algorithm.kl_coef:
+            loss = loss + algorithm.kl_coef * kl
+
+    metrics = _metrics(algorithm, kind_ids, lp, old, mask, entropy, counts)
+    metrics["loss"] = float(loss.detach())
+    for name, value in terms.items():
+        metrics[name] = float(value.detach())
+    denominator = max(float(clip_tokens), 1.0)
+    for side, value in clipped.items():
+        metrics[f"clipfrac_{side}"] = float(value) / denominator
+    return LossOutput(loss=loss, metrics=metrics, terms=terms)
+
+
+def _metrics(
+    algorithm: Any,
+    kind_ids: Tensor,
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    mask: Tensor,
+    entropy: Tensor | None,
+    counts: Counts,
+) -> dict[str, float]:
+    """Ratio / approx-KL over rows of kinds trained against pi_old, and local token counts."""
+    metrics: dict[str, float] = {}
+    for kind in KINDS:
+        rows = kind_ids == KIND_ID[kind]
+        metrics[f"tokens_{kind}"] = float(mask[rows].sum())
+        metrics[f"sequences_{kind}"] = float(rows.sum())
+    ratio_kinds = {t.kind for t in algorithm.terms if t.reference in RATIO_REFERENCES}
+    rows = torch.zeros_like(kind_ids, dtype=torch.bool)
+    for kind in ratio_kinds:
+        rows |= kind_ids == KIND_ID[kind]
+    on = (mask > 0) & rows[:, None]
+    log_ratio = (logprobs.detach() - old_logprobs).clamp(-20.0, 20.0)
+    if bool(on.any()):
+        ratio = torch.exp(log_ratio[on])
+        metrics["ratio_mean"] = float(ratio.mean())
+        metrics["ratio_max"] = float(ratio.max())
+        metrics["approx_kl"] = float((-log_ratio[on]).mean())
+    else:
+        metrics.update(ratio_mean=1.0, ratio_max=1.0, approx_kl=0.0)
+    valid = mask > 0
+    if entropy is not None and bool(valid.any()):
+        metrics["entropy_mean"] = float(entropy.detach().float()[valid].mean())
+    return metrics
+
+
+__all__ = [
+    "KINDS",
+    "KIND_ID",
+    "KL_ESTIMATORS",
+    "Counts",
+    "LossOutput",
+    "batch_counts",
+    "resolve_kinds",
+    "term_kinds",
+    "unified_loss",
+]
