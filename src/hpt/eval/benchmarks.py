@@ -179,7 +179,9 @@ def _from_path(path: Path, reward: str | None, fields: Mapping[str, str] | None)
     found = [
         replace(b, source=str(path / b.folder / data.name))
         for b in BENCHMARKS.values()
-        if b.folder and (path / b.folder).is_dir() and (data := _data_file(path / b.folder)) is not None
+        if b.folder
+        and (path / b.folder).is_dir()
+        and (data := _data_file(path / b.folder)) is not None
     ]
     if found:
         return found

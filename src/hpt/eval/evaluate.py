@@ -16,6 +16,7 @@ turn only, plus the instruction "Please reason step by step, and put your final 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -176,14 +177,12 @@ def _extractor(reward: str) -> Callable[[str], str | None]:
 
 def _score(
     responses: list[str], answers: list[str], reward: str, timeout: float
-) -> tuple[list[float], list[bool], int]:
-    """Verdicts, per-sample timeout flags (where known) and the timeout count of one batch."""
+) -> tuple[list[float], int]:
+    """Verdicts of one batch and its count of verifier timeouts (reported per batch)."""
     from hpt.rewards import score
 
     result = score(responses, answers, reward, timeout=timeout)
-    flags = getattr(result, "timed_out", None)
-    flags = [bool(f) for f in flags] if flags is not None else [False] * len(responses)
-    return [float(s) for s in result.scores], flags, int(getattr(result, "timeouts", 0))
+    return [float(s) for s in result.scores], int(result.timeouts)
 
 
 def _question_keys(questions: Sequence[Any]) -> list[str]:
@@ -233,7 +232,9 @@ def sample_and_score(
     Returns:
         One record per (question, sample), question-major then sample order: ``benchmark``,
         ``question_id``, ``sample``, ``prompt``, ``response``, ``extracted``, ``answer``,
-        ``verdict``, ``boxed``, ``response_tokens``, ``finish_reason``, ``timeout``.
+        ``verdict``, ``boxed``, ``response_tokens``, ``finish_reason``, ``timeouts`` (the
+        verifier counts timeouts per batch: a batch's count sits on its first record, 0 on the
+        others; a timed-out sample scores 0).
     """
     if k < 1:
         raise ConfigError(f"k (samples a question) must be >= 1, got {k}")
@@ -246,9 +247,10 @@ def sample_and_score(
     batches = _plan_batches(missing, batch_questions or max(1, 64 // k))
     extract = _extractor(reward)
     from hpt.rewards import extract_boxed
+    from hpt.utils import progress as progress_bar
 
-    with _progress(progress, len(questions), f"{benchmark or 'eval'}") as advance:
-        advance(sum(1 for todo in missing.values() if not todo))
+    done = sum(1 for todo in missing.values() if not todo)
+    with progress_bar(benchmark or "eval", len(questions), enabled=progress, completed=done) as bar:
         for batch_index, (indices, n) in enumerate(batches):
             prompts = _prompt_ids(builder, [questions[i] for i in indices])
             seeded = (
@@ -262,24 +264,25 @@ def sample_and_score(
                     f"engine returned {len(rollouts)} rollouts for {len(indices)} prompts x {n}"
                 )
             slots = [(i, j) for i in indices for j in missing[i][:n]]
+            texts = {i: builder.prompt_text(questions[i]) for i in indices}
             responses = [r.text for r in rollouts]
             answers = [str(questions[i].answer) for i, _ in slots]
-            verdicts, timed_out, _ = _score(responses, answers, reward, timeout)
+            verdicts, timeouts = _score(responses, answers, reward, timeout)
             new = []
-            for (i, j), rollout, verdict, late in zip(slots, rollouts, verdicts, timed_out):
+            for (i, j), rollout, answer, verdict in zip(slots, rollouts, answers, verdicts):
                 record = {
                     "benchmark": benchmark,
                     "question_id": keys[i],
                     "sample": j,
-                    "prompt": builder.prompt_text(questions[i]),
+                    "prompt": texts[i],
                     "response": rollout.text,
                     "extracted": extract(rollout.text),
-                    "answer": answers[len(new)],
+                    "answer": answer,
                     "verdict": verdict,
                     "boxed": extract_boxed(rollout.text) is not None,
                     "response_tokens": len(rollout.response_ids),
                     "finish_reason": rollout.finish_reason,
-                    "timeout": late,
+                    "timeouts": 0 if new else timeouts,  # the batch's count, on its first record
                 }
                 have[(keys[i], j)] = record
                 new.append(record)
@@ -287,7 +290,7 @@ def sample_and_score(
                 missing[i] = missing[i][n:]
             if on_batch is not None:
                 on_batch(new)
-            advance(len(indices))
+            bar.advance(len(indices))
     return [have[(key, j)] for key in keys for j in range(k)]
 
 
@@ -307,28 +310,6 @@ def _plan_batches(missing: Mapping[int, list[int]], per_batch: int) -> list[tupl
         for n, indices in sorted(by_count.items(), key=lambda item: -item[0])
         for start in range(0, len(indices), per_batch)
     ]
-
-
-class _progress:
-    """A rich progress bar over questions, or a no-op; ``with _progress(...) as advance``."""
-
-    def __init__(self, enabled: bool, total: int, label: str) -> None:
-        self.enabled, self.total, self.label = enabled, total, label
-        self.bar: Any = None
-
-    def __enter__(self) -> Callable[[int], None]:
-        if not self.enabled:
-            return lambda _count: None
-        from rich.progress import Progress
-
-        self.bar = Progress(transient=True)
-        self.bar.start()
-        task = self.bar.add_task(self.label, total=self.total)
-        return lambda count: self.bar.advance(task, count)
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.bar is not None:
-            self.bar.stop()
 
 
 def _metrics(records: Sequence[Mapping[str, Any]], k: int) -> dict[str, Any]:
@@ -439,6 +420,7 @@ def load_model(
     dtype: str = "auto",
     gguf_file: str | None = None,
     device: str | None = None,
+    progress: bool = True,
 ) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` from a local HF folder, a GGUF file or a hub id.
 
@@ -447,12 +429,14 @@ def load_model(
         dtype: ``auto``, ``float32``, ``bfloat16`` or ``float16``.
         gguf_file: the GGUF file's name inside the folder ``model`` (transformers dequantises it).
         device: ``cuda`` / ``cpu`` / ...; default cuda when available.
+        progress: show transformers' loading bars.
 
     Raises:
         ModelError: a missing path, or a hub id that cannot be fetched (one line).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     spec = str(model)
     path = Path(spec).expanduser()
@@ -467,9 +451,13 @@ def load_model(
     else:
         where = spec
     kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
+    torch_dtype = _torch_dtype(dtype)
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    if not progress:
+        hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
-        loaded = AutoModelForCausalLM.from_pretrained(where, dtype=_torch_dtype(dtype), **kwargs)
+        loaded = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, **kwargs)
     except (OSError, ValueError) as error:
         first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
         hub = (
@@ -478,6 +466,9 @@ def load_model(
             else " (not a local folder; the Hugging Face hub is needed and unreachable?)"
         )
         raise ModelError(f"cannot load model {spec!r}{hub}: {first}") from error
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return loaded.to(device).eval(), tokenizer
 
@@ -551,7 +542,13 @@ def _check_resume(output: Path, settings: _Settings, overwrite: bool) -> list[di
             )
     output.mkdir(parents=True, exist_ok=True)
     saved.write_text(json.dumps(asdict(settings), indent=2) + "\n")
-    return read_samples(samples)
+    records = read_samples(samples)
+    if samples.is_file():  # rewrite without a torn last line, so that appends start on a new line
+        partial = samples.with_suffix(".jsonl.tmp")
+        partial.unlink(missing_ok=True)
+        _append(partial, records)
+        partial.replace(samples)
+    return records
 
 
 def _load_benchmark(benchmark: Benchmark, limit: int | None) -> list[Any]:
@@ -621,21 +618,19 @@ def evaluate(
     start = time.time()
     if k < 1:
         raise ConfigError(f"--k must be >= 1, got {k}")
+    if template is not None:
+        _plain_template(template, MATH_INSTRUCTION)  # a bad template fails before loading
+    _torch_dtype(dtype)
     root = benchmark_dir if benchmark_dir is not None else _default_benchmark_dir()
     resolved = resolve_benchmarks(benchmarks, benchmark_dir=root, reward=reward, fields=fields)
     data = {b.name: _load_benchmark(b, limit) for b in resolved}
     label = name or _model_label(model_or_path)
-    if isinstance(model_or_path, (str, Path)):
-        model, tokenizer = load_model(
-            model_or_path, dtype=dtype, gguf_file=gguf_file, device=device
-        )
-    else:
-        model = model_or_path
-        if tokenizer is None and engine is None:
-            raise ConfigError("evaluate: a loaded model needs its tokenizer")
+    from_path = isinstance(model_or_path, (str, Path))
+    if not from_path and tokenizer is None:
+        raise ConfigError("evaluate: a loaded model needs its tokenizer (tokenizer=...)")
     sampling = sampling or default_sampling(k)
     settings = _Settings(
-        str(model_or_path) if isinstance(model_or_path, (str, Path)) else label,
+        str(model_or_path) if from_path else label,
         sampling.temperature,
         sampling.top_p,
         sampling.top_k,
@@ -647,6 +642,12 @@ def evaluate(
     )
     output = Path(output_dir) if output_dir is not None else None
     existing = _check_resume(output, settings, overwrite) if output is not None else []
+    if from_path:
+        model, tokenizer = load_model(
+            model_or_path, dtype=dtype, gguf_file=gguf_file, device=device
+        )
+    else:
+        model = model_or_path
     if engine is None:
         from hpt.rollout import HFEngine
 
@@ -734,7 +735,7 @@ def _print(results: Mapping[str, Any]) -> None:
 
     from hpt.eval.report import rich_table
 
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 160)
     detail = Table(title=f"{results['name']}: per benchmark")
     for column in (
         "benchmark",

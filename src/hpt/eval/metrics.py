@@ -130,7 +130,7 @@ def summarize(records: Iterable[Mapping[str, Any]], k: int | None = None) -> dic
     Args:
         records: dicts with at least ``question_id``, ``sample``, ``verdict``, ``extracted``;
             optional ``boxed`` (whether the response has a ``\\boxed{}``; default: whether an
-            answer was extracted), ``response_tokens``, ``finish_reason``, ``timeout``. Samples with index
+            answer was extracted), ``response_tokens``, ``finish_reason``, ``timeouts`` (a count). Samples with index
             ``>= k`` are ignored (when ``k`` is given).
         k: samples a question to use (default: all present).
 
@@ -163,7 +163,7 @@ def summarize(records: Iterable[Mapping[str, Any]], k: int | None = None) -> dic
         if flat
         else 0.0,
         "truncated": fmean(r.get("finish_reason") == "length" for r in flat) if flat else 0.0,
-        "timeouts": sum(bool(r.get("timeout")) for r in flat),
+        "timeouts": sum(int(r.get("timeouts") or 0) for r in flat),
     }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -114,7 +115,7 @@ def print_table(
     """Print :func:`rich_table` on the terminal."""
     from rich.console import Console
 
-    Console().print(rich_table(runs, metric, title))
+    Console(width=None if sys.stdout.isatty() else 160).print(rich_table(runs, metric, title))
 
 
 def _parser() -> argparse.ArgumentParser:
