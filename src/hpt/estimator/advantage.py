@@ -218,7 +218,7 @@ def sequence_entropy(entropy: Tensor | None, logprobs: Tensor, mask: Tensor) -> 
     Without ``entropy`` the mean token NLL ``-mean_t log pi`` stands in (the Monte Carlo estimate
     of the entropy for on-policy samples). Rows without tokens give 0.
     """
-    per_token = (-logprobs if entropy is None else entropy).detach().to(torch.float32)
+    per_token = (-logprobs if entropy is None else entropy).detach().to(logprobs.dtype)
     total = torch.where(mask > 0, per_token, 0.0).sum(-1, keepdim=True)
     return total / mask.sum(-1, keepdim=True).clamp_min(1.0)
 

@@ -182,9 +182,9 @@ def batch_counts(algorithm: Any, kinds: Any, response_mask: Tensor) -> Counts:
     return Counts(tuple(tokens), tuple(sequences))
 
 
-def _advantage_matrix(advantages: Tensor, shape: torch.Size) -> Tensor:
-    """[N] or [N, T] advantages as a detached float32 [N, T]."""
-    advantages = advantages.detach().to(torch.float32)
+def _advantage_matrix(advantages: Tensor, shape: torch.Size, dtype: torch.dtype) -> Tensor:
+    """[N] or [N, T] advantages as a detached [N, T] of ``dtype``."""
+    advantages = advantages.detach().to(dtype)
     if advantages.dim() == 1:
         advantages = advantages[:, None]
     return advantages.expand(shape)
@@ -265,14 +265,15 @@ def unified_loss(
     n, length = logprobs.shape
     device = logprobs.device
     kind_ids = resolve_kinds(algorithm, n, is_demo, kinds, device)
-    lp = logprobs.float()
-    old = lp.detach() if old_logprobs is None else old_logprobs.detach().float()
-    mask = response_mask.to(device=device, dtype=torch.float32)
-    adv = _advantage_matrix(advantages.to(device), lp.shape)
+    dtype = torch.float64 if logprobs.dtype == torch.float64 else torch.float32
+    lp = logprobs.to(dtype)
+    old = lp.detach() if old_logprobs is None else old_logprobs.detach().to(device, dtype)
+    mask = response_mask.to(device=device, dtype=dtype)
+    adv = _advantage_matrix(torch.as_tensor(advantages, device=device), lp.shape, dtype)
     weights = (
-        torch.ones(n, 1, device=device)
+        torch.ones(n, 1, device=device, dtype=dtype)
         if row_weights is None
-        else row_weights.detach().float().reshape(n, 1)
+        else row_weights.detach().to(device, dtype).reshape(n, 1)
     )
     seq_entropy = sequence_entropy(entropy, lp, mask)
     counts = batch_counts(algorithm, kind_ids, mask) if counts is None else counts
@@ -282,7 +283,7 @@ def unified_loss(
     clipped = {"low": zero.detach(), "high": zero.detach(), "dual": zero.detach()}
     clip_tokens = zero.detach()
     for term in algorithm.terms:
-        rows = (kind_ids == KIND_ID[term.kind])[:, None].float()
+        rows = (kind_ids == KIND_ID[term.kind])[:, None].to(dtype)
         kind_mask = mask * rows
         masked = term_objective(term, algorithm, lp, old, adv, kind_mask, seq_entropy, weights)
         tokens, sequences = counts.of([term.kind])
@@ -304,20 +305,20 @@ def unified_loss(
                 clipped[side] = clipped[side] + (flags & on).sum()
 
     active = term_kinds(algorithm)
-    active_rows = torch.zeros(n, 1, device=device)
+    active_rows = torch.zeros(n, 1, device=device, dtype=dtype)
     for kind in active:
-        active_rows = active_rows + (kind_ids == KIND_ID[kind])[:, None].float()
+        active_rows = active_rows + (kind_ids == KIND_ID[kind])[:, None].to(dtype)
     active_mask = mask * active_rows
     active_tokens, _ = counts.of(active)
     if entropy is not None:
         bonus = aggregate(
-            "token-mean", entropy.float() * weights, active_mask, tokens=active_tokens
+            "token-mean", entropy.to(dtype) * weights, active_mask, tokens=active_tokens
         )
         terms["entropy"] = bonus
         if algorithm.entropy_coef:
             loss = loss - algorithm.entropy_coef * bonus
     if ref_logprobs is not None:
-        estimate = KL_ESTIMATORS.get(algorithm.kl_estimator)(lp, ref_logprobs.detach().float())
+        estimate = KL_ESTIMATORS.get(algorithm.kl_estimator)(lp, ref_logprobs.detach().to(dtype))
         kl = aggregate("token-mean", estimate * weights, active_mask, tokens=active_tokens)
         terms["kl"] = kl
         if algorithm.kl_coef:
