@@ -9,7 +9,8 @@ Two routes to the same numbers:
   (``torch.utils.checkpoint``), so neither pass holds a ``[tokens x vocab]`` float tensor of the
   whole batch. With V = 152k (Qwen2.5) and 8k-token responses that tensor alone is ~5 GB a row.
 
-Both work in float32 whatever the model's dtype (the matmul runs in the model's dtype).
+Both work in float32 whatever the model's dtype (the matmul runs in the model's dtype); float64
+inputs stay float64.
 """
 
 from __future__ import annotations
@@ -20,6 +21,11 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 DEFAULT_CHUNK_SIZE = 1024  # tokens per chunk: 1024 x 152k float32 logits = 0.6 GB
+
+
+def _upcast(logits: Tensor) -> Tensor:
+    """float32 for half / bfloat16 / float32 logits; float64 stays float64."""
+    return logits if logits.dtype == torch.float64 else logits.float()
 
 
 def _valid_labels(labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -38,7 +44,7 @@ def token_logprobs(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> 
     Returns:
         [N, T] float32 log-probabilities.
     """
-    logits = logits.float()
+    logits = _upcast(logits)
     if temperature != 1.0:
         logits = logits / temperature
     index, valid = _valid_labels(labels)
@@ -51,7 +57,7 @@ def token_entropy(logits: Tensor, temperature: float = 1.0) -> Tensor:
 
     ``H = logsumexp(z) - sum softmax(z) * z``.
     """
-    logits = logits.float()
+    logits = _upcast(logits)
     if temperature != 1.0:
         logits = logits / temperature
     probs = torch.softmax(logits, dim=-1)
@@ -67,7 +73,7 @@ def _chunk(
     with_entropy: bool,
 ) -> tuple[Tensor, Tensor]:
     """Log-probs and entropy of one chunk of tokens: hidden [C, H] -> ([C], [C])."""
-    logits = F.linear(hidden, weight, bias).float()
+    logits = _upcast(F.linear(hidden, weight, bias))
     if temperature != 1.0:
         logits = logits / temperature
     index, valid = _valid_labels(labels)

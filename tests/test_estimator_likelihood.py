@@ -1,0 +1,94 @@
+"""Token log-probs and entropy: chunked from hidden states equals the plain computation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hpt.estimator.likelihood import token_entropy, token_logprobs, token_logprobs_and_entropy
+
+
+def _inputs(seed=0, n=3, t=7, h=16, v=50, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, t, h, generator=g, dtype=dtype, requires_grad=True)
+    weight = torch.randn(v, h, generator=g, dtype=dtype, requires_grad=True)
+    labels = torch.randint(0, v, (n, t), generator=g)
+    labels[0, -2:] = -100  # ignored positions
+    return hidden, weight, labels
+
+
+def test_plain_matches_log_softmax_and_entropy_definition():
+    _, _, labels = _inputs()
+    logits = torch.randn(3, 7, 50, dtype=torch.float64)
+    lp = token_logprobs(logits, labels)
+    full = torch.log_softmax(logits, -1)
+    valid = labels >= 0
+    torch.testing.assert_close(
+        lp[valid], full.gather(-1, labels.clamp_min(0)[..., None])[..., 0][valid]
+    )
+    assert torch.all(lp[~valid] == 0)
+    p = full.exp()
+    torch.testing.assert_close(token_entropy(logits), -(p * full).sum(-1))
+    torch.testing.assert_close(
+        token_logprobs(logits, labels, temperature=0.5), token_logprobs(logits * 2, labels)
+    )
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 5, 21, 1000])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_chunked_equals_plain_in_values_and_gradients(chunk_size, temperature):
+    hidden, weight, labels = _inputs()
+    lp_c, ent_c = token_logprobs_and_entropy(
+        hidden, weight, labels, chunk_size, temperature=temperature
+    )
+    probe_a, probe_b = (
+        torch.randn(3, 7, dtype=torch.float64),
+        torch.randn(3, 7, dtype=torch.float64),
+    )
+    g_chunked = torch.autograd.grad((lp_c * probe_a + ent_c * probe_b).sum(), (hidden, weight))
+    logits = hidden @ weight.T
+    lp_p = token_logprobs(logits, labels, temperature)
+    ent_p = token_entropy(logits, temperature)
+    g_plain = torch.autograd.grad((lp_p * probe_a + ent_p * probe_b).sum(), (hidden, weight))
+    torch.testing.assert_close(lp_c, lp_p)
+    torch.testing.assert_close(ent_c, ent_p)
+    for a, b in zip(g_chunked, g_plain):
+        torch.testing.assert_close(a, b)
+
+
+def test_chunks_never_save_or_hold_the_whole_logits():
+    """Autograd saves only chunk inputs, and no live tensor has N*T*V elements."""
+    hidden, weight, labels = _inputs(n=4, t=16, v=64, dtype=torch.float32)
+    whole = 4 * 16 * 64
+    saved: list[int] = []
+
+    def pack(tensor):
+        saved.append(tensor.numel())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        lp, ent = token_logprobs_and_entropy(hidden, weight, labels, chunk_size=8)
+    assert max(saved) <= max(weight.numel(), 8 * 64)  # the head's weight, or one chunk's worth
+    assert max(saved) < whole
+    (lp.sum() + ent.sum()).backward()
+    assert hidden.grad is not None and torch.isfinite(hidden.grad).all()
+    # plain logits for contrast: the hook sees the full [N, T, V] tensor
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        token_logprobs(hidden @ weight.T, labels)
+    assert max(saved) >= whole
+
+
+def test_bf16_model_no_grad_and_without_entropy():
+    hidden, weight, labels = _inputs(dtype=torch.bfloat16)
+    with torch.no_grad():
+        lp, ent = token_logprobs_and_entropy(hidden, weight, labels, 4)
+    assert lp.dtype == torch.float32 and ent.dtype == torch.float32
+    lp2, none = token_logprobs_and_entropy(
+        hidden.detach(), weight.detach(), labels, 4, with_entropy=False
+    )
+    assert none is None
+    torch.testing.assert_close(lp, lp2)
+    torch.testing.assert_close(
+        lp, token_logprobs(hidden.detach() @ weight.detach().T, labels), atol=1e-2, rtol=1e-2
+    )
