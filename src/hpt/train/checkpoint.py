@@ -140,7 +140,11 @@ def _load_weights(model: torch.nn.Module, directory: Path) -> None:
     state: dict[str, torch.Tensor] = {}
     for file in files:
         state.update(load_file(str(file)))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # shape mismatches raise even with strict=False
+        detail = " ".join(str(error).split())
+        raise ModelError(f"checkpoint {directory} does not fit the model: {detail[:200]}") from None
     if unexpected:
         raise ModelError(
             f"checkpoint {directory} does not fit the model: unexpected keys {sorted(unexpected)[:5]}"
