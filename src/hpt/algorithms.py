@@ -427,7 +427,7 @@ def _soft_gate(where: str, value: Any) -> SoftGate:
 
 
 def _validate(algorithm: Algorithm) -> None:
-    """Every part named by the terms exists; the gate band is ordered."""
+    """Every part named by the terms exists; a three-band gate's band is ordered."""
     registries = {
         "reference": REFERENCES,
         "advantage": ADVANTAGES,
@@ -444,7 +444,7 @@ def _validate(algorithm: Algorithm) -> None:
             registry.get(getattr(term, part))
         if term.aggregation is not None:
             AGGREGATIONS.get(term.aggregation)
-    if algorithm.gate_upper < algorithm.gate_threshold:
+    if algorithm.routes == "three_band" and algorithm.gate_upper < algorithm.gate_threshold:
         raise ConfigError(
             f"algorithm {algorithm.name!r}: gate_upper {algorithm.gate_upper} is below gate_threshold {algorithm.gate_threshold}"
         )
