@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from hpt.rewards.extract import extract_all_boxed, extract_boxed, extract_choice
 from hpt.rewards.normalize import normalize_answer
-from hpt.rewards.pool import shutdown
+from hpt.rewards.pool import shutdown, start_pool
 from hpt.rewards.registry import (
     DEFAULT_TIMEOUT,
     RewardFunction,
@@ -41,5 +41,6 @@ __all__ = [
     "reset_stats",
     "score",
     "shutdown",
+    "start_pool",
     "stats",
 ]

@@ -1,4 +1,6 @@
-"""A verifier worker process: ``python -m hpt.rewards._worker`` (started by ``hpt.rewards.pool``).
+"""A verifier worker process: ``python -m hpt.rewards._worker [module:warm_up ...]``.
+
+Started by ``hpt.rewards.pool``; the arguments name functions to call once before taking work.
 
 Protocol (length-prefixed pickles; messages are tuples):
 
@@ -26,8 +28,6 @@ from collections.abc import Callable
 from typing import Any
 
 from hpt.rewards.pool import encode_message, read_message
-
-WARM_UP = "hpt.rewards.math:warm_up"
 
 
 class SoftTimeout(BaseException):
@@ -72,7 +72,14 @@ def _call(function: Callable[..., Any], args: tuple, budget: float) -> tuple[str
 
 
 def main() -> None:
-    """Serve calls until stdin closes."""
+    """Serve calls until stdin closes (or the parent goes away)."""
+    try:
+        _serve()
+    except (BrokenPipeError, EOFError, KeyboardInterrupt):
+        pass
+
+
+def _serve() -> None:
     channel = os.fdopen(os.dup(1), "wb", buffering=0)
     os.dup2(2, 1)
     sys.stdout = sys.stderr
@@ -81,10 +88,11 @@ def main() -> None:
     signal.signal(signal.SIGALRM, _on_alarm)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the parent, which kills us
     cache: dict[str, Callable[..., Any]] = {}
-    try:
-        resolve(WARM_UP, cache)()
-    except Exception as error:  # still serve user functions; math calls will report the error
-        print(f"hpt.rewards worker: warm-up failed: {error}", file=sys.stderr)
+    for reference in sys.argv[1:]:  # warm-up functions, e.g. hpt.rewards.math:warm_up
+        try:
+            resolve(reference, cache)()
+        except Exception as error:  # still serve other functions; they report their own errors
+            print(f"hpt.rewards worker: warm-up {reference} failed: {error}", file=sys.stderr)
     channel.write(encode_message(("ready",)))
     while True:
         try:

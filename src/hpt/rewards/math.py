@@ -101,12 +101,28 @@ def verify_latex(prediction: str, gold: str) -> float:
     return float(verify(gold_parsed, prediction_parsed, timeout_seconds=None))
 
 
+WARM_UP_PAIRS = (
+    ("\\frac{1}{2}", "0.5"),
+    ("x(x+1)", "x^{2}+x"),
+    ("[1,2)", "[1,2]"),
+    ("\\{1,2\\}", "\\{2,1\\}"),
+    ("\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}", "\\begin{bmatrix}1&2\\\\3&4\\end{bmatrix}"),
+    ("\\sin x+\\log_{2}8", "\\sin(x)+3"),
+    ("\\sqrt{8}", "2\\sqrt{2}"),
+    ("x\\geq3", "x>3"),
+    ("y=2x+1", "2x+1"),
+)
+"""Checks a worker runs before it takes work: sympy loads parts of itself on first use (up to
+0.6 s for a first polynomial), which would otherwise count against a user's first items."""
+
+
 def warm_up() -> None:
-    """Import math-verify and build its parsers (called once when a worker starts)."""
+    """Import math-verify and exercise its parsers and sympy (once, when a worker starts)."""
     import logging
     import sys
 
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     # the LaTeX parser recurses once per operator: "1+1+...+1" with 1,000 terms needs ~3,000
     sys.setrecursionlimit(max(sys.getrecursionlimit(), RECURSION_LIMIT))
-    verify_latex("\\frac{1}{2}", "0.5")
+    for prediction, gold in WARM_UP_PAIRS:
+        verify_latex(prediction, gold)

@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 _HEADER = struct.Struct("!I")
 _STARTUP_FAILURES_BEFORE_GIVING_UP = 3
+MATH_WARM_UP = "hpt.rewards.math:warm_up"
 
 
 @dataclass(frozen=True)
@@ -147,14 +148,24 @@ class VerifierPool:
         grace: seconds past a task's budget before its worker is killed.
         startup_timeout: seconds a new worker may take to import its modules, and a task may take
             to import its function, before the worker counts as failed.
+        warm_up: ``module:function`` paths each worker calls before it takes work (default:
+            math-verify's warm-up, about 2.5 s, so that no item pays sympy's first-use cost).
     """
 
-    def __init__(self, size: int, *, grace: float = 0.5, startup_timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        size: int,
+        *,
+        grace: float = 0.5,
+        startup_timeout: float = 60.0,
+        warm_up: Sequence[str] = (MATH_WARM_UP,),
+    ) -> None:
         if size < 1:
             raise ValueError(f"VerifierPool size must be >= 1, got {size}")
         self.size = size
         self.grace = grace
         self.startup_timeout = startup_timeout
+        self.warm_up = tuple(warm_up)
         self.owner_pid = os.getpid()
         self.spawned = 0
         self.killed = 0
@@ -163,7 +174,7 @@ class VerifierPool:
 
     def _spawn(self) -> _Worker:
         process = subprocess.Popen(
-            [sys.executable, "-m", "hpt.rewards._worker"],
+            [sys.executable, "-m", "hpt.rewards._worker", *self.warm_up],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=_worker_environment(),
@@ -319,6 +330,12 @@ def get_pool(workers: int | None = None) -> VerifierPool:
         if _POOL is None:
             _POOL = VerifierPool(size)
         return _POOL
+
+
+def start_pool(workers: int | None = None) -> None:
+    """Start the process-wide pool's workers now, in the background (about 3 s of start-up,
+    overlapped with whatever the caller does next, such as loading a model)."""
+    get_pool(workers).start()
 
 
 def shutdown() -> None:

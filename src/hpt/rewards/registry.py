@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib
 import logging
 import math
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -130,12 +131,18 @@ def _reference(function: Callable[..., Any]) -> str | None:
     return f"{module}:{qualname}" if target is function else None
 
 
-def call_batch(reference: str, responses: list[str], answers: list[str]) -> list[float | None]:
+def call_batch(
+    reference: str, responses: list[str], answers: list[str], sys_path: Sequence[str] = ()
+) -> list[float | None]:
     """Worker side of :class:`BatchFunction`: import and call a user function on one chunk.
 
-    Checks the shape of what it returns, so that a wrong return value is reported as the user's
-    error with its reason.
+    ``sys_path`` is the caller's ``sys.path`` (entries added after the worker started count).
+    Checks the shape of what the function returns, so that a wrong return value is reported as
+    the user's error with its reason.
     """
+    for entry in sys_path:
+        if entry not in sys.path:
+            sys.path.append(entry)
     module_name, _, qualname = reference.partition(":")
     target: Any = importlib.import_module(module_name)
     for part in qualname.split("."):
@@ -198,7 +205,11 @@ class BatchFunction:
     ) -> list[Outcome]:
         if self.reference is not None:
             tasks = [
-                Task("hpt.rewards.registry:call_batch", (self.reference, r, a), timeout * len(r))
+                Task(
+                    "hpt.rewards.registry:call_batch",
+                    (self.reference, r, a, tuple(p for p in sys.path if isinstance(p, str))),
+                    timeout * len(r),
+                )
                 for r, a in chunks
             ]
             return get_pool(workers).run(tasks)
