@@ -66,7 +66,10 @@ class Counts:
 
     Sum the counts of all micro-batches (``+``) and all-reduce them over data-parallel ranks
     (``to_tensor`` / ``from_tensor``, SUM), then pass them to every micro-batch's
-    :func:`unified_loss` so micro-batch losses add up to the mini-batch loss.
+    :func:`unified_loss` so micro-batch losses add up to the mini-batch loss. DDP / FSDP
+    *average* gradients over ranks: multiply each rank's loss by the world size (verl's
+    ``dp_size``) so the sum is the mini-batch gradient. (The official HPT code normalises each
+    micro-batch by its own counts, so its SFT / RL balance depends on packing; this does not.)
 
     Attributes:
         tokens: valid response tokens of each kind. sequences: rows of each kind.
