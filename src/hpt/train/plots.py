@@ -38,6 +38,7 @@ class PlotSpec:
     title: str
     ylabel: str
     keys: Callable[[list[str]], list[str]]
+    ylim: tuple[float, float] | None = None
 
 
 PLOTS: tuple[PlotSpec, ...] = (
@@ -47,6 +48,7 @@ PLOTS: tuple[PlotSpec, ...] = (
         "Questions routed to each loss (HPT's gate)",
         "fraction of questions",
         _exact("route_sft", "route_rl", "route_off_policy"),
+        ylim=(-0.02, 1.02),
     ),
     PlotSpec("entropy.png", "Mean token entropy", "entropy (nats)", _exact("entropy")),
     PlotSpec("accuracy.png", "Held-out accuracy", "accuracy (avg@k)", _accuracy_keys),
@@ -55,15 +57,15 @@ PLOTS: tuple[PlotSpec, ...] = (
 
 
 def series(records: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
-    """(steps, values) of ``key`` over the records that have a numeric value for it."""
-    steps, values = [], []
+    """(steps, values) of ``key``, sorted by step, over the records with a numeric value for it."""
+    points = []
     for record in records:
         step, value = record.get("step"), record.get(key)
         numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
         if numeric and isinstance(step, (int, float)):
-            steps.append(float(step))
-            values.append(float(value))
-    return steps, values
+            points.append((float(step), float(value)))
+    points.sort(key=lambda point: point[0])  # stable: equal steps keep their file order
+    return [step for step, _ in points], [value for _, value in points]
 
 
 def _summary_records(run_dir: Path, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -100,6 +102,8 @@ def _draw(spec: PlotSpec, records: list[dict[str, Any]], keys: list[str], path: 
     axes.set_xlabel("step")
     axes.set_ylabel(spec.ylabel)
     axes.grid(alpha=0.3)
+    if spec.ylim is not None:
+        axes.set_ylim(*spec.ylim)
     if len(keys) > 1 or spec.keys is _accuracy_keys:
         axes.legend()
     figure.savefig(path, dpi=120)
