@@ -358,6 +358,23 @@ def test_user_function_that_exits_fails_its_items_only():
     assert score(["ab"], ["cd"], "test_length_match").scores == [1.0]
 
 
+def test_interrupted_run_leaves_no_task_behind(monkeypatch):
+    """Ctrl-C during a run: the next run must not receive the interrupted task's result."""
+    pool = VerifierPool(1, warm_up=())
+    assert pool.run([Task("hpt.rewards.normalize:normalize_answer", ("1",), 30.0)])[0].value == "1"
+
+    def interrupt(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("hpt.rewards.pool.select.select", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        pool.run([Task("time:sleep", (0.3,), 30.0)])
+    monkeypatch.undo()
+    outcomes = pool.run([Task("hpt.rewards.normalize:normalize_answer", ("x = 3",), 30.0)])
+    assert outcomes[0].status == "ok" and outcomes[0].value == "3"
+    pool.close()
+
+
 _IMPORT_CHECK = """
 import sys
 import hpt.rewards
@@ -411,3 +428,23 @@ def test_throughput_of_math_on_typical_responses():
     rate = len(responses) / (time.perf_counter() - started)
     print(f"math throughput: {rate:.0f} items/s ({result.checked} needed math-verify)")
     assert sum(result.scores) >= 390 and rate > 20
+
+
+def test_pool_resizes_in_place():
+    pool = get_pool()
+    size = pool.size
+    try:
+        assert get_pool(1) is pool
+        assert score([r"\boxed{2x}"], ["x+x"], workers=1, timeout=30.0).scores == [1.0]
+        assert len(pool.pids()) == 1
+    finally:
+        get_pool(size)
+    assert pool.size == size
+
+
+def test_empty_batches_start_nothing():
+    pool = get_pool()
+    spawned = pool.spawned
+    assert score([], [], "test_length_match").scores == []
+    assert score([], []).scores == []
+    assert pool.spawned == spawned

@@ -24,6 +24,10 @@ VERIFY_FUNCTION = "hpt.rewards.math:verify_latex"
 """Import path of the worker-side check (``module:function``)."""
 
 
+MAX_CHECKED_CHARS = 5000
+"""A normalised prediction longer than this, and not equal to the ground truth as a string,
+scores 0.0 without a symbolic check (math-verify would spend its whole timeout on it)."""
+
 RECURSION_LIMIT = 6000
 """Python recursion limit in worker processes (a crash from deeper recursion costs one item)."""
 
@@ -54,7 +58,7 @@ def decide(response: str, answer: str) -> float | Pending:
         return 0.0
     if prediction == gold:
         return 1.0
-    if is_malformed(prediction):
+    if len(prediction) > MAX_CHECKED_CHARS or is_malformed(prediction):
         return 0.0
     same_integer = integers_equal(prediction, gold)
     if same_integer is not None:

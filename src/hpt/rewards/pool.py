@@ -112,7 +112,12 @@ class _Worker:
 
     def messages(self) -> list[Any] | None:
         """Read what is available; the complete messages, or None once the worker's pipe closed."""
-        chunk = os.read(self.fd, 1 << 16)
+        try:
+            chunk = os.read(self.fd, 1 << 16)
+        except BlockingIOError:  # nothing to read after all
+            return []
+        except OSError:
+            return None
         if not chunk:
             return None
         self.inbox += chunk
@@ -125,9 +130,10 @@ class _Worker:
             del self.inbox[: _HEADER.size + length]
         return found
 
-    def kill(self) -> None:
-        """SIGKILL and reap (a hung worker may ignore anything gentler)."""
-        if self.process.poll() is None:
+    def kill(self) -> bool:
+        """SIGKILL and reap (a hung worker may ignore anything gentler); True if it was alive."""
+        alive = self.process.poll() is None
+        if alive:
             self.process.kill()
         for stream in (self.process.stdin, self.process.stdout):
             try:
@@ -138,6 +144,7 @@ class _Worker:
             self.process.wait(timeout=5)
         except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL is not ignorable
             logger.warning("hpt.rewards: worker %d did not exit after SIGKILL", self.process.pid)
+        return alive
 
 
 class VerifierPool:
@@ -167,8 +174,8 @@ class VerifierPool:
         self.startup_timeout = startup_timeout
         self.warm_up = tuple(warm_up)
         self.owner_pid = os.getpid()
-        self.spawned = 0
-        self.killed = 0
+        self.spawned = 0  # worker processes started
+        self.killed = 0  # workers killed while still running (hung tasks)
         self._workers: list[_Worker] = []
         self._lock = threading.Lock()
 
@@ -181,13 +188,13 @@ class VerifierPool:
             start_new_session=True,  # a terminal's Ctrl-C reaches the parent only
         )
         self.spawned += 1
+        os.set_blocking(process.stdout.fileno(), False)  # type: ignore[union-attr]
         worker = _Worker(process, time.monotonic())
         worker.deadline = worker.spawned_at + self.startup_timeout
         return worker
 
     def _replace(self, worker: _Worker) -> None:
-        worker.kill()
-        self.killed += 1
+        self.killed += worker.kill()
         self._workers[self._workers.index(worker)] = self._spawn()
 
     def start(self) -> None:
@@ -196,9 +203,22 @@ class VerifierPool:
             self._fill()
 
     def _fill(self) -> None:
-        self._workers = [w for w in self._workers if w.process.poll() is None or w.task is not None]
+        """Bring the workers to ``size``: drop dead ones, retire idle extras, start missing ones."""
+        alive = []
+        for worker in self._workers:
+            if worker.process.poll() is None and len(alive) < self.size:
+                alive.append(worker)
+            else:
+                worker.kill()
+        self._workers = alive
         while len(self._workers) < self.size:
             self._workers.append(self._spawn())
+
+    def resize(self, size: int) -> None:
+        """Use ``size`` workers from the next :meth:`run` on (started or retired then)."""
+        if size < 1:
+            raise ValueError(f"VerifierPool size must be >= 1, got {size}")
+        self.size = size
 
     def run(self, tasks: Sequence[Task]) -> list[Outcome]:
         """Run every task; never raises for a task's failure, never waits past its deadline.
@@ -209,29 +229,41 @@ class VerifierPool:
         Returns:
             One :class:`Outcome` per task, in the order of ``tasks``.
         """
+        if not tasks:
+            return []
         with self._lock:
-            results: list[Outcome | None] = [None] * len(tasks)
-            queue = deque(range(len(tasks)))
-            self._fill()
-            startup_failures = 0
-            while queue or any(w.task is not None for w in self._workers):
-                if startup_failures >= _STARTUP_FAILURES_BEFORE_GIVING_UP and queue:
-                    self._give_up(queue, results)
-                self._dispatch(tasks, queue, results)
-                now = time.monotonic()
-                wait = min(1.0, max(0.0, min(w.deadline for w in self._workers) - now))
-                readable, _, _ = select.select([w.fd for w in self._workers], [], [], wait)
-                for worker in [w for w in self._workers if w.fd in readable]:
-                    startup_failures += self._receive(worker, tasks, results)
-                now = time.monotonic()
-                for worker in [w for w in self._workers if w.deadline <= now]:
-                    if worker.task is not None:
-                        results[worker.task] = Outcome("timeout")
-                    else:
-                        startup_failures += 1
-                        logger.warning("hpt.rewards: a verifier worker did not start in time")
+            try:
+                return self._run(tasks)
+            except BaseException:  # Ctrl-C mid-run: no worker may keep a task of this run
+                for worker in [w for w in self._workers if w.task is not None]:
+                    worker.task = None
                     self._replace(worker)
-            return [r if r is not None else Outcome("error", "not run") for r in results]
+                raise
+
+    def _run(self, tasks: Sequence[Task]) -> list[Outcome]:
+        results: list[Outcome | None] = [None] * len(tasks)
+        queue = deque(range(len(tasks)))
+        self._fill()
+        startup_failures = 0
+        while queue or any(w.task is not None for w in self._workers):
+            if startup_failures >= _STARTUP_FAILURES_BEFORE_GIVING_UP and queue:
+                self._give_up(queue, results)
+            self._dispatch(tasks, queue, results)
+            now = time.monotonic()
+            wait = min(1.0, max(0.0, min(w.deadline for w in self._workers) - now))
+            readable, _, _ = select.select([w.fd for w in self._workers], [], [], wait)
+            for worker in [w for w in self._workers if w.fd in readable]:
+                startup_failures += self._receive(worker, tasks, results)
+            now = time.monotonic()
+            for worker in [w for w in self._workers if w.deadline <= now]:
+                if worker.task is not None:
+                    results[worker.task] = Outcome("timeout")
+                    worker.task = None
+                else:
+                    startup_failures += 1
+                    logger.warning("hpt.rewards: a verifier worker did not start in time")
+                self._replace(worker)
+        return [r if r is not None else Outcome("error", "not run") for r in results]
 
     def _dispatch(self, tasks: Sequence[Task], queue: deque[int], results: list) -> None:
         for worker in self._workers:
@@ -294,12 +326,14 @@ class VerifierPool:
             results[queue.popleft()] = Outcome("error", "verifier workers fail to start")
 
     def close(self) -> None:
-        """Kill every worker (only in the process that started them)."""
+        """Kill every worker (only in the process that started them; waits for a running
+        :meth:`run` in another thread to finish)."""
         if os.getpid() != self.owner_pid:
             return
-        for worker in self._workers:
-            worker.kill()
-        self._workers = []
+        with self._lock:
+            for worker in self._workers:
+                worker.kill()
+            self._workers = []
 
     def pids(self) -> list[int]:
         """Process ids of the current workers (for tests and monitoring)."""
@@ -320,15 +354,15 @@ def default_workers() -> int:
 
 
 def get_pool(workers: int | None = None) -> VerifierPool:
-    """The process-wide pool (created on first use; re-created at another size or after a fork)."""
+    """The process-wide pool: created on first use, resized when ``workers`` changes, created
+    anew in a forked child (the parent's workers stay the parent's)."""
     global _POOL
     size = workers or default_workers()
     with _POOL_LOCK:
-        if _POOL is not None and (_POOL.size != size or _POOL.owner_pid != os.getpid()):
-            _POOL.close()
-            _POOL = None
-        if _POOL is None:
+        if _POOL is None or _POOL.owner_pid != os.getpid():
             _POOL = VerifierPool(size)
+        elif _POOL.size != size:
+            _POOL.resize(size)
         return _POOL
 
 

@@ -203,6 +203,8 @@ class BatchFunction:
     def _run(
         self, chunks: list[tuple[list[str], list[str]]], timeout: float, workers: int | None
     ) -> list[Outcome]:
+        if not chunks:
+            return []
         if self.reference is not None:
             tasks = [
                 Task(
