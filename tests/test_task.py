@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hpt.data.question import Question
+from hpt.data import Question
 from hpt.demo.task import SPLITS, demonstration, is_held_out, make_questions
 from hpt.errors import ConfigError
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from hpt.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from hpt.data.question import Question
+    from hpt.data import Question
 
 NAMES = ("Ann", "Ben", "Cara", "Dan", "Eve", "Finn", "Gia", "Hugo", "Ivy", "Jack")
 ITEMS = ("apples", "books", "coins", "marbles", "pens", "stamps", "cards", "shells")
@@ -114,7 +114,7 @@ def make_questions(split: str, n: int, seed: int = 0) -> list[Question]:
         the carry derivation as the demonstration, ``source="arith-<level>"`` and
         ``meta={"level", "a", "b"}``.
     """
-    from hpt.data.question import Question
+    from hpt.data import Question
 
     spec = SPLITS.get(split)
     if spec is None:

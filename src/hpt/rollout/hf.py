@@ -24,6 +24,7 @@ from transformers.generation.logits_process import (
 
 from hpt.errors import ConfigError, ModelError
 from hpt.rollout.base import Rollout, SamplingParams
+from hpt.utils import progress
 
 
 class SampledLogprobRecorder(LogitsProcessor):
@@ -190,15 +191,23 @@ class HFEngine:
         with (
             generation_mode(self.model, self._generation_config(sampling)),
             seeded(sampling.seed, device),
-            self._progress_bar(len(jobs)) as advance,
+            progress(
+                "generating",
+                len(jobs),
+                enabled=self.progress,
+                columns=("{task.fields[tokens]} tokens",),
+                tokens=0,
+            ) as bar,
         ):
+            tokens = 0
             for batch in batches:
                 outputs = self._generate_batch(
                     [prompts[jobs[row]] for row in batch], sampling, device
                 )
                 for row, output in zip(batch, outputs):
                     results[row] = output
-                advance(len(batch))
+                    tokens += len(output[0])
+                bar.advance(len(batch), tokens=tokens)
         return self._assemble(prompts, jobs, results, n, copies)
 
     def _generation_config(self, sampling: SamplingParams) -> GenerationConfig:
@@ -263,15 +272,3 @@ class HFEngine:
                     )
                 )
         return rollouts
-
-    @contextmanager
-    def _progress_bar(self, total: int) -> Iterator[Any]:
-        """A rich progress bar over generated sequences; yields ``advance(count)``."""
-        if not self.progress:
-            yield lambda count: None
-            return
-        from rich.progress import Progress
-
-        with Progress(transient=True) as bar:
-            task = bar.add_task("generating", total=total)
-            yield lambda count: bar.advance(task, count)
