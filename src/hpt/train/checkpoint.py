@@ -118,7 +118,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def _save_weights(model: torch.nn.Module, directory: Path) -> None:
     """A Hugging Face model as its own folder; any other module as ``model.safetensors``."""
     if hasattr(model, "save_pretrained"):
-        model.save_pretrained(directory)
+        from transformers.utils import logging as hf_logging
+
+        was_enabled = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # no tqdm bar under the run's progress bar
+        try:
+            model.save_pretrained(directory)
+        finally:
+            if was_enabled:
+                hf_logging.enable_progress_bar()
     else:
         from safetensors.torch import save_model
 

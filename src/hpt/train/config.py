@@ -292,7 +292,10 @@ class _Source:
     overrides: dict[str, str] = field(default_factory=dict)
 
     def where(self, key: str) -> str:
-        """`` (file:line)`` or `` (--set k=v)`` for ``key`` or its nearest parent, else ``''``."""
+        """`` (file:line)`` or `` (--set k=v)`` for ``key``, a key under it or its nearest parent."""
+        below = [text for name, text in self.overrides.items() if name.startswith(key + ".")]
+        if below:
+            return f" (--set {below[-1]})"
         probe = key
         while True:
             if probe in self.overrides:
