@@ -553,8 +553,8 @@ def _gate_text(algorithm: Algorithm) -> str:
     }.get(algorithm.routes, "")
 
 
-def _table_row(a: Algorithm) -> dict[str, str]:
-    """One algorithm's row of the table."""
+def table_row(a: Algorithm) -> dict[str, str]:
+    """One algorithm's row of the table (with its overrides applied)."""
     kinds = ("rollout", "sft", "off_policy")
     data = dict.fromkeys(_KIND_LABEL[k] if k == "rollout" else "off" for k in kinds if k in a.kinds)
     advantage = _per_term(a, _advantage_text)
@@ -580,7 +580,7 @@ def _table_row(a: Algorithm) -> dict[str, str]:
 def table_rows() -> list[dict[str, str]]:
     """The paper's table from the code: one dict per algorithm (name, data, pi_ref, A_hat, mask,
     shaping, aggregation, gate, source)."""
-    return [_table_row(get_algorithm(name)) for name in list_algorithms()]
+    return [table_row(get_algorithm(name)) for name in list_algorithms()]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,107 @@
+"""Batch assembly: from routed questions to tagged rows, and from rows to padded tensors.
+
+A *row* is one sequence the loss sees: a prompt and a response (a rollout the model generated, or
+a question's demonstration), tagged with its kind (``rollout``, ``sft`` or ``off_policy``), its
+question (the advantage group), its reward and its weight (the soft gate's alpha or beta).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Row:
+    """One training sequence."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    kind: str
+    group: int
+    reward: float
+    weight: float = 1.0
+
+
+@dataclass
+class Batch:
+    """Rows as right-padded tensors, responses aligned at column 0.
+
+    Shapes: ``input_ids``/``attention_mask`` [N, L] (prompt + response, right padded);
+    ``response_index`` [N, T] positions in ``input_ids`` whose hidden state predicts response token t;
+    ``labels`` [N, T]; ``response_mask`` [N, T] bool; the rest [N].
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_index: torch.Tensor
+    labels: torch.Tensor
+    response_mask: torch.Tensor
+    kinds: torch.Tensor
+    group: torch.Tensor
+    rewards: torch.Tensor
+    row_weights: torch.Tensor
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, index: torch.Tensor | slice) -> Batch:
+        """Rows ``index`` (a micro-batch), trimmed to their own longest sequence."""
+        mask = self.attention_mask[index]
+        length = int(mask.sum(1).max().item()) if mask.numel() else 1
+        width = int(self.response_mask[index].sum(1).max().item()) if mask.numel() else 1
+        width = max(width, 1)
+        return Batch(
+            input_ids=self.input_ids[index][:, :length],
+            attention_mask=mask[:, :length],
+            response_index=self.response_index[index][:, :width].clamp(max=max(length - 1, 0)),
+            labels=self.labels[index][:, :width],
+            response_mask=self.response_mask[index][:, :width],
+            kinds=self.kinds[index],
+            group=self.group[index],
+            rewards=self.rewards[index],
+            row_weights=self.row_weights[index],
+            extras={
+                k: v[index][:, :width] if v.dim() == 2 else v[index] for k, v in self.extras.items()
+            },
+        )
+
+
+def collate(rows: list[Row], pad_id: int, kind_ids: dict[str, int]) -> Batch:
+    """Pad ``rows`` into a :class:`Batch` (prompt + response, right padded)."""
+    n = len(rows)
+    length = max(len(r.prompt_ids) + len(r.response_ids) for r in rows)
+    width = max(max(len(r.response_ids) for r in rows), 1)
+    input_ids = torch.full((n, length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, length), dtype=torch.long)
+    labels = torch.full((n, width), pad_id, dtype=torch.long)
+    response_mask = torch.zeros((n, width), dtype=torch.bool)
+    response_index = torch.zeros((n, width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        p, r = len(row.prompt_ids), len(row.response_ids)
+        input_ids[i, : p + r] = torch.tensor(row.prompt_ids + row.response_ids, dtype=torch.long)
+        attention_mask[i, : p + r] = 1
+        if r:
+            labels[i, :r] = torch.tensor(row.response_ids, dtype=torch.long)
+            response_mask[i, :r] = True
+        # hidden state at position p - 1 + t predicts response token t
+        response_index[i] = (torch.arange(width) + p - 1).clamp(min=0, max=length - 1)
+    return Batch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        response_index=response_index,
+        labels=labels,
+        response_mask=response_mask,
+        kinds=torch.tensor([kind_ids[r.kind] for r in rows], dtype=torch.long),
+        group=torch.tensor([r.group for r in rows], dtype=torch.long),
+        rewards=torch.tensor([r.reward for r in rows], dtype=torch.float32),
+        row_weights=torch.tensor([r.weight for r in rows], dtype=torch.float32),
+    )
+
+
+def micro_batches(n: int, size: int) -> list[slice]:
+    """Consecutive slices of at most ``size`` rows covering ``range(n)``."""
+    size = max(1, size)
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)]

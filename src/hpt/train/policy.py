@@ -1,0 +1,52 @@
+"""The policy as the loss sees it: a causal LM (+ an optional value head) -> per-token quantities.
+
+Wrapping the Hugging Face model in one module whose ``forward`` returns token log-probs, entropy
+and values lets DistributedDataParallel (or FSDP) wrap the whole computation, and lets the output
+head run in chunks (``hpt.estimator.likelihood``) so that the [tokens x vocabulary] logits of a
+batch never exist at once.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hpt.estimator.likelihood import token_logprobs_and_entropy
+
+
+class Policy(nn.Module):
+    """``forward(input_ids, attention_mask, response_index, labels) -> (logprobs, entropy, values)``.
+
+    Shapes: inputs [N, L]; ``response_index``/``labels`` [N, T]; outputs [N, T] (``values`` is None
+    without a value head). The hidden state at ``response_index[i, t]`` predicts ``labels[i, t]``.
+    """
+
+    def __init__(self, model: nn.Module, *, value_head: bool = False, chunk_size: int = 4096):
+        super().__init__()
+        self.model = model
+        hidden = model.config.hidden_size
+        self.value_head = nn.Linear(hidden, 1) if value_head else None
+        if self.value_head is not None:
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
+        self.chunk_size = chunk_size
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        response_index: torch.Tensor,
+        labels: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        decoder = self.model.get_decoder()
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        index = response_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+        hidden = hidden.gather(1, index)  # [N, T, H]
+        head = self.model.get_output_embeddings()
+        logprobs, entropy = token_logprobs_and_entropy(
+            hidden, head.weight, labels, chunk_size=self.chunk_size
+        )
+        values = (
+            self.value_head(hidden.float()).squeeze(-1) if self.value_head is not None else None
+        )
+        return logprobs, entropy, values

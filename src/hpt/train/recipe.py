@@ -1,0 +1,347 @@
+"""The training recipe, read top to bottom.
+
+One step: sample questions -> generate n rollouts each -> score them -> route each question
+through the algorithm's gate -> assemble tagged rows -> advantages -> for each optimiser
+mini-batch: micro-batches, the unified loss normalised over the whole mini-batch, backward ->
+clip / skip / step -> metrics. Every algorithm of ``hpt.algorithms`` runs through this one loop:
+the loop reads the algorithm's data (its terms, its gate, what it needs) and never its name.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from hpt.algorithms import Algorithm, get_algorithm, outcome_advantages
+from hpt.estimator.advantage import gae
+from hpt.estimator.unified import KIND_ID, batch_counts, unified_loss
+from hpt.gate import assignments
+from hpt.train import distributed as dist
+from hpt.train.batch import Batch, Row, collate, micro_batches
+from hpt.train.config import TrainConfig
+from hpt.train.policy import Policy
+from hpt.train.setup import (
+    QuestionSampler,
+    TrainData,
+    build_optimizer,
+    build_scheduler,
+    load_model_and_tokenizer,
+    load_train_data,
+)
+
+
+@dataclass
+class StepData:
+    """What one step's generation, scoring and routing produced (this rank's share)."""
+
+    rows: list[Row]
+    metrics: dict[str, float]
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. generate + score + route + assemble
+
+
+def collect_rows(
+    questions: list[int],
+    data: TrainData,
+    algorithm: Algorithm,
+    engine: Any,
+    config: TrainConfig,
+    seed: int,
+) -> StepData:
+    """Generate, score and route this step's questions; return their tagged rows."""
+    from hpt.rewards import score
+    from hpt.rollout import SamplingParams
+
+    n = config.rollout.n
+    metrics: dict[str, float] = {}
+    correct = torch.zeros(len(questions), dtype=torch.long)
+    rollouts: list[Any] = []
+    rewards: list[float] = []
+    if algorithm.needs_rollouts:
+        sampling = SamplingParams(
+            temperature=config.rollout.temperature,
+            top_p=config.rollout.top_p,
+            top_k=config.rollout.top_k,
+            max_new_tokens=config.rollout.max_new_tokens,
+            seed=seed,
+        )
+        started = time.perf_counter()
+        rollouts = engine.generate([data.prompt_ids[q] for q in questions], n, sampling)
+        metrics["time/generate"] = time.perf_counter() - started
+        started = time.perf_counter()
+        result = score(
+            [r.text for r in rollouts],
+            [data.questions[questions[r.prompt_index]].answer for r in rollouts],
+            config.data.reward,
+            timeout=config.data.reward_timeout,
+        )
+        metrics["time/score"] = time.perf_counter() - started
+        rewards = list(result.scores)
+        correct = torch.tensor(
+            [sum(rewards[i * n + j] > 0.5 for j in range(n)) for i in range(len(questions))],
+            dtype=torch.long,
+        )
+        metrics["reward_mean"] = sum(rewards) / max(len(rewards), 1)
+        metrics["reward_timeouts"] = float(result.timeouts)
+        metrics["reward_errors"] = float(result.errors)
+        lengths = [len(r.response_ids) for r in rollouts]
+        metrics["response_length"] = sum(lengths) / max(len(lengths), 1)
+        metrics["clipped_responses"] = sum(r.finish_reason == "length" for r in rollouts) / max(
+            len(rollouts), 1
+        )
+        metrics["tokens/generated"] = float(sum(lengths))
+
+    plan = assignments(algorithm, correct, n)
+    rows: list[Row] = []
+    demo_tokens = 0
+    for i, (q, assigned) in enumerate(zip(questions, plan)):
+        demo = data.demo_ids.get(q)
+        demo_kind, rollout_weight = assigned.demo_kind, assigned.rollout_weight
+        if demo_kind is not None and demo is None:
+            # no usable demonstration (none given, or dropped as over-long): its rollouts train instead
+            demo_kind, rollout_weight = None, 1.0
+            metrics["routes/no_demonstration"] = metrics.get("routes/no_demonstration", 0) + 1
+        if rollout_weight > 0 and rollouts:
+            for j in range(n):
+                rollout = rollouts[i * n + j]
+                reward = rewards[i * n + j]
+                rows.append(
+                    Row(
+                        rollout.prompt_ids,
+                        rollout.response_ids,
+                        "rollout",
+                        i,
+                        reward,
+                        rollout_weight,
+                    )
+                )
+        if demo_kind is not None:
+            demo_tokens += len(demo)
+            rows.append(Row(data.prompt_ids[q], demo, demo_kind, i, 1.0, assigned.demo_weight))
+    routes = [assigned.route for assigned in plan]
+    for name in ("sft", "rl", "off_policy"):
+        metrics[f"route_{name}"] = sum(r == name for r in routes) / max(len(routes), 1)
+    metrics["tokens/demonstration"] = float(demo_tokens)
+    return StepData(rows=rows, metrics=metrics)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. advantages and the quantities of the sampling policy
+
+
+@torch.no_grad()
+def prepare(
+    batch: Batch,
+    policy: Policy,
+    reference: Policy | None,
+    algorithm: Algorithm,
+    config: TrainConfig,
+    need_old: bool,
+) -> None:
+    """Fill ``batch.extras``: advantages, and old log-probs / reference log-probs / values where needed."""
+    group_advantages = outcome_advantages(algorithm, batch.rewards, batch.group, kinds=batch.kinds)
+    batch.extras["advantages"] = group_advantages.float()
+    passes = need_old or reference is not None or algorithm.needs_values
+    if not passes:
+        return
+    old, ref, values = [], [], []
+    for part in micro_batches(len(batch), config.optim.micro_batch_size):
+        micro = batch.select(part)
+        width = batch.labels.shape[1]
+        args = (micro.input_ids, micro.attention_mask, micro.response_index, micro.labels)
+        logprobs, _, value = policy(*args)
+        old.append(_pad(logprobs, width))
+        if value is not None:
+            values.append(_pad(value, width))
+        if reference is not None:
+            ref.append(_pad(reference(*args)[0], width))
+    if need_old:
+        batch.extras["old_logprobs"] = torch.cat(old)
+    if reference is not None:
+        batch.extras["ref_logprobs"] = torch.cat(ref)
+    if algorithm.needs_values:
+        values_t = torch.cat(values)
+        advantages, returns = gae(
+            values_t, batch.rewards, batch.response_mask, algorithm.gae_gamma, algorithm.gae_lambda
+        )
+        # token-level advantages for rows whose term uses GAE; outcome advantages elsewhere
+        uses_gae = _kinds_with_advantage(algorithm, "gae")
+        is_gae_row = torch.isin(batch.kinds, torch.tensor(uses_gae, dtype=torch.long))
+        expanded = group_advantages[:, None].expand_as(advantages).clone()
+        expanded[is_gae_row] = advantages[is_gae_row]
+        batch.extras["advantages"] = expanded
+        batch.extras["old_values"] = values_t
+        batch.extras["returns"] = returns
+
+
+def _kinds_with_advantage(algorithm: Algorithm, name: str) -> list[int]:
+    return sorted({KIND_ID[t.kind] for t in algorithm.terms if t.advantage == name})
+
+
+def _pad(t: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.nn.functional.pad(t.float(), (0, width - t.shape[1]))
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. the update: mini-batches of questions, micro-batches of rows
+
+
+def update(
+    batch: Batch,
+    policy: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    algorithm: Algorithm,
+    config: TrainConfig,
+    need_old: bool,
+) -> dict[str, float]:
+    """Optimiser steps over ``batch``; returns the step's loss and update metrics."""
+    world = dist.world_size()
+    questions = torch.unique(batch.group)
+    per_mini = max(1, math.ceil(config.optim.mini_batch_questions / world))
+    totals: dict[str, float] = {"loss": 0.0, "grad_norm": 0.0, "updates": 0, "skipped_updates": 0}
+    entropy_sum = entropy_tokens = 0.0
+    loss_metrics: dict[str, float] = {}
+    for _epoch in range(config.optim.ppo_epochs):
+        for start in range(0, max(len(questions), 1), per_mini):
+            chosen = questions[start : start + per_mini]
+            rows = torch.nonzero(torch.isin(batch.group, chosen)).flatten()
+            counts = batch_counts(algorithm, batch.kinds[rows], batch.response_mask[rows])
+            counts = dist.all_reduce_counts(counts)  # normalise over every rank's rows
+            optimizer.zero_grad(set_to_none=True)
+            parts = micro_batches(len(rows), config.optim.micro_batch_size)
+            for k, part in enumerate(parts):
+                micro = batch.select(rows[part])
+                with dist.no_sync_unless_last(policy, k == len(parts) - 1):
+                    logprobs, entropy, values = policy(
+                        micro.input_ids, micro.attention_mask, micro.response_index, micro.labels
+                    )
+                    # one update per batch: pi_old == pi_theta, so the ratio is sg(pi)/sg(pi) = 1
+                    old = micro.extras.get("old_logprobs")
+                    old = logprobs.detach() if old is None else old
+                    out = unified_loss(
+                        algorithm,
+                        logprobs,
+                        old,
+                        micro.extras["advantages"],
+                        micro.response_mask,
+                        kinds=micro.kinds,
+                        entropy=entropy,
+                        ref_logprobs=micro.extras.get("ref_logprobs"),
+                        row_weights=micro.row_weights,
+                        counts=counts,
+                    )
+                    loss = out.loss
+                    if values is not None:
+                        loss = loss + config.optim.value_coef * value_loss(values, micro, counts)
+                    # DDP averages gradients over ranks; the loss is already a global sum
+                    (loss * world).backward()
+                totals["loss"] += float(out.loss.detach())
+                mask = micro.response_mask
+                entropy_sum += float((entropy.detach() * mask).sum())
+                entropy_tokens += float(mask.sum())
+                for key, value in out.metrics.items():
+                    loss_metrics[key] = loss_metrics.get(key, 0.0) + float(value) / len(parts)
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), config.optim.grad_clip)
+            grad_norm = float(grad_norm)
+            totals["grad_norm"] = max(
+                totals["grad_norm"], grad_norm if math.isfinite(grad_norm) else float("inf")
+            )
+            if not math.isfinite(grad_norm) or grad_norm > config.optim.skip_grad_norm_above:
+                totals["skipped_updates"] += 1  # as the released recipe: skip, do not step
+                optimizer.zero_grad(set_to_none=True)
+                continue
+            optimizer.step()
+            totals["updates"] += 1
+    totals["loss"] = dist.all_reduce_sum(totals["loss"])
+    totals["entropy"] = dist.all_reduce_sum(entropy_sum) / max(
+        dist.all_reduce_sum(entropy_tokens), 1.0
+    )
+    return {**totals, **loss_metrics}
+
+
+def value_loss(values: torch.Tensor, micro: Batch, counts: Any) -> torch.Tensor:
+    """PPO's clipped value loss, summed over rollout tokens, normalised by the mini-batch's count."""
+    returns, old = micro.extras["returns"], micro.extras["old_values"]
+    clipped = old + (values - old).clamp(-0.2, 0.2)
+    per_token = 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
+    mask = micro.response_mask & (micro.kinds == KIND_ID["rollout"])[:, None]
+    return (per_token * mask).sum() / max(counts.of(["rollout"])[0], 1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. the run
+
+
+def train(config: TrainConfig) -> dict[str, Any]:
+    """Run ``config`` (all its stages) and return the run's summary."""
+    from hpt.demo.default import resolve
+    from hpt.train.run import Run
+
+    config = resolve(config)  # null model / data: the embedded demo's, built once and cached
+    with Run(config) as run:
+        return run.execute(train_stage)
+
+
+def train_stage(config: TrainConfig, run: Any, model: Any = None, tokenizer: Any = None):
+    """One stage: load, evaluate, train ``max_steps`` steps, evaluate, save. Returns (model, tokenizer, summary)."""
+    from hpt.rollout import HFEngine
+
+    torch.manual_seed(config.seed)
+    algorithm = get_algorithm(config.algorithm, **dict(config.algo))
+    if model is None:
+        model, tokenizer = load_model_and_tokenizer(config.model)
+    data = load_train_data(config, tokenizer, algorithm, log=run.log)
+    policy = Policy(
+        model, value_head=algorithm.needs_values, chunk_size=config.optim.logits_chunk_size
+    )
+    reference = None
+    if algorithm.needs_reference_model:
+        ref_model, _ = load_model_and_tokenizer(config.model)
+        reference = Policy(
+            ref_model.eval().requires_grad_(False), chunk_size=config.optim.logits_chunk_size
+        )
+    optimizer = build_optimizer(policy, config.optim)
+    scheduler = build_scheduler(optimizer, config.optim, config.max_steps)
+    sampler = QuestionSampler(
+        len(data.questions), config.seed, rank=dist.rank(), world=dist.world_size()
+    )
+    engine = HFEngine(model, tokenizer, batch_size=config.rollout.batch_size)
+    start_step = run.restore(policy, optimizer, scheduler, sampler)
+    wrapped = dist.wrap(policy)
+    multiple_updates = config.optim.ppo_epochs > 1 or (
+        config.data.questions_per_step > config.optim.mini_batch_questions
+    )
+    need_old = algorithm.needs_old_logprobs and multiple_updates
+
+    run.begin_stage(config, algorithm, data, start_step)
+    for step in range(start_step, config.max_steps):
+        started = time.perf_counter()
+        model.train()
+        questions = sampler.next(config.data.questions_per_step)
+        seed = config.seed * 1_000_003 + step * 1009 + dist.rank()
+        collected = collect_rows(questions, data, algorithm, engine, config, seed)
+        if not collected.rows:
+            run.log(
+                f"step {step + 1}: no trainable rows (no demonstrations and no rollouts); skipped"
+            )
+            scheduler.step()
+            continue
+        batch = collate(collected.rows, data.pad_id, KIND_ID)
+        prepare(batch, policy, reference, algorithm, config, need_old)
+        metrics = update(batch, wrapped, optimizer, algorithm, config, need_old)
+        metrics["lr"] = scheduler.get_last_lr()[0]
+        scheduler.step()
+        seconds = time.perf_counter() - started
+        tokens = float(batch.response_mask.sum()) + collected.metrics.get("tokens/generated", 0.0)
+        metrics.update(collected.metrics)
+        metrics.setdefault("reward_mean", float("nan"))
+        metrics["tokens_per_s"] = tokens / max(seconds, 1e-9)
+        metrics["time/step"] = seconds
+        run.step_done(step + 1, metrics, policy, optimizer, scheduler, sampler)
+    return model, tokenizer, algorithm

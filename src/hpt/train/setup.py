@@ -1,0 +1,202 @@
+"""What a stage needs before its first step: model, tokenised data, data order, optimiser."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hpt.errors import ConfigError, DataError, ModelError
+
+
+def load_model_and_tokenizer(model_config: Any) -> tuple[Any, Any]:
+    """Load a causal LM and its tokenizer from a local folder or hub id, with the config's overrides."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = str(model_config.path)
+    kwargs: dict[str, Any] = {"trust_remote_code": bool(model_config.trust_remote_code)}
+    if model_config.gguf_file:
+        kwargs["gguf_file"] = model_config.gguf_file
+    looks_local = path.startswith((".", "/", "~")) or Path(path).exists()
+    if looks_local and not Path(path).expanduser().exists():
+        raise ModelError(f"model {path!r} not found (no such folder)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_config.tokenizer or path, **kwargs)
+        hf_config = AutoConfig.from_pretrained(path, **kwargs)
+        if model_config.max_position_embeddings is not None:
+            hf_config.max_position_embeddings = model_config.max_position_embeddings
+        if model_config.rope_theta is not None:
+            # transformers 5 keeps the RoPE base in `rope_parameters`; older versions in `rope_theta`
+            if isinstance(getattr(hf_config, "rope_parameters", None), dict):
+                hf_config.rope_parameters["rope_theta"] = model_config.rope_theta
+            hf_config.rope_theta = model_config.rope_theta
+        dtypes = {
+            "auto": "auto",
+            "float32": torch.float32,
+            "bfloat16": torch.bfloat16,
+            "float16": torch.float16,
+        }
+        dtype = dtypes.get(model_config.dtype or "auto")
+        if dtype is None:
+            raise ConfigError(f"model.dtype {model_config.dtype!r}: choose {', '.join(dtypes)}")
+        model = AutoModelForCausalLM.from_pretrained(path, config=hf_config, dtype=dtype, **kwargs)
+    except (OSError, ValueError) as error:
+        if isinstance(error, ConfigError):
+            raise
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelError(f"cannot load model {path!r}: {first}") from error
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model_config, "gradient_checkpointing", False):
+        model.gradient_checkpointing_enable()
+    if torch.cuda.is_available():
+        model = model.cuda()
+    return model, tokenizer
+
+
+@dataclass
+class TrainData:
+    """A stage's questions with their prompts and demonstrations tokenised once."""
+
+    questions: list[Any]
+    prompt_ids: list[list[int]]
+    demo_ids: dict[int, list[int]]
+    pad_id: int
+    builder: Any
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def load_train_data(
+    config: Any, tokenizer: Any, algorithm: Any, log: Callable[[str], None]
+) -> TrainData:
+    """Load, validate and tokenise the training questions of ``config.data``."""
+    from hpt.data import PromptBuilder, filter_demonstrations, load_questions
+
+    data = config.data
+    if not data.train:
+        raise ConfigError("data.train is empty: name a data file, folder or dataset id")
+    questions = load_questions(data.train, fields=data.fields or None, split=data.split)
+    if not questions:
+        raise DataError(f"{data.train}: the dataset is empty")
+    builder = PromptBuilder(
+        tokenizer,
+        system_prompt=data.system_prompt,
+        instruction=data.instruction,
+        template=data.template,
+        drop_system=data.drop_system,
+    )
+    report: dict[str, Any] = {"questions": len(questions)}
+    if algorithm.needs_demonstrations:
+        with_demo = sum(q.demonstration is not None for q in questions)
+        if with_demo == 0:
+            raise DataError(
+                f"{data.train}: algorithm {algorithm.name!r} trains on demonstrations, but no row has one"
+            )
+        questions, filtered = filter_demonstrations(
+            questions, builder, data.max_response_tokens, policy=data.overlong_demonstrations
+        )
+        report.update(filtered)
+    prompt_ids, kept = [], []
+    too_long = 0
+    for q in questions:
+        ids = builder.prompt_ids(q)
+        if len(ids) > data.max_prompt_tokens:
+            too_long += 1
+            continue
+        kept.append(q)
+        prompt_ids.append(ids)
+    if too_long:
+        log(
+            f"dropped {too_long} questions whose prompt exceeds data.max_prompt_tokens={data.max_prompt_tokens}"
+        )
+    if not kept:
+        raise DataError(f"{data.train}: no question left after filtering")
+    demo_ids: dict[int, list[int]] = {}
+    if algorithm.needs_demonstrations:
+        for i, q in enumerate(kept):
+            if q.demonstration is not None:
+                demo_ids[i] = builder.demonstration_ids(q)[: data.max_response_tokens]
+    report.update(
+        {"kept": len(kept), "prompt_too_long": too_long, "with_demonstration": len(demo_ids)}
+    )
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return TrainData(kept, prompt_ids, demo_ids, int(pad), builder, report)
+
+
+class QuestionSampler:
+    """Epoch-shuffled question order, identical on every rank; each rank takes its share.
+
+    The state (epoch, position) is saved in checkpoints so that a resumed run sees the same
+    questions as an uninterrupted one.
+    """
+
+    def __init__(self, size: int, seed: int, *, rank: int = 0, world: int = 1):
+        self.size, self.seed, self.rank, self.world = size, seed, rank, world
+        self.epoch, self.position = 0, 0
+        self._order = self._permutation()
+
+    def _permutation(self) -> list[int]:
+        order = list(range(self.size))
+        random.Random(self.seed * 7919 + self.epoch).shuffle(order)
+        return order
+
+    def next(self, count: int) -> list[int]:
+        """The next ``count`` questions of the global order, then this rank's share of them."""
+        chosen: list[int] = []
+        while len(chosen) < count:
+            if self.position >= self.size:
+                self.epoch, self.position = self.epoch + 1, 0
+                self._order = self._permutation()
+            take = min(count - len(chosen), self.size - self.position)
+            chosen.extend(self._order[self.position : self.position + take])
+            self.position += take
+        return chosen[self.rank :: self.world]
+
+    def state_dict(self) -> dict[str, int]:
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "size": self.size,
+            "seed": self.seed,
+        }
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._order = self._permutation()
+
+
+def build_optimizer(module: torch.nn.Module, optim: Any) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters (no weight decay on biases and norms)."""
+    decay, no_decay = [], []
+    for name, parameter in module.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        (no_decay if parameter.ndim < 2 or "norm" in name else decay).append(parameter)
+    groups = [
+        {"params": decay, "weight_decay": optim.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, optim: Any, total_steps: int) -> Any:
+    """Linear warmup, then constant or cosine decay to ``min_lr_ratio`` of the peak."""
+    warmup = max(0, int(optim.warmup_steps))
+    floor = float(getattr(optim, "min_lr_ratio", 0.0))
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if optim.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    if optim.schedule not in ("constant", "cosine"):
+        raise ConfigError(f"optim.schedule {optim.schedule!r}: choose constant or cosine")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
