@@ -47,6 +47,11 @@ class Batch:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    def to(self, device: torch.device | str) -> Batch:
+        """The same rows on ``device``."""
+        moved = {name: getattr(self, name).to(device) for name in _TENSOR_FIELDS}
+        return Batch(**moved, extras={k: v.to(device) for k, v in self.extras.items()})
+
     def select(self, index: torch.Tensor | slice) -> Batch:
         """Rows ``index`` (a micro-batch), trimmed to their own longest sequence."""
         mask = self.attention_mask[index]
@@ -67,6 +72,19 @@ class Batch:
                 k: v[index][:, :width] if v.dim() == 2 else v[index] for k, v in self.extras.items()
             },
         )
+
+
+_TENSOR_FIELDS = (
+    "input_ids",
+    "attention_mask",
+    "response_index",
+    "labels",
+    "response_mask",
+    "kinds",
+    "group",
+    "rewards",
+    "row_weights",
+)
 
 
 def collate(rows: list[Row], pad_id: int, kind_ids: dict[str, int]) -> Batch:

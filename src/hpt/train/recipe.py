@@ -30,7 +30,6 @@ from hpt.train.setup import (
     build_optimizer,
     build_scheduler,
     load_model_and_tokenizer,
-    load_train_data,
 )
 
 
@@ -145,14 +144,20 @@ def prepare(
     need_old: bool,
 ) -> None:
     """Fill ``batch.extras``: advantages, and old log-probs / reference log-probs / values where needed."""
-    group_advantages = outcome_advantages(algorithm, batch.rewards, batch.group, kinds=batch.kinds)
+    if algorithm.needs_values:  # token-level GAE, filled in below once the values are known
+        group_advantages = torch.zeros(len(batch))
+    else:
+        group_advantages = outcome_advantages(
+            algorithm, batch.rewards, batch.group, kinds=batch.kinds
+        )
     batch.extras["advantages"] = group_advantages.float()
     passes = need_old or reference is not None or algorithm.needs_values
     if not passes:
         return
     old, ref, values = [], [], []
+    device = next(policy.parameters()).device
     for part in micro_batches(len(batch), config.optim.micro_batch_size):
-        micro = batch.select(part)
+        micro = batch.select(part).to(device)
         width = batch.labels.shape[1]
         args = (micro.input_ids, micro.attention_mask, micro.response_index, micro.labels)
         logprobs, _, value = policy(*args)
@@ -162,11 +167,11 @@ def prepare(
         if reference is not None:
             ref.append(_pad(reference(*args)[0], width))
     if need_old:
-        batch.extras["old_logprobs"] = torch.cat(old)
+        batch.extras["old_logprobs"] = torch.cat(old).cpu()
     if reference is not None:
-        batch.extras["ref_logprobs"] = torch.cat(ref)
+        batch.extras["ref_logprobs"] = torch.cat(ref).cpu()
     if algorithm.needs_values:
-        values_t = torch.cat(values)
+        values_t = torch.cat(values).cpu()
         advantages, returns = gae(
             values_t, batch.rewards, batch.response_mask, algorithm.gae_gamma, algorithm.gae_lambda
         )
@@ -202,6 +207,7 @@ def update(
 ) -> dict[str, float]:
     """Optimiser steps over ``batch``; returns the step's loss and update metrics."""
     world = dist.world_size()
+    device = next(policy.parameters()).device
     questions = torch.unique(batch.group)
     per_mini = max(1, math.ceil(config.optim.mini_batch_questions / world))
     totals: dict[str, float] = {"loss": 0.0, "grad_norm": 0.0, "updates": 0, "skipped_updates": 0}
@@ -216,7 +222,7 @@ def update(
             optimizer.zero_grad(set_to_none=True)
             parts = micro_batches(len(rows), config.optim.micro_batch_size)
             for k, part in enumerate(parts):
-                micro = batch.select(rows[part])
+                micro = batch.select(rows[part]).to(device)
                 with dist.no_sync_unless_last(policy, k == len(parts) - 1):
                     logprobs, entropy, values = policy(
                         micro.input_ids, micro.attention_mask, micro.response_index, micro.labels
@@ -262,7 +268,7 @@ def update(
     totals["entropy"] = dist.all_reduce_sum(entropy_sum) / max(
         dist.all_reduce_sum(entropy_tokens), 1.0
     )
-    return {**totals, **loss_metrics}
+    return {**loss_metrics, **totals}  # totals last: the global loss, not a micro-batch mean
 
 
 def value_loss(values: torch.Tensor, micro: Batch, counts: Any) -> torch.Tensor:
@@ -296,7 +302,7 @@ def train_stage(config: TrainConfig, run: Any, model: Any = None, tokenizer: Any
     algorithm = get_algorithm(config.algorithm, **dict(config.algo))
     if model is None:
         model, tokenizer = load_model_and_tokenizer(config.model)
-    data = load_train_data(config, tokenizer, algorithm, log=run.log)
+    data = run.stage_data(config, tokenizer, algorithm)
     policy = Policy(
         model, value_head=algorithm.needs_values, chunk_size=config.optim.logits_chunk_size
     )

@@ -33,6 +33,16 @@ class Run:
         self.resume_state: dict[str, Any] | None = None
         self.model: Any = None
         self.tokenizer: Any = None
+        self.first_data: Any = None  # the first stage's data, loaded before the model
+
+    def stage_data(self, config: TrainConfig, tokenizer: Any, algorithm: Any) -> Any:
+        """The stage's tokenised training data (the first stage's was loaded up front)."""
+        from hpt.train.setup import load_train_data
+
+        if self.stage_index == 0 and self.first_data is not None:
+            data, self.first_data = self.first_data, None
+            return data
+        return load_train_data(config, tokenizer, algorithm, log=self.log)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -80,11 +90,17 @@ class Run:
     # -- the run --------------------------------------------------------------------------------
 
     def execute(self, stage_fn: Any) -> dict[str, Any]:
-        from hpt.train.setup import load_model_and_tokenizer
+        from hpt.algorithms import get_algorithm
+        from hpt.train.setup import load_model_and_tokenizer, load_tokenizer, load_train_data
 
         stages = self.stages()
-        self.model, self.tokenizer = load_model_and_tokenizer(self.config.model)
+        # validate the data before the (slow) model load: a bad file fails in a second
+        self.tokenizer = load_tokenizer(self.config.model)
+        first = stages[0]
+        algorithm = get_algorithm(first.algorithm, **dict(first.algo))
+        self.first_data = load_train_data(first, self.tokenizer, algorithm, log=self.log)
         self.eval_questions = self._load_eval_questions()
+        self.model, self.tokenizer = load_model_and_tokenizer(self.config.model)
         summary: dict[str, Any] = {"name": self.config.name, "stages": []}
         before_file = self.dir / "eval_before.json"
         if self.resume_state and before_file.exists():

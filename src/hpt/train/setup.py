@@ -14,19 +14,59 @@ import torch
 from hpt.errors import ConfigError, DataError, ModelError
 
 
-def load_model_and_tokenizer(model_config: Any) -> tuple[Any, Any]:
-    """Load a causal LM and its tokenizer from a local folder or hub id, with the config's overrides."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    path = str(model_config.path)
+def _load_kwargs(model_config: Any) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"trust_remote_code": bool(model_config.trust_remote_code)}
     if model_config.gguf_file:
         kwargs["gguf_file"] = model_config.gguf_file
+    return kwargs
+
+
+def _check_exists(path: str) -> None:
     looks_local = path.startswith((".", "/", "~")) or Path(path).exists()
     if looks_local and not Path(path).expanduser().exists():
         raise ModelError(f"model {path!r} not found (no such folder)")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def load_tokenizer(model_config: Any) -> Any:
+    """The tokenizer of ``model.tokenizer`` (else ``model.path``), with a pad token."""
+    from transformers import AutoTokenizer
+
+    path = str(model_config.tokenizer or model_config.path)
+    _check_exists(path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_config.tokenizer or path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path, **_load_kwargs(model_config))
+    except (OSError, ValueError) as error:
+        raise ModelError(f"cannot load the tokenizer of {path!r}: {_first_line(error)}") from error
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model_and_tokenizer(model_config: Any) -> tuple[Any, Any]:
+    """Load a causal LM and its tokenizer from a local folder or hub id, with the config's overrides."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress bars only
+    path = str(model_config.path)
+    _check_exists(path)
+    tokenizer = load_tokenizer(model_config)
+    kwargs = _load_kwargs(model_config)
+    dtypes = {
+        "auto": "auto",
+        "float32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "float16": torch.float16,
+    }
+    dtype = dtypes.get(model_config.dtype or "auto")
+    if dtype is None:
+        raise ConfigError(f"model.dtype {model_config.dtype!r}: choose {', '.join(dtypes)}")
+    try:
         hf_config = AutoConfig.from_pretrained(path, **kwargs)
         if model_config.max_position_embeddings is not None:
             hf_config.max_position_embeddings = model_config.max_position_embeddings
@@ -35,23 +75,9 @@ def load_model_and_tokenizer(model_config: Any) -> tuple[Any, Any]:
             if isinstance(getattr(hf_config, "rope_parameters", None), dict):
                 hf_config.rope_parameters["rope_theta"] = model_config.rope_theta
             hf_config.rope_theta = model_config.rope_theta
-        dtypes = {
-            "auto": "auto",
-            "float32": torch.float32,
-            "bfloat16": torch.bfloat16,
-            "float16": torch.float16,
-        }
-        dtype = dtypes.get(model_config.dtype or "auto")
-        if dtype is None:
-            raise ConfigError(f"model.dtype {model_config.dtype!r}: choose {', '.join(dtypes)}")
         model = AutoModelForCausalLM.from_pretrained(path, config=hf_config, dtype=dtype, **kwargs)
     except (OSError, ValueError) as error:
-        if isinstance(error, ConfigError):
-            raise
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ModelError(f"cannot load model {path!r}: {first}") from error
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+        raise ModelError(f"cannot load model {path!r}: {_first_line(error)}") from error
     if getattr(model_config, "gradient_checkpointing", False):
         model.gradient_checkpointing_enable()
     if torch.cuda.is_available():

@@ -1,0 +1,296 @@
+"""End-to-end tests of the training recipe on the tiny model (a few steps each)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hpt.cli import main as cli
+from hpt.train.config import load_config
+from hpt.train.logger import STEP_KEYS
+from hpt.train.recipe import train
+
+PROMISED = (
+    "step",
+    "loss",
+    "reward_mean",
+    "route_sft",
+    "route_rl",
+    "entropy",
+    "grad_norm",
+    "lr",
+    "tokens_per_s",
+)
+
+
+@pytest.fixture(scope="module")
+def task_file(tmp_path_factory) -> Path:
+    """16 easy arithmetic questions with demonstrations, as JSONL."""
+    from hpt.demo.task import make_questions
+
+    path = tmp_path_factory.mktemp("task") / "train.jsonl"
+    rows = [
+        {"id": q.id, "prompt": q.prompt, "answer": q.answer, "demonstration": q.demonstration}
+        for q in make_questions("easy", 16, seed=3)
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def overrides(tmp_path: Path, tiny_dir: Path, task_file: Path, **extra) -> list[str]:
+    settings = {
+        "name": "t",
+        "output_dir": str(tmp_path / "runs"),
+        "model.path": str(tiny_dir),
+        "data.train": str(task_file),
+        "max_steps": 2,
+        "save_every": 0,
+        "data.questions_per_step": 4,
+        "data.max_response_tokens": 48,
+        "data.max_prompt_tokens": 128,
+        "rollout.n": 4,
+        "rollout.max_new_tokens": 12,
+        "optim.lr": 1e-3,
+        "optim.micro_batch_size": 8,
+        "logging.progress": False,
+        "logging.plots": False,
+    }
+    settings.update(extra)
+    return [f"{key}={value}" for key, value in settings.items()]
+
+
+def run(tmp_path, tiny_dir, task_file, **extra):
+    config = load_config(None, overrides(tmp_path, tiny_dir, task_file, **extra))
+    summary = train(config)
+    lines = [
+        json.loads(line) for line in (config.run_dir / "metrics.jsonl").read_text().splitlines()
+    ]
+    return config, summary, lines
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "final" / "model.safetensors"))
+
+
+@pytest.mark.parametrize(
+    "algorithm, extra",
+    [
+        ("sft", {}),
+        ("grpo", {}),
+        ("luffy", {"rollout.n": 3}),
+        ("hpt", {}),
+        ("ppo", {}),
+        ("grpo", {"algo": "{kl_coef: 0.05}", "optim.mini_batch_questions": 2}),
+    ],
+    ids=["sft", "grpo", "luffy", "hpt", "ppo-critic", "grpo-kl-minibatches"],
+)
+def test_each_family_trains(tmp_path, tiny_dir, task_file, algorithm, extra):
+    extra = {
+        "data.reward": "reward_fixtures:parity",
+        **extra,
+    }  # varied rewards: non-zero advantages
+    config, summary, lines = run(tmp_path, tiny_dir, task_file, algorithm=algorithm, **extra)
+    assert [line["step"] for line in lines] == [1, 2]
+    for line in lines:
+        for key in PROMISED:
+            assert key in line, key
+        assert math.isfinite(line["loss"])
+        assert line["grad_norm"] > 0
+    assert set(PROMISED) <= set(STEP_KEYS) | {"step"}
+    before = load_file(str(Path(tiny_dir) / "model.safetensors"))
+    after = final_weights(config.run_dir)
+    changed = sum(not torch.equal(before[name], after[name]) for name in before if name in after)
+    assert changed > 0
+    assert {"eval_before", "eval_after", "steps", "seconds"} <= set(
+        json.loads((config.run_dir / "summary.json").read_text())
+    )
+    assert summary["steps"] == 2
+
+
+def test_hpt_never_solved_routes_everything_to_sft(tmp_path, tiny_dir, task_file):
+    _, _, lines = run(
+        tmp_path,
+        tiny_dir,
+        task_file,
+        algorithm="hpt",
+        **{"data.reward": "reward_fixtures:always_zero"},
+    )
+    for line in lines:
+        assert line["route_sft"] == 1.0 and line["route_rl"] == 0.0
+        assert line["tokens_rollout"] == 0 and line["tokens_sft"] > 0
+
+
+def test_hpt_always_solved_routes_everything_to_rl(tmp_path, tiny_dir, task_file):
+    _, _, lines = run(
+        tmp_path,
+        tiny_dir,
+        task_file,
+        algorithm="hpt",
+        **{"data.reward": "reward_fixtures:always_one"},
+    )
+    for line in lines:
+        assert line["route_rl"] == 1.0 and line["route_sft"] == 0.0
+        assert line["tokens_sft"] == 0 and line["tokens_rollout"] > 0
+        assert line["reward_mean"] == 1.0
+
+
+def test_resume_is_bit_identical(tmp_path, tiny_dir, task_file):
+    straight, _, _ = run(
+        tmp_path / "a", tiny_dir, task_file, algorithm="hpt", max_steps=4, save_every=2
+    )
+    first, _, _ = run(
+        tmp_path / "b", tiny_dir, task_file, algorithm="hpt", max_steps=2, save_every=2
+    )
+    resumed, _, lines = run(
+        tmp_path / "b", tiny_dir, task_file, algorithm="hpt", max_steps=4, save_every=2, resume=True
+    )
+    assert [line["step"] for line in lines] == [1, 2, 3, 4]
+    a, b = final_weights(straight.run_dir), final_weights(resumed.run_dir)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_two_stage_sft_then_grpo(tmp_path, tiny_dir, task_file):
+    config_file = tmp_path / "two.yaml"
+    config_file.write_text(
+        "stages:\n  - {algorithm: sft, max_steps: 1}\n  - {algorithm: grpo, max_steps: 2}\n"
+    )
+    config = load_config(config_file, overrides(tmp_path, tiny_dir, task_file))
+    summary = train(config)
+    lines = [json.loads(x) for x in (config.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2, 3]
+    assert [line["stage"] for line in lines] == [0, 1, 1]
+    assert lines[0]["route_sft"] == 1.0 and lines[1]["route_rl"] == 1.0
+    assert [stage["algorithm"] for stage in summary["stages"]] == ["sft", "grpo"]
+
+
+def test_reward_that_raises_scores_zero_and_is_counted(tmp_path, tiny_dir, task_file):
+    _, _, lines = run(
+        tmp_path,
+        tiny_dir,
+        task_file,
+        algorithm="grpo",
+        max_steps=1,
+        **{"data.reward": "reward_fixtures:raises"},
+    )
+    assert lines[0]["reward_errors"] == 16 and lines[0]["reward_mean"] == 0.0
+
+
+def test_reward_that_hangs_times_out_and_is_counted(tmp_path, tiny_dir, task_file):
+    _, _, lines = run(
+        tmp_path,
+        tiny_dir,
+        task_file,
+        algorithm="grpo",
+        max_steps=1,
+        **{"data.reward": "reward_fixtures:hangs", "data.reward_timeout": 0.5},
+    )
+    assert lines[0]["reward_timeouts"] > 0 and lines[0]["reward_mean"] == 0.0
+
+
+def _cli_train(tmp_path, tiny_dir, data_file, *extra) -> int:
+    args = ["train"]
+    for item in overrides(tmp_path, tiny_dir, data_file, max_steps=1):
+        args += ["--set", item]
+    for item in extra:
+        args += ["--set", item]
+    return cli(args)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"prompt": "1+1?", "answer": "2"}\n{"prompt": "broken\n', "line 2"),
+        ('{"prompt": "1+1?"}\n', "answer"),
+        ("", "empty"),
+    ],
+    ids=["malformed-json", "missing-field", "empty-file"],
+)
+def test_bad_data_exits_2_with_one_line(tmp_path, tiny_dir, capsys, content, message):
+    data = tmp_path / "bad.jsonl"
+    data.write_text(content)
+    assert _cli_train(tmp_path, tiny_dir, data) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0]
+    assert message in err[0] and "bad.jsonl" in err[0]
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("algorithm=nonsense", "unknown algorithm"),
+        ("optim.lrr=1", "optim.lrr"),
+        ("algo={clip_lo: 1}", "clip_lo"),
+    ],
+)
+def test_bad_config_exits_2_with_one_line(tmp_path, tiny_dir, task_file, capsys, setting, message):
+    assert _cli_train(tmp_path, tiny_dir, task_file, setting) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+
+
+def test_missing_model_exits_2(tmp_path, tiny_dir, task_file, capsys):
+    assert _cli_train(tmp_path, tiny_dir, task_file, f"model.path={tmp_path / 'nope'}") == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_existing_run_is_not_overwritten(tmp_path, tiny_dir, task_file, capsys):
+    assert _cli_train(tmp_path, tiny_dir, task_file) == 0
+    metrics = (tmp_path / "runs" / "t" / "metrics.jsonl").read_text()
+    assert _cli_train(tmp_path, tiny_dir, task_file) == 2
+    assert "resume=true" in capsys.readouterr().err
+    assert (tmp_path / "runs" / "t" / "metrics.jsonl").read_text() == metrics
+
+
+@pytest.mark.parametrize(
+    "config",
+    sorted(Path(__file__).parents[1].joinpath("configs").glob("*.yaml")),
+    ids=lambda p: p.stem,
+)
+def test_paper_recipes_dry_run(config, capsys):
+    assert cli(["train", str(config), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "stage 1" in out and "max_response_tokens" in out
+
+
+def test_ddp_two_processes_match_one(tmp_path, tiny_dir, task_file):
+    """torchrun with 2 gloo processes (DDP) for 2 steps gives the losses of one process."""
+    import os
+    import subprocess
+    import sys
+
+    settings = overrides(
+        tmp_path, tiny_dir, task_file, algorithm="sft", **{"data.questions_per_step": 4}
+    )
+    single, _, single_lines = run(tmp_path / "one", tiny_dir, task_file, algorithm="sft")
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=29531",
+        "-m",
+        "hpt.cli",
+        "train",
+    ]
+    for item in settings:
+        command += ["--set", item]
+    command += ["--set", f"output_dir={tmp_path / 'two'}"]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "HPT_PROGRESS": "0"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [
+        json.loads(x) for x in (tmp_path / "two" / "t" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [line["step"] for line in lines] == [1, 2]
+    for one, two in zip(single_lines, lines):
+        assert two["loss"] == pytest.approx(one["loss"], rel=1e-4)
+    a, b = final_weights(single.run_dir), final_weights(tmp_path / "two" / "t")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
