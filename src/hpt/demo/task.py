@@ -3,13 +3,13 @@
 Each question asks for the sum of two numbers of ``level`` digits, phrased as a short word problem.
 Its demonstration is a compact digit-by-digit carry derivation that ends with
 ``The answer is \\boxed{SUM}.``, so the ``"math"`` reward can verify any response. A tiny model
-pre-trained with SFT on the easy levels (1-2 digits) solves some but not all of the harder ones: the
-regime of partial competence in which Hybrid Post-Training (arXiv 2509.04419) routes each question
+pre-trained with SFT on the easy split (1-2 digits, and a few 3-digit sums) solves some but not all
+of the harder ones: the regime of partial competence in which Hybrid Post-Training (arXiv 2509.04419) routes each question
 to SFT or RL by how often the model gets it right.
 
 Splits (all deterministic for a seed):
 
-- ``"easy"``: levels 1-2, the pre-training data.
+- ``"easy"``: levels 1-2 and a thin share (7%) of level 3, the pre-training data.
 - ``"train"``: levels 1-3 in equal parts, the post-training distribution.
 - ``"test"``: the same distribution as ``"train"``, held out: an addition ``(a, b)`` that can appear
   in ``"test"`` never appears in ``"easy"`` or ``"train"``.
@@ -48,7 +48,7 @@ class SplitSpec:
 
 
 SPLITS: dict[str, SplitSpec] = {
-    "easy": SplitSpec(levels=(1, 2), weights=(1.0, 1.0), held_out=False),
+    "easy": SplitSpec(levels=(1, 2, 3), weights=(1.0, 1.0, 0.15), held_out=False),
     "train": SplitSpec(levels=(1, 2, 3), weights=(1.0, 1.0, 1.0), held_out=False),
     "test": SplitSpec(levels=(1, 2, 3), weights=(1.0, 1.0, 1.0), held_out=True),
     "ood": SplitSpec(levels=(4, 5), weights=(1.0, 1.0), held_out=True),
