@@ -264,6 +264,16 @@ def test_resume_generates_only_missing_samples(tiny, tmp_path):
     assert third.calls == [(["prime", "even"], 1)]
     assert_outputs_agree(tmp_path / "out", 4)
 
+    # a ground truth fixed in the data file: that question's samples are regenerated and replace
+    # the stale ones (samples.jsonl keeps one record per sample)
+    (paths["amc"] / "test.json").write_text(
+        json.dumps([AMC_ROWS[0], {**AMC_ROWS[1], "answer": "1"}])
+    )
+    fifth = ScriptedEngine(tokenizer)
+    evaluate(model, [str(paths["amc"]), str(paths["gpqa"])], engine=fifth, **run)
+    assert fifth.calls == [(["1/2+1/2"], 4)]
+    assert_outputs_agree(tmp_path / "out", 4)
+
     # more samples a question: only samples 4..7 are generated
     fourth = ScriptedEngine(tokenizer)
     evaluate(model, [str(paths["amc"])], engine=fourth, **{**run, "k": 8})
@@ -437,3 +447,67 @@ def test_prompting_rules(tiny):
         assert text.count(MATH_INSTRUCTION) == 1 and text.index(MATH_INSTRUCTION) < text.index("Q?")
     finally:
         tokenizer.chat_template = original
+
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "benchmarks"
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: on a shared, loaded 2-core machine two threads decode several times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHARED.is_dir(), reason="shared benchmarks absent")
+def test_smollm2_on_all_eight_shared_benchmarks(tmp_path, capsys, one_thread):
+    """SmolLM2-135M-Instruct (GGUF via --gguf-file) over the paper's eight sets, 2 questions x 2."""
+    pytest.importorskip("gguf")
+    pytest.importorskip("accelerate")  # transformers needs it to load a GGUF
+    from hpt.demo.tiny import smollm2_gguf_path
+
+    gguf = smollm2_gguf_path()
+    out = tmp_path / "smol"
+    argv = [
+        "eval",
+        "--model",
+        str(gguf.parent),
+        "--gguf-file",
+        gguf.name,
+        "--benchmarks",
+        str(SHARED),
+        "--limit",
+        "2",
+        "--k",
+        "2",
+        "--max-new-tokens",
+        "48",
+        "--output",
+        str(out),
+        "--no-progress",
+        "--dtype",
+        "float32",
+    ]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    results = assert_outputs_agree(out, 2)
+    assert list(results["benchmarks"]) == [
+        "aime24",
+        "aime25",
+        "amc23",
+        "math500",
+        "minerva",
+        "olympiadbench",
+        "arc_c",
+        "gpqa",
+    ]
+    assert set(results["averages"]) == {"id", "ood"}
+    samples = read_samples(out / "samples.jsonl")
+    assert len(samples) == 8 * 2 * 2 and all(s["response"] for s in samples)
+    assert "AIME24" in printed and "OOD avg" in printed
+    print((out / "results.md").read_text())  # shown with -s

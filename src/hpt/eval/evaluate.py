@@ -210,8 +210,8 @@ def sample_and_score(
 ) -> list[dict[str, Any]]:
     """Generate the missing samples of ``questions`` (k each), verify them, return all records.
 
-    Samples already in ``existing`` (same benchmark, question id and sample index < k) are kept
-    and not generated again; the missing ones are generated in batches of questions grouped by
+    Samples already in ``existing`` (same benchmark, question id, prompt text and ground truth,
+    sample index < k) are kept and not generated again; the missing ones are generated in batches of questions grouped by
     how many samples they still need, ``engine.generate(prompt_ids, n=missing, sampling)``.
 
     Args:
@@ -239,10 +239,18 @@ def sample_and_score(
     if k < 1:
         raise ConfigError(f"k (samples a question) must be >= 1, got {k}")
     keys = _question_keys(questions)
+    texts = {key: builder.prompt_text(q) for key, q in zip(keys, questions)}
+    truths = {key: str(q.answer) for key, q in zip(keys, questions)}
     have: dict[tuple[str, int], dict[str, Any]] = {}
-    for record in existing:
-        if record.get("benchmark", benchmark) == benchmark and int(record["sample"]) < k:
-            have[(str(record["question_id"]), int(record["sample"]))] = dict(record)
+    for record in existing:  # reuse a sample only for the same benchmark, prompt and answer
+        key = str(record["question_id"])
+        if (
+            record.get("benchmark") == benchmark
+            and int(record["sample"]) < k
+            and record.get("prompt") == texts.get(key)
+            and record.get("answer") == truths.get(key)
+        ):
+            have[(key, int(record["sample"]))] = dict(record)
     missing = {i: [j for j in range(k) if (key, j) not in have] for i, key in enumerate(keys)}
     batches = _plan_batches(missing, batch_questions or max(1, 64 // k))
     extract = _extractor(reward)
@@ -264,7 +272,6 @@ def sample_and_score(
                     f"engine returned {len(rollouts)} rollouts for {len(indices)} prompts x {n}"
                 )
             slots = [(i, j) for i in indices for j in missing[i][:n]]
-            texts = {i: builder.prompt_text(questions[i]) for i in indices}
             responses = [r.text for r in rollouts]
             answers = [str(questions[i].answer) for i, _ in slots]
             verdicts, timeouts = _score(responses, answers, reward, timeout)
@@ -274,7 +281,7 @@ def sample_and_score(
                     "benchmark": benchmark,
                     "question_id": keys[i],
                     "sample": j,
-                    "prompt": texts[i],
+                    "prompt": texts[keys[i]],
                     "response": rollout.text,
                     "extracted": extract(rollout.text),
                     "answer": answer,
@@ -542,8 +549,20 @@ def _check_resume(output: Path, settings: _Settings, overwrite: bool) -> list[di
             )
     output.mkdir(parents=True, exist_ok=True)
     saved.write_text(json.dumps(asdict(settings), indent=2) + "\n")
-    records = read_samples(samples)
-    if samples.is_file():  # rewrite without a torn last line, so that appends start on a new line
+    return _compact(samples)
+
+
+def _compact(samples: Path) -> list[dict[str, Any]]:
+    """Rewrite ``samples.jsonl`` with one record per (benchmark, question, sample), the newest.
+
+    Drops a torn last line (so appends start on a new line) and records superseded by a
+    regenerated sample (after a prompt or ground truth changed). Returns the kept records.
+    """
+    latest: dict[tuple[str, str, int], dict[str, Any]] = {}
+    for record in read_samples(samples):
+        latest[(record["benchmark"], str(record["question_id"]), int(record["sample"]))] = record
+    records = list(latest.values())
+    if samples.is_file():
         partial = samples.with_suffix(".jsonl.tmp")
         partial.unlink(missing_ok=True)
         _append(partial, records)
@@ -630,7 +649,7 @@ def evaluate(
         raise ConfigError("evaluate: a loaded model needs its tokenizer (tokenizer=...)")
     sampling = sampling or default_sampling(k)
     settings = _Settings(
-        str(model_or_path) if from_path else label,
+        _model_key(model_or_path) if from_path else label,
         sampling.temperature,
         sampling.top_p,
         sampling.top_k,
@@ -644,7 +663,7 @@ def evaluate(
     existing = _check_resume(output, settings, overwrite) if output is not None else []
     if from_path:
         model, tokenizer = load_model(
-            model_or_path, dtype=dtype, gguf_file=gguf_file, device=device
+            model_or_path, dtype=dtype, gguf_file=gguf_file, device=device, progress=progress
         )
     else:
         model = model_or_path
@@ -696,10 +715,17 @@ def evaluate(
         "seconds": round(time.time() - start, 1),
     }
     if output is not None:
+        _compact(output / SAMPLES_FILE)
         _write_outputs(output, results)
     if show:
         _print(results)
     return results
+
+
+def _model_key(model: str | Path) -> str:
+    """The model as recorded in run.json: an absolute path when local, else the hub id."""
+    path = Path(str(model)).expanduser()
+    return str(path.resolve()) if path.exists() else str(model)
 
 
 def _default_benchmark_dir() -> Path | None:
