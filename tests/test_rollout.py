@@ -232,3 +232,19 @@ def test_smollm2_generates_chat_responses():
     first, again = engine.generate(prompts, 2, sampling), engine.generate(prompts, 2, sampling)
     assert [r.response_ids for r in first] == [r.response_ids for r in again]
     assert [r.prompt_index for r in first] == [0, 0, 1, 1]
+
+
+def test_engine_registry_and_missing_vllm_error(tiny):
+    """`rollout.engine` picks an engine by name; vLLM, when absent, is one clear ConfigError."""
+    import importlib.util
+
+    from hpt.errors import ConfigError
+    from hpt.rollout import HFEngine, make_engine
+
+    model, tokenizer = tiny
+    assert isinstance(make_engine("hf", model, tokenizer, batch_size=4, model_path="x"), HFEngine)
+    with pytest.raises(ConfigError, match="unknown rollout engine"):
+        make_engine("nope", model, tokenizer)
+    if importlib.util.find_spec("vllm") is None:
+        with pytest.raises(ConfigError, match="needs vLLM"):
+            make_engine("vllm", model, tokenizer, model_path="x")

@@ -10,16 +10,46 @@ from typing import TYPE_CHECKING, Any
 
 from hpt.rollout.base import Rollout, RolloutEngine, SamplingParams
 
-__all__ = ["HFEngine", "Rollout", "RolloutEngine", "SamplingParams"]
+__all__ = [
+    "ENGINES",
+    "HFEngine",
+    "Rollout",
+    "RolloutEngine",
+    "SamplingParams",
+    "VLLMEngine",
+    "make_engine",
+]
+
+# engine name (config key rollout.engine) -> "module:class", imported only when asked for
+ENGINES: dict[str, str] = {"hf": "hpt.rollout.hf:HFEngine", "vllm": "hpt.rollout.vllm:VLLMEngine"}
+
+
+def make_engine(name: str, model: Any, tokenizer: Any, **options: Any) -> Any:
+    """The rollout engine registered as ``name`` (``hf`` or ``vllm``), built for ``model``."""
+    import importlib
+
+    from hpt.errors import ConfigError
+
+    if name not in ENGINES:
+        raise ConfigError(f"unknown rollout engine {name!r}; choose from {', '.join(ENGINES)}")
+    import inspect
+
+    module, cls = ENGINES[name].split(":")
+    engine = getattr(importlib.import_module(module), cls)
+    accepted = inspect.signature(engine).parameters
+    # each engine takes the options it knows (batch_size for hf, model_path for vllm, ...)
+    return engine(model, tokenizer, **{k: v for k, v in options.items() if k in accepted})
 
 
 def __getattr__(name: str) -> Any:
-    if name == "HFEngine":  # transformers loads only when the engine is asked for
-        from hpt.rollout.hf import HFEngine
+    if name in ("HFEngine", "VLLMEngine"):  # transformers / vllm load only when asked for
+        import importlib
 
-        return HFEngine
+        module, cls = ENGINES["hf" if name == "HFEngine" else "vllm"].split(":")
+        return getattr(importlib.import_module(module), cls)
     raise AttributeError(f"module 'hpt.rollout' has no attribute {name!r}")
 
 
 if TYPE_CHECKING:  # pragma: no cover
     from hpt.rollout.hf import HFEngine
+    from hpt.rollout.vllm import VLLMEngine

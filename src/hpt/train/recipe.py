@@ -296,7 +296,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
 def train_stage(config: TrainConfig, run: Any, model: Any = None, tokenizer: Any = None):
     """One stage: load, evaluate, train ``max_steps`` steps, evaluate, save. Returns (model, tokenizer, summary)."""
-    from hpt.rollout import HFEngine
+    from hpt.rollout import make_engine
 
     torch.manual_seed(config.seed)
     algorithm = get_algorithm(config.algorithm, **dict(config.algo))
@@ -317,7 +317,14 @@ def train_stage(config: TrainConfig, run: Any, model: Any = None, tokenizer: Any
     sampler = QuestionSampler(
         len(data.questions), config.seed, rank=dist.rank(), world=dist.world_size()
     )
-    engine = HFEngine(model, tokenizer, batch_size=config.rollout.batch_size)
+    engine = make_engine(
+        config.rollout.engine,
+        model,
+        tokenizer,
+        batch_size=config.rollout.batch_size,
+        model_path=config.model.path,
+        max_model_len=config.data.max_prompt_tokens + config.rollout.max_new_tokens,
+    )
     start_step = run.restore(policy, optimizer, scheduler, sampler)
     wrapped = dist.wrap(policy)
     multiple_updates = config.optim.ppo_epochs > 1 or (
