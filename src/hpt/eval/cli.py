@@ -96,7 +96,7 @@ def main(argv: list[str]) -> int:
     ):
         if value < 1:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
-    from hpt.eval.evaluate import evaluate
+    from hpt.eval.evaluate import evaluate, model_label
     from hpt.rollout import SamplingParams
 
     sampling = SamplingParams(
@@ -105,9 +105,7 @@ def main(argv: list[str]) -> int:
         max_new_tokens=args.max_new_tokens,
         seed=args.seed,
     )
-    output = args.output or Path("eval") / (
-        args.name or Path(args.model.rstrip("/")).stem or "model"
-    )
+    output = args.output or Path("eval") / (args.name or model_label(args.model, args.gguf_file))
     evaluate(
         args.model,
         args.benchmarks,

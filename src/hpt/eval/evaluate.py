@@ -38,6 +38,7 @@ __all__ = [
     "sample_and_score",
     "evaluate_questions",
     "load_model",
+    "model_label",
     "read_samples",
     "evaluate",
 ]
@@ -643,7 +644,7 @@ def evaluate(
     root = benchmark_dir if benchmark_dir is not None else _default_benchmark_dir()
     resolved = resolve_benchmarks(benchmarks, benchmark_dir=root, reward=reward, fields=fields)
     data = {b.name: _load_benchmark(b, limit) for b in resolved}
-    label = name or _model_label(model_or_path)
+    label = name or model_label(model_or_path, gguf_file)
     from_path = isinstance(model_or_path, (str, Path))
     if not from_path and tokenizer is None:
         raise ConfigError("evaluate: a loaded model needs its tokenizer (tokenizer=...)")
@@ -736,14 +737,16 @@ def _default_benchmark_dir() -> Path | None:
     return benchmark_dir()
 
 
-def _model_label(model: Any) -> str:
+def model_label(model: Any, gguf_file: str | None = None) -> str:
+    """A run's default row name: the GGUF file's stem, the model folder's name, or the config's."""
+    if gguf_file:
+        return Path(gguf_file).stem
     if isinstance(model, (str, Path)):
-        path = Path(str(model))
+        path = Path(str(model).rstrip("/"))
         return path.stem if path.suffix == ".gguf" else (path.name or str(model))
     config = getattr(model, "config", None)
-    return (
-        str(getattr(config, "_name_or_path", "") or type(model).__name__).rstrip("/").split("/")[-1]
-    )
+    name = str(getattr(config, "_name_or_path", "") or type(model).__name__)
+    return name.rstrip("/").split("/")[-1]
 
 
 def _write_outputs(output: Path, results: Mapping[str, Any]) -> None:
