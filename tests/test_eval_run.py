@@ -21,7 +21,7 @@ import pytest
 from hpt.cli import main
 from hpt.data import Question
 from hpt.eval import evaluate, evaluate_questions, make_builder, read_samples
-from hpt.eval.evaluate import CHOICE_INSTRUCTION, MATH_INSTRUCTION, template_adds_instruction
+from hpt.eval.prompts import CHOICE_INSTRUCTION, MATH_INSTRUCTION, template_adds_instruction
 from hpt.rollout import Rollout, SamplingParams
 
 MATH_ROWS = [  # a custom file with its own field names: --field prompt=question --field answer=final

@@ -9,16 +9,10 @@ Note: ``hpt.eval.evaluate`` is the function below (its module is ``hpt.eval.eval
 from __future__ import annotations
 
 from hpt.eval.benchmarks import BENCHMARKS, Benchmark, get_benchmark, resolve_benchmarks
-from hpt.eval.evaluate import (
-    default_sampling,
-    evaluate,
-    evaluate_questions,
-    load_model,
-    make_builder,
-    read_samples,
-    sample_and_score,
-)
+from hpt.eval.evaluate import evaluate, evaluate_questions, read_samples, sample_and_score
 from hpt.eval.metrics import avg_at_k, maj_at_k, pass_at_k, summarize
+from hpt.eval.models import load_model
+from hpt.eval.prompts import default_sampling, make_builder
 from hpt.eval.report import load_results, markdown_table
 
 __all__ = [

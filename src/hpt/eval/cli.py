@@ -96,7 +96,8 @@ def main(argv: list[str]) -> int:
     ):
         if value < 1:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
-    from hpt.eval.evaluate import evaluate, model_label
+    from hpt.eval.evaluate import evaluate
+    from hpt.eval.models import model_label
     from hpt.rollout import SamplingParams
 
     sampling = SamplingParams(

@@ -7,10 +7,7 @@ Two entry points share one loop (:func:`sample_and_score`):
   ``samples.jsonl`` (appended batch by batch, so an interrupted run resumes where it stopped),
   ``results.json``, ``results.md`` (the paper's table layout) and ``pass_at_k.png``.
 
-Prompts follow the paper (arXiv 2509.04419, section 3): the model's chat template with the user
-turn only, plus the instruction "Please reason step by step, and put your final answer within
-\\boxed{}." where the template does not already add it; or a plain template such as LLaMA's
-``Question: ... Answer: Let's think step by step.``
+Prompts are built by :mod:`hpt.eval.prompts`, models loaded by :mod:`hpt.eval.models`.
 """
 
 from __future__ import annotations
@@ -23,142 +20,19 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from hpt.errors import ConfigError, DataError, ModelError
+from hpt.errors import ConfigError, DataError
 from hpt.eval.benchmarks import Benchmark, resolve_benchmarks
 from hpt.eval.metrics import avg_at_k, kind_averages, maj_at_k, pass_at_k_mean, pass_ks, summarize
+from hpt.eval.models import load_model, model_key, model_label, torch_dtype
+from hpt.eval.prompts import MATH_INSTRUCTION, default_sampling, make_builder, plain_template
 
-__all__ = [
-    "MATH_INSTRUCTION",
-    "CHOICE_INSTRUCTION",
-    "PLAIN_TEMPLATES",
-    "DTYPES",
-    "template_adds_instruction",
-    "make_builder",
-    "default_sampling",
-    "sample_and_score",
-    "evaluate_questions",
-    "load_model",
-    "model_label",
-    "read_samples",
-    "evaluate",
-]
-
-MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-CHOICE_INSTRUCTION = (
-    "Please reason step by step, and put the letter of your choice within \\boxed{}."
-)
-
-# name -> plain (non-chat) template; {question} is the question, {instruction} the instruction.
-PLAIN_TEMPLATES: dict[str, str] = {
-    # the paper's LLaMA-3.1-8B (base model) format
-    "llama": "Question:\n{question}\n{instruction}\nAnswer:\nLet's think step by step.",
-}
-
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+__all__ = ["sample_and_score", "evaluate_questions", "read_samples", "evaluate"]
 
 SAMPLES_FILE = "samples.jsonl"
 RESULTS_FILE = "results.json"
 MARKDOWN_FILE = "results.md"
 PLOT_FILE = "pass_at_k.png"
 SETTINGS_FILE = "run.json"
-
-
-# --------------------------------------------------------------------------------------------
-# prompts
-
-
-def template_adds_instruction(tokenizer: Any) -> bool:
-    """Whether the tokenizer's chat template already asks for a ``\\boxed{}`` answer.
-
-    Qwen2.5-Math's template adds the system prompt "Please reason step by step, and put your
-    final answer within \\boxed{}." by itself; we detect this by rendering an empty user turn.
-    A tokenizer without a chat template adds nothing.
-    """
-    if not getattr(tokenizer, "chat_template", None):
-        return False
-    try:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": ""}], tokenize=False, add_generation_prompt=True
-        )
-    except Exception:  # a template that cannot render an empty turn adds nothing we can see
-        return False
-    return "\\boxed" in str(text)
-
-
-def _plain_template(template: str, instruction: str) -> tuple[str, str | None]:
-    """(template text, instruction still to append) of a plain ``--template``.
-
-    ``{instruction}`` in the template is replaced by the instruction; a template that already
-    asks for a box gets none; any other has the instruction appended to the question.
-    """
-    text = PLAIN_TEMPLATES.get(template, template)
-    if "{question}" not in text:
-        known = ", ".join(PLAIN_TEMPLATES)
-        raise ConfigError(
-            f"--template {template[:60]!r}: not a known template ({known}) nor a string with {{question}}"
-        )
-    if "{instruction}" in text:
-        return text.replace("{instruction}", instruction), None
-    return text, None if "\\boxed" in text else instruction
-
-
-def make_builder(
-    tokenizer: Any,
-    *,
-    choice: bool = False,
-    template: str | None = None,
-    system_prompt: str | None = None,
-    drop_system: bool = False,
-) -> Any:
-    """The ``hpt.data.PromptBuilder`` for one kind of benchmark.
-
-    Args:
-        tokenizer: the model's tokenizer.
-        choice: multiple-choice answers: ask for the letter of the choice in a box
-            (:data:`CHOICE_INSTRUCTION`, always appended); else :data:`MATH_INSTRUCTION`,
-            appended unless the chat template already adds it.
-        template: ``None`` (the chat template), a name of :data:`PLAIN_TEMPLATES` (``llama``), or
-            a string with ``{question}`` (and optionally ``{instruction}``).
-        system_prompt: a system turn replacing the rows' own (ARC-c's rows carry one).
-        drop_system: drop the rows' system turns.
-
-    Returns:
-        A ``PromptBuilder`` with ``prompt_text(q)`` / ``prompt_ids(q)``.
-
-    Raises:
-        ModelError: a tokenizer without a chat template and no ``template``.
-    """
-    from hpt.data import PromptBuilder
-
-    instruction: str | None = CHOICE_INSTRUCTION if choice else MATH_INSTRUCTION
-    if template is not None:
-        text, instruction = _plain_template(template, instruction)
-        return PromptBuilder(
-            tokenizer,
-            template=text,
-            instruction=instruction,
-            system_prompt=system_prompt,
-            drop_system=drop_system,
-        )
-    if not getattr(tokenizer, "chat_template", None):
-        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
-        raise ModelError(
-            f"tokenizer {name!r} has no chat template; pass --template llama (or a string with {{question}})"
-        )
-    if not choice and template_adds_instruction(tokenizer):
-        instruction = None
-    return PromptBuilder(
-        tokenizer, system_prompt=system_prompt, instruction=instruction, drop_system=drop_system
-    )
-
-
-def default_sampling(k: int = 1, max_new_tokens: int = 1024, seed: int | None = 0) -> Any:
-    """The paper's evaluation sampling (temperature 0.6, top-p 0.95); greedy when ``k == 1``."""
-    from hpt.rollout import SamplingParams
-
-    if k == 1:
-        return SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens, seed=seed)
-    return SamplingParams(temperature=0.6, top_p=0.95, max_new_tokens=max_new_tokens, seed=seed)
 
 
 # --------------------------------------------------------------------------------------------
@@ -395,93 +269,6 @@ def evaluate_questions(
 
 
 # --------------------------------------------------------------------------------------------
-# models
-
-
-def _torch_dtype(name: str) -> Any:
-    import torch
-
-    table = {
-        "auto": "auto",
-        "float32": torch.float32,
-        "bfloat16": torch.bfloat16,
-        "float16": torch.float16,
-    }
-    if name not in table:
-        raise ConfigError(f"--dtype {name!r}: choose from {', '.join(DTYPES)}")
-    return table[name]
-
-
-def _looks_local(spec: str) -> bool:
-    """A filesystem path rather than a hub id ``org/name``."""
-    return (
-        spec.startswith(("/", ".", "~"))
-        or spec.count("/") > 1
-        or "\\" in spec
-        or spec.endswith(".gguf")
-    )
-
-
-def load_model(
-    model: str | Path,
-    *,
-    dtype: str = "auto",
-    gguf_file: str | None = None,
-    device: str | None = None,
-    progress: bool = True,
-) -> tuple[Any, Any]:
-    """Load ``(model, tokenizer)`` from a local HF folder, a GGUF file or a hub id.
-
-    Args:
-        model: a folder, a ``.gguf`` file, or a Hugging Face hub id.
-        dtype: ``auto``, ``float32``, ``bfloat16`` or ``float16``.
-        gguf_file: the GGUF file's name inside the folder ``model`` (transformers dequantises it).
-        device: ``cuda`` / ``cpu`` / ...; default cuda when available.
-        progress: show transformers' loading bars.
-
-    Raises:
-        ModelError: a missing path, or a hub id that cannot be fetched (one line).
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    spec = str(model)
-    path = Path(spec).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
-        path, gguf_file = path.parent, path.name
-    if path.exists():
-        where = str(path)
-        if gguf_file is not None and not (path / gguf_file).is_file():
-            raise ModelError(f"{path / gguf_file}: no such GGUF file")
-    elif _looks_local(spec):
-        raise ModelError(f"{spec}: no such model folder or file")
-    else:
-        where = spec
-    kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
-    torch_dtype = _torch_dtype(dtype)
-    bars_were_on = hf_logging.is_progress_bar_enabled()
-    if not progress:
-        hf_logging.disable_progress_bar()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
-        loaded = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, **kwargs)
-    except (OSError, ValueError) as error:
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-        hub = (
-            ""
-            if path.exists()
-            else " (not a local folder; the Hugging Face hub is needed and unreachable?)"
-        )
-        raise ModelError(f"cannot load model {spec!r}{hub}: {first}") from error
-    finally:
-        if bars_were_on:
-            hf_logging.enable_progress_bar()
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return loaded.to(device).eval(), tokenizer
-
-
-# --------------------------------------------------------------------------------------------
 # the hpt eval pipeline
 
 
@@ -639,8 +426,8 @@ def evaluate(
     if k < 1:
         raise ConfigError(f"--k must be >= 1, got {k}")
     if template is not None:
-        _plain_template(template, MATH_INSTRUCTION)  # a bad template fails before loading
-    _torch_dtype(dtype)
+        plain_template(template, MATH_INSTRUCTION)  # a bad template fails before loading
+    torch_dtype(dtype)
     root = benchmark_dir if benchmark_dir is not None else _default_benchmark_dir()
     resolved = resolve_benchmarks(benchmarks, benchmark_dir=root, reward=reward, fields=fields)
     data = {b.name: _load_benchmark(b, limit) for b in resolved}
@@ -650,7 +437,7 @@ def evaluate(
         raise ConfigError("evaluate: a loaded model needs its tokenizer (tokenizer=...)")
     sampling = sampling or default_sampling(k)
     settings = _Settings(
-        _model_key(model_or_path) if from_path else label,
+        model_key(model_or_path) if from_path else label,
         sampling.temperature,
         sampling.top_p,
         sampling.top_k,
@@ -723,30 +510,12 @@ def evaluate(
     return results
 
 
-def _model_key(model: str | Path) -> str:
-    """The model as recorded in run.json: an absolute path when local, else the hub id."""
-    path = Path(str(model)).expanduser()
-    return str(path.resolve()) if path.exists() else str(model)
-
-
 def _default_benchmark_dir() -> Path | None:
     try:
         from hpt.data.loaders import benchmark_dir
     except ImportError:  # pragma: no cover - hpt.data always has it
         return None
     return benchmark_dir()
-
-
-def model_label(model: Any, gguf_file: str | None = None) -> str:
-    """A run's default row name: the GGUF file's stem, the model folder's name, or the config's."""
-    if gguf_file:
-        return Path(gguf_file).stem
-    if isinstance(model, (str, Path)):
-        path = Path(str(model).rstrip("/"))
-        return path.stem if path.suffix == ".gguf" else (path.name or str(model))
-    config = getattr(model, "config", None)
-    name = str(getattr(config, "_name_or_path", "") or type(model).__name__)
-    return name.rstrip("/").split("/")[-1]
 
 
 def _write_outputs(output: Path, results: Mapping[str, Any]) -> None:
