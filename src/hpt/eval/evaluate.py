@@ -23,7 +23,7 @@ from typing import Any
 from hpt.errors import ConfigError, DataError
 from hpt.eval.benchmarks import Benchmark, resolve_benchmarks
 from hpt.eval.metrics import avg_at_k, kind_averages, maj_at_k, pass_at_k_mean, pass_ks, summarize
-from hpt.eval.models import load_model, model_key, model_label, torch_dtype
+from hpt.eval.models import load_model, model_key, model_label, model_source, torch_dtype
 from hpt.eval.prompts import MATH_INSTRUCTION, default_sampling, make_builder, plain_template
 
 __all__ = ["sample_and_score", "evaluate_questions", "read_samples", "evaluate"]
@@ -428,6 +428,8 @@ def evaluate(
     if template is not None:
         plain_template(template, MATH_INSTRUCTION)  # a bad template fails before loading
     torch_dtype(dtype)
+    if isinstance(model_or_path, (str, Path)):
+        model_source(model_or_path, gguf_file)  # a missing model fails before any file is written
     root = benchmark_dir if benchmark_dir is not None else _default_benchmark_dir()
     resolved = resolve_benchmarks(benchmarks, benchmark_dir=root, reward=reward, fields=fields)
     data = {b.name: _load_benchmark(b, limit) for b in resolved}

@@ -7,7 +7,7 @@ from typing import Any
 
 from hpt.errors import ConfigError, ModelError
 
-__all__ = ["DTYPES", "load_model", "model_label", "model_key", "torch_dtype"]
+__all__ = ["DTYPES", "model_source", "load_model", "model_label", "model_key", "torch_dtype"]
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -36,6 +36,28 @@ def _looks_local(spec: str) -> bool:
     )
 
 
+def model_source(model: str | Path, gguf_file: str | None = None) -> tuple[str, str | None]:
+    """Where ``from_pretrained`` loads from: ``(folder or hub id, GGUF file name or None)``.
+
+    A ``.gguf`` file path becomes its folder and file name. Checks local paths only (a hub id
+    is checked when loading).
+
+    Raises:
+        ModelError: a local path or GGUF file that does not exist.
+    """
+    spec = str(model)
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        path, gguf_file = path.parent, path.name
+    if path.exists():
+        if gguf_file is not None and not (path / gguf_file).is_file():
+            raise ModelError(f"{path / gguf_file}: no such GGUF file")
+        return str(path), gguf_file
+    if _looks_local(spec):
+        raise ModelError(f"{spec}: no such model folder or file")
+    return spec, gguf_file
+
+
 def load_model(
     model: str | Path,
     *,
@@ -61,17 +83,7 @@ def load_model(
     from transformers.utils import logging as hf_logging
 
     spec = str(model)
-    path = Path(spec).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
-        path, gguf_file = path.parent, path.name
-    if path.exists():
-        where = str(path)
-        if gguf_file is not None and not (path / gguf_file).is_file():
-            raise ModelError(f"{path / gguf_file}: no such GGUF file")
-    elif _looks_local(spec):
-        raise ModelError(f"{spec}: no such model folder or file")
-    else:
-        where = spec
+    where, gguf_file = model_source(spec, gguf_file)
     kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
     dtype_value = torch_dtype(dtype)
     bars_were_on = hf_logging.is_progress_bar_enabled()
@@ -84,7 +96,7 @@ def load_model(
         first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
         hub = (
             ""
-            if path.exists()
+            if Path(where).exists()
             else " (not a local folder; the Hugging Face hub is needed and unreachable?)"
         )
         raise ModelError(f"cannot load model {spec!r}{hub}: {first}") from error
