@@ -39,7 +39,7 @@ DEMO_SETTINGS: dict[str, Any] = {
     "eval.limit": 200,
 }
 
-SPLIT_SIZES = {"easy": 20000, "train": 4000, "test": 400, "ood": 400}
+SPLIT_SIZES = {"easy": 8000, "train": 2000, "test": 400, "ood": 400}
 
 
 def cache_root() -> Path:
