@@ -93,6 +93,25 @@ def read_questions(questions_file: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in questions_file.read_text().splitlines() if line.strip()]
 
 
+class StepClock:
+    """Wall-clock and CPU seconds (this process, all its threads) of successive intervals.
+
+    CPU time is less disturbed than wall time by other processes on a shared machine.
+    """
+
+    def __init__(self) -> None:
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+        self._started = (0.0, 0.0)
+
+    def start(self) -> None:
+        self._started = (time.perf_counter(), time.process_time())
+
+    def stop(self) -> None:
+        self.wall.append(time.perf_counter() - self._started[0])
+        self.cpu.append(time.process_time() - self._started[1])
+
+
 def peak_memory() -> dict[str, float | None]:
     """This process's RSS high-water mark, and the CUDA allocator's peak where there is a GPU (MiB)."""
     import torch
@@ -129,19 +148,20 @@ def run_trl(
     from trl import GRPOConfig, GRPOTrainer
 
     class StepTimer(TrainerCallback):
-        """Seconds from the start of each optimiser step (generation included) to its end."""
+        """Wall and CPU seconds of each optimiser step, generation included."""
 
         def __init__(self) -> None:
-            self.started: float | None = None
-            self.times: list[float] = []
+            self.clock = StepClock()
+            self.open = False
 
         def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if self.started is None:  # the first micro-step of an optimiser step
-                self.started = time.perf_counter()
+            if not self.open:  # the first micro-step of an optimiser step
+                self.clock.start()
+                self.open = True
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            self.times.append(time.perf_counter() - self.started)
-            self.started = None
+            self.clock.stop()
+            self.open = False
 
     setup_started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -192,7 +212,12 @@ def run_trl(
     )
     setup_seconds = time.perf_counter() - setup_started
     trainer.train()
-    return {"step_times": timer.times, "setup_s": setup_seconds, **peak_memory()}
+    return {
+        "step_times": timer.clock.wall,
+        "cpu_times": timer.clock.cpu,
+        "setup_s": setup_seconds,
+        **peak_memory(),
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,13 +272,43 @@ def run_hpt(
     from hpt.train.recipe import train
 
     config = load_config(None, hpt_overrides(settings, model_dir, questions_file, workdir))
+    clock = StepClock()
+    watch_hpt_steps(clock)
     started = time.perf_counter()
     train(config)
     seconds = time.perf_counter() - started
     metrics_file = Path(config.output_dir) / config.name / "metrics.jsonl"
     records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
     times = [float(r["time/step"]) for r in records if "time/step" in r]
-    return {"step_times": times, "setup_s": seconds - sum(times), **peak_memory()}
+    return {
+        "step_times": times,
+        "cpu_times": clock.cpu,
+        "setup_s": seconds - sum(times),
+        **peak_memory(),
+    }
+
+
+def watch_hpt_steps(clock: StepClock) -> None:
+    """Stamp ``clock`` at the start of hpt's stage and at the end of each step (for CPU time).
+
+    hpt measures each step's wall time itself (``time/step``); its CPU time comes from the
+    intervals between ``Run.begin_stage`` and successive ``Run.step_done`` calls, which also hold
+    the (cheap) logging of the previous step.
+    """
+    from hpt.train.run import Run
+
+    begin_stage, step_done = Run.begin_stage, Run.step_done
+
+    def timed_begin(self: Any, *args: Any, **kwargs: Any) -> None:
+        begin_stage(self, *args, **kwargs)
+        clock.start()
+
+    def timed_done(self: Any, *args: Any, **kwargs: Any) -> None:
+        clock.stop()
+        step_done(self, *args, **kwargs)
+        clock.start()
+
+    Run.begin_stage, Run.step_done = timed_begin, timed_done
 
 
 RUNNERS = {"trl": run_trl, "hpt": run_hpt}
@@ -296,9 +351,11 @@ def summarise(settings: Settings, measured: dict[str, list[dict[str, Any]]]) -> 
     sides: dict[str, Any] = {}
     for side, repeats in measured.items():
         timed = [t for r in repeats for t in r["step_times"][settings.warmup :]]
+        cpu = [t for r in repeats for t in r["cpu_times"][settings.warmup :]]
         cuda = [r["peak_cuda_mib"] for r in repeats if r["peak_cuda_mib"] is not None]
         sides[side] = {
             "median_step_s": statistics.median(timed),
+            "median_cpu_s": statistics.median(cpu),
             "min_step_s": min(timed),
             "max_step_s": max(timed),
             "repeat_medians_s": [
@@ -310,9 +367,16 @@ def summarise(settings: Settings, measured: dict[str, list[dict[str, Any]]]) -> 
             "peak_cuda_mib": max(cuda) if cuda else None,
             "rollouts_per_s": settings.rows / statistics.median(timed),
             "step_times_s": [r["step_times"] for r in repeats],
+            "cpu_times_s": [r["cpu_times"] for r in repeats],
         }
     ratio = sides["hpt"]["median_step_s"] / sides["trl"]["median_step_s"]
-    return {"settings": asdict(settings), "sides": sides, "ratio_hpt_over_trl": ratio}
+    cpu_ratio = sides["hpt"]["median_cpu_s"] / sides["trl"]["median_cpu_s"]
+    return {
+        "settings": asdict(settings),
+        "sides": sides,
+        "ratio_hpt_over_trl": ratio,
+        "cpu_ratio_hpt_over_trl": cpu_ratio,
+    }
 
 
 def environment() -> dict[str, Any]:
@@ -339,7 +403,8 @@ def environment() -> dict[str, Any]:
 def format_table(summary: dict[str, Any]) -> str:
     """A plain-text table: one row per side, and the ratio."""
     memory = "peak CUDA MiB" if summary["sides"]["hpt"]["peak_cuda_mib"] is not None else None
-    header = ["side", "median step s", "min s", "max s", "rollouts/s", "setup s", "peak RSS MiB"]
+    header = ["side", "median step s", "min s", "max s", "median CPU s", "rollouts/s", "setup s"]
+    header += ["peak RSS MiB"]
     header += [memory] if memory else []
     lines = [header]
     for side in SIDES:
@@ -349,6 +414,7 @@ def format_table(summary: dict[str, Any]) -> str:
             f"{s['median_step_s']:.3f}",
             f"{s['min_step_s']:.3f}",
             f"{s['max_step_s']:.3f}",
+            f"{s['median_cpu_s']:.3f}",
         ]
         row += [f"{s['rollouts_per_s']:.1f}", f"{s['setup_s']:.1f}", f"{s['peak_rss_mib']:.0f}"]
         row += [f"{s['peak_cuda_mib']:.0f}"] if memory else []
@@ -362,6 +428,7 @@ def format_table(summary: dict[str, Any]) -> str:
     ]
     text.insert(1, "  ".join("-" * w for w in widths))
     text.append(f"ratio hpt / TRL (median step time): {summary['ratio_hpt_over_trl']:.2f}")
+    text.append(f"ratio hpt / TRL (median CPU time):  {summary['cpu_ratio_hpt_over_trl']:.2f}")
     return "\n".join(text)
 
 
