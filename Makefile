@@ -34,8 +34,14 @@ format: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/hpt demo
 
-bench: $(STAMP)
-	$(PY) benchmarks/grpo_step.py
+# TRL lives in its own venv (outside the repo) so it cannot change the project's dependencies.
+BENCH_VENV ?= ../bench-venv
+bench:
+	@test -x $(BENCH_VENV)/bin/python || { $(PYTHON) -m venv $(BENCH_VENV) && \
+	  $(BENCH_VENV)/bin/pip install --quiet torch==2.13.0 && \
+	  $(BENCH_VENV)/bin/pip install --quiet trl==1.16.0 transformers==5.24.0 && \
+	  $(BENCH_VENV)/bin/pip install --quiet -e .; }
+	$(BENCH_VENV)/bin/python benchmarks/grpo_step.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
