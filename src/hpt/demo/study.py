@@ -242,8 +242,8 @@ FULL = StudySettings(
     eval_every=6, curve_questions=24,
 )  # fmt: skip
 QUICK = StudySettings(
-    steps=12, seeds=(0,), eval_questions=32, k=16, temperature=0.6, top_p=0.95,
-    eval_every=4, curve_questions=16,
+    steps=10, seeds=(0,), eval_questions=24, k=16, temperature=0.6, top_p=0.95,
+    eval_every=5, curve_questions=16,
 )  # fmt: skip
 
 
