@@ -294,3 +294,44 @@ def test_ddp_two_processes_match_one(tmp_path, tiny_dir, task_file):
     a, b = final_weights(single.run_dir), final_weights(tmp_path / "two" / "t")
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_smollm2_trains_two_hpt_steps(tmp_path, task_file):
+    """The real-model path: 49k vocabulary, a real chat template, pretrained weights."""
+    from transformers import AutoModelForCausalLM
+
+    from hpt.demo.tiny import load_smollm2
+
+    model, tokenizer = load_smollm2()
+    folder = tmp_path / "smollm2"
+    # save as a plain safetensors folder: a model built from the config, with the GGUF's weights
+    import copy
+
+    plain_config = copy.deepcopy(model.config)
+    if hasattr(plain_config, "quantization_config"):  # dequantised already: save plain weights
+        del plain_config.quantization_config
+    plain = AutoModelForCausalLM.from_config(plain_config)
+    plain.load_state_dict(model.state_dict())
+    plain.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    assert tokenizer.chat_template and len(tokenizer) > 40000
+    config, summary, lines = run(
+        tmp_path,
+        folder,
+        task_file,
+        algorithm="hpt",
+        max_steps=2,
+        **{
+            "rollout.max_new_tokens": 24,
+            "optim.lr": 1e-5,
+            "optim.micro_batch_size": 4,
+            "data.max_response_tokens": 64,
+        },
+    )
+    assert [line["step"] for line in lines] == [1, 2]
+    assert all(math.isfinite(line["loss"]) for line in lines)
+    assert all(line["route_sft"] + line["route_rl"] == 1.0 for line in lines)
+    after = final_weights(config.run_dir)
+    before = plain.state_dict()
+    assert any(not torch.equal(before[name], after[name]) for name in after if name in before)

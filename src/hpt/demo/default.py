@@ -104,6 +104,7 @@ def pretrain_config(config: TrainConfig, root: Path, data: dict[str, Path]) -> T
         "data.questions_per_step=32",
         "data.max_response_tokens=64",
         f"optim.lr={config.demo.pretrain_lr}",
+        "optim.betas=[0.9, 0.98]",
         "optim.schedule=cosine",
         "optim.warmup_steps=20",
         "optim.micro_batch_size=32",

@@ -247,6 +247,15 @@ QUICK = StudySettings(
 )  # fmt: skip
 
 
+def _has_gate(method: str) -> bool:
+    """Whether a method's algorithm routes questions by performance (not a fixed route)."""
+    from hpt.algorithms import get_algorithm
+    from hpt.gate import FIXED_ROUTES
+
+    recipe = METHODS[method].recipe
+    return get_algorithm(recipe["algorithm"]).routes not in FIXED_ROUTES
+
+
 def run_name(method: str, seed: int) -> str:
     return f"{method}-s{seed}"
 
@@ -497,11 +506,13 @@ def draw_plots(
             ylim=(-0.02, 1.02),
         )
     )
-    if "hpt" in histories:
+    gated = [m for m in histories if _has_gate(m)]  # HPT's performance feedback
+    if gated:
         routes = {
-            "HPT's gate": {
-                f"route {r}": mean_curve(histories["hpt"], f"route_{r}") for r in ("sft", "rl")
+            f"{METHODS[m].label}'s gate": {
+                f"route {r}": mean_curve(histories[m], f"route_{r}") for r in ("sft", "rl")
             }
+            for m in gated
         }
         written.append(
             plot_curves(

@@ -226,8 +226,9 @@ class Run:
                         results[f"{prefix}{name}/{key}"] = float(value)
         self.model.train(was_training)
         if results:
+            headline = {k[len(prefix) :]: v for k, v in results.items()}
             self.log(
-                "eval: " + ", ".join(f"{k} {v:.3f}" for k, v in results.items() if "/" not in k)
+                "eval: " + ", ".join(f"{k} {v:.3f}" for k, v in headline.items() if "/" not in k)
             )
         return results
 
