@@ -335,3 +335,17 @@ def test_smollm2_trains_two_hpt_steps(tmp_path, task_file):
     after = final_weights(config.run_dir)
     before = plain.state_dict()
     assert any(not torch.equal(before[name], after[name]) for name in after if name in before)
+
+
+def test_configs_demo_yaml_is_the_embedded_default():
+    """configs/demo.yaml (for users to copy) says exactly what `hpt train` with no config runs."""
+    from hpt.demo.default import default_config
+    from hpt.train.config import config_to_dict
+
+    from_file = load_config(Path(__file__).parents[1] / "configs" / "demo.yaml")
+    embedded = default_config(prepare=False)
+    a, b = config_to_dict(from_file), config_to_dict(embedded)
+    # the demo fills the model path, the training file and the eval sets with its cached ones
+    for config in (a, b):
+        config["model"].pop("path"), config["data"].pop("train"), config["eval"].pop("sets")
+    assert a == b

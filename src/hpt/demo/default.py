@@ -31,7 +31,9 @@ DEMO_SETTINGS: dict[str, Any] = {
     "data.max_prompt_tokens": 96,
     "rollout.n": 8,
     "rollout.temperature": 1.0,
-    "optim.lr": 1e-4,
+    "optim.lr": 3e-5,
+    # Dr.GRPO's constant: the paper divides token sums by its response limit (8192); so do we (64)
+    "algo": "{norm_length: 64}",
     "optim.micro_batch_size": 64,
     "optim.warmup_steps": 0,
     "eval.k": 1,

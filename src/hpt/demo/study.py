@@ -9,12 +9,13 @@ avg@k and pass@k (k up to 16, temperature 0.6, top-p 0.95: the paper's evaluatio
 Fairness rule (chosen once, never tuned per method): every method uses its paper's recipe
 (PAPER.md, section 5; ``configs/*.yaml``) with
 
-- one optimiser for all: AdamW at :data:`STUDY_LR` = 1e-4 (the embedded demo's lr, the paper's
-  HPT lr 5e-6 times 20), constant, no warmup, weight decay 0.01, grad clip 1.0, update skipped
-  above norm 80, one optimiser step a training step. (A first rule, every paper lr times 20, gave
-  SFT 1e-3: without warmup, a fresh Adam at that lr wrecked the base in a few steps, ID accuracy
-  21.9% -> 5.5% in the quick study, so the paper's lr ratios were dropped for one lr; the
-  paper's values stay in :data:`PAPER_LR` for the record);
+- one optimiser for all: AdamW at :data:`STUDY_LR` = 3e-5 (the embedded demo's lr), constant, no
+  warmup, weight decay 0.01, grad clip 1.0, update skipped above norm 80, one optimiser step a
+  training step. (Tried first: every paper lr times 20 gave SFT 1e-3, and a fresh Adam at that lr
+  wrecked the base in a few steps; one lr of 1e-4 for all made GRPO's and HPT's training reward
+  and held-out accuracy drift down on the embedded demo (0.655 -> 0.60 greedy test accuracy in 40
+  HPT steps). 3e-5 was then fixed for every method before the study ran; the paper's values stay
+  in :data:`PAPER_LR` for the record);
 - the same questions a step (16), rollouts (8; LUFFY: 7 + the demonstration, as its paper),
   response limit (64 tokens), rollout temperature (1.0);
 - the paper's entropy bonus 0.001 for every RL method (none for SFT);
@@ -45,7 +46,7 @@ from hpt.errors import ConfigError
 # The recipes: the paper's, scaled to the task by one rule
 # --------------------------------------------------------------------------------------------
 
-STUDY_LR = 1e-4  # one learning rate for every method and stage (the embedded demo's)
+STUDY_LR = 3e-5  # one learning rate for every method and stage (the embedded demo's)
 
 # The learning rate of each method's paper recipe (PAPER.md, sections 2 and 5), for the record:
 # the study does not use their ratios (see the module docstring).
@@ -238,7 +239,7 @@ class StudySettings:
 
 
 FULL = StudySettings(
-    steps=30, seeds=(0, 1, 2), eval_questions=64, k=16, temperature=0.6, top_p=0.95,
+    steps=24, seeds=(0, 1, 2), eval_questions=48, k=16, temperature=0.6, top_p=0.95,
     eval_every=6, curve_questions=24,
 )  # fmt: skip
 QUICK = StudySettings(

@@ -201,7 +201,7 @@ class DemoConfig:
 
     size: str = opt("tiny", "size of the tiny model (hpt.demo.tiny.build_model)")
     pretrain_steps: int = opt(
-        200, "SFT warm-up steps on the easy split so the model solves some questions", ge=0
+        400, "SFT warm-up steps on the easy split so the model solves some questions", ge=0
     )
     pretrain_lr: float = opt(1e-3, "learning rate of the warm-up", gt=0)
     train_questions: int = opt(512, "synthetic training questions", gt=0)
