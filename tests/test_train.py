@@ -240,12 +240,19 @@ def test_missing_model_exits_2(tmp_path, tiny_dir, task_file, capsys):
     assert "not found" in capsys.readouterr().err
 
 
-def test_existing_run_is_not_overwritten(tmp_path, tiny_dir, task_file, capsys):
-    assert _cli_train(tmp_path, tiny_dir, task_file) == 0
-    metrics = (tmp_path / "runs" / "t" / "metrics.jsonl").read_text()
-    assert _cli_train(tmp_path, tiny_dir, task_file) == 2
+def test_existing_run_is_not_overwritten_unless_asked(tmp_path, tiny_dir, task_file, capsys):
+    assert _cli_train(tmp_path, tiny_dir, task_file, "save_every=1") == 0
+    run_dir = tmp_path / "runs" / "t"
+    metrics = (run_dir / "metrics.jsonl").read_text()
+    # (the embedded default sets overwrite=true; a user's config does not)
+    assert _cli_train(tmp_path, tiny_dir, task_file, "overwrite=false") == 2
     assert "resume=true" in capsys.readouterr().err
-    assert (tmp_path / "runs" / "t" / "metrics.jsonl").read_text() == metrics
+    assert (run_dir / "metrics.jsonl").read_text() == metrics
+    (run_dir / "notes.txt").write_text("mine")
+    assert _cli_train(tmp_path, tiny_dir, task_file, "overwrite=true") == 0
+    assert not (run_dir / "checkpoints").exists()  # no stale checkpoint a later resume could pick
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 1
+    assert (run_dir / "notes.txt").read_text() == "mine"  # only the run's own outputs are replaced
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,8 @@ from hpt.train.config import TrainConfig, load_config
 
 # The demo run's settings, as `--set` overrides of the defaults; configs/demo.yaml holds the same.
 DEMO_SETTINGS: dict[str, Any] = {
-    "name": "demo",
+    "name": "default",
+    "overwrite": True,  # `make run` twice replaces the previous embedded run
     "algorithm": "hpt",
     "max_steps": 40,
     "save_every": 20,

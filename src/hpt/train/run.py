@@ -60,6 +60,8 @@ class Run:
                 "overwrite=true to replace it, or choose another name"
             )
         if dist.is_main():
+            if not self.config.resume and self.config.overwrite:
+                self._clear_previous_run()
             self.dir.mkdir(parents=True, exist_ok=True)
             save_config(self.config, self.dir / "config.yaml")
         total = sum(stage.max_steps for stage in self.stages())
@@ -73,6 +75,28 @@ class Run:
             enabled=dist.is_main(),
         )
         return self
+
+    # what a run writes in its folder; overwrite=true removes exactly these, nothing else
+    RUN_OUTPUTS = (
+        "metrics.jsonl",
+        "summary.json",
+        "eval_before.json",
+        "config.yaml",
+        "checkpoints",
+        "final",
+        "plots",
+        "tensorboard",
+    )
+
+    def _clear_previous_run(self) -> None:
+        import shutil
+
+        for name in self.RUN_OUTPUTS:
+            path = self.dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
 
     def __exit__(self, *exc: Any) -> None:
         if self.logger is not None:
