@@ -127,6 +127,9 @@ def ensure_base(config: TrainConfig, *, log: Any = print) -> Path:
     if (base / "config.json").exists():
         return base
     log(f"building the demo base model in {root} (once; cached)")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress bars only
     if not (root / "init" / "config.json").exists():
         build_tiny(root / "init", seed=config.seed, size=config.demo.size)
     from hpt.train.recipe import train
