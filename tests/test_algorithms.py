@@ -242,3 +242,27 @@ def test_algorithm_dataclass_has_the_contract_fields():
         "dual_clip", "aggregation", "norm_length", "shaping_gamma", "sft_coef", "entropy_coef", "kl_coef",
         "kl_estimator", "gate_threshold", "gate_upper", "soft_gate", "ppo_epochs", "gae_gamma", "gae_lambda",
     }  # fmt: skip
+
+
+def test_public_api_is_exported_and_import_stays_light():
+    """`import hpt` exposes the contract's names and loads no heavy library until used."""
+    import subprocess
+    import sys
+
+    import hpt
+
+    assert sorted(hpt.__all__) == sorted([*hpt._EXPORTS, "__version__"])
+    for name in (
+        "list_algorithms",
+        "get_algorithm",
+        "outcome_advantages",
+        "unified_loss",
+        "route",
+        "get_reward",
+    ):
+        assert callable(getattr(hpt, name))
+    code = "import sys, hpt; print(sorted(m for m in ('transformers', 'datasets', 'math_verify', 'matplotlib') if m in sys.modules))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "[]"

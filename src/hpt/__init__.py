@@ -28,7 +28,21 @@ _EXPORTS = {
     "DataError": "hpt.errors",
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+__all__ = [  # the names of _EXPORTS, spelled out for tools that read __all__ statically
+    "Algorithm",
+    "ConfigError",
+    "DataError",
+    "HPTError",
+    "LossOutput",
+    "Term",
+    "__version__",
+    "get_algorithm",
+    "get_reward",
+    "list_algorithms",
+    "outcome_advantages",
+    "route",
+    "unified_loss",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -19,8 +19,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "algorithms": ("hpt.algorithms", "print the table of algorithms and their four parts"),
 }
 
-USAGE = "usage: hpt {" + ",".join(COMMANDS) + "} ...\n\n" + "\n".join(
-    f"  {name:<11} {help_}" for name, (_, help_) in COMMANDS.items()
+USAGE = (
+    "usage: hpt {"
+    + ",".join(COMMANDS)
+    + "} ...\n\n"
+    + "\n".join(f"  {name:<11} {help_}" for name, (_, help_) in COMMANDS.items())
 )
 
 
@@ -36,7 +39,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        print(f"hpt: unknown command {command!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
+        print(
+            f"hpt: unknown command {command!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr
+        )
         return 2
     from hpt.errors import HPTError
 
