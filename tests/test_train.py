@@ -281,7 +281,7 @@ def test_ddp_two_processes_match_one(tmp_path, tiny_dir, task_file):
         "-m",
         "torch.distributed.run",
         "--nproc_per_node=2",
-        "--master_port=29531",
+        "--standalone",
         "-m",
         "hpt.cli",
         "train",
