@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -124,7 +123,7 @@ class Run:
         algorithm = get_algorithm(first.algorithm, **dict(first.algo))
         self.first_data = load_train_data(first, self.tokenizer, algorithm, log=self.log)
         self.eval_questions = self._load_eval_questions()
-        self.model, self.tokenizer = load_model_and_tokenizer(self.config.model)
+        self.model, self.tokenizer = load_model_and_tokenizer(self.config.model, self.tokenizer)
         summary: dict[str, Any] = {"name": self.config.name, "stages": []}
         before_file = self.dir / "eval_before.json"
         if self.resume_state and before_file.exists():
@@ -326,8 +325,3 @@ class Run:
     def _totals(self) -> dict[str, float]:
         keys = ("tokens/generated", "tokens/demonstration", "skipped_updates", "updates")
         return {k: float(sum(m.get(k, 0.0) for m in self.history)) for k in keys}
-
-
-def with_stage(config: TrainConfig, **changes: Any) -> TrainConfig:
-    """A copy of ``config`` with top-level fields replaced (used to build stage configs)."""
-    return replace(config, **changes)

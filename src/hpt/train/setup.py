@@ -47,15 +47,16 @@ def load_tokenizer(model_config: Any) -> Any:
     return tokenizer
 
 
-def load_model_and_tokenizer(model_config: Any) -> tuple[Any, Any]:
-    """Load a causal LM and its tokenizer from a local folder or hub id, with the config's overrides."""
+def load_model_and_tokenizer(model_config: Any, tokenizer: Any = None) -> tuple[Any, Any]:
+    """Load a causal LM (and its tokenizer, unless given) with the config's overrides."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress bars only
     path = str(model_config.path)
     _check_exists(path)
-    tokenizer = load_tokenizer(model_config)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(model_config)
     kwargs = _load_kwargs(model_config)
     dtypes = {
         "auto": "auto",
