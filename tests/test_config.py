@@ -368,3 +368,13 @@ def test_baseline_recipes_use_their_learning_rates_and_gates():
     stages = resolve_stages(load["sft_then_grpo.yaml"])
     assert [(name, s.algorithm) for name, s in stages] == [("sft", "sft"), ("grpo", "grpo")]
     assert stages[1][1].data.train == "Elliott/Openr1-Math-48k-Complement"
+
+
+def test_readme_config_table_is_current():
+    """The README's table of config keys is the one the code renders (keys, defaults, help)."""
+    from pathlib import Path
+
+    from hpt.train.config import render_config_table
+
+    readme = Path(__file__).parents[1] / "README.md"
+    assert render_config_table().strip() in readme.read_text()

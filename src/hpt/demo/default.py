@@ -42,7 +42,18 @@ DEMO_SETTINGS: dict[str, Any] = {
     "eval.limit": 200,
 }
 
-SPLIT_SIZES = {"easy": 8000, "train": 2000, "test": 400, "ood": 400}
+EASY_QUESTIONS = 8000  # the pre-training split: 400 steps of 32 see each question about 1.6 times
+
+
+def split_sizes(config: TrainConfig) -> dict[str, int]:
+    """How many questions each split of the task gets (``demo.train_questions``, ...)."""
+    held_out = config.demo.test_questions
+    return {
+        "easy": EASY_QUESTIONS,
+        "train": config.demo.train_questions,
+        "test": held_out,
+        "ood": held_out,
+    }
 
 
 def cache_root() -> Path:
@@ -54,7 +65,7 @@ def cache_root() -> Path:
 def _key(config: TrainConfig) -> str:
     demo = dataclasses.asdict(config.demo)
     blob = json.dumps(
-        {"demo": demo, "seed": config.seed, "sizes": SPLIT_SIZES, "v": 1}, sort_keys=True
+        {"demo": demo, "seed": config.seed, "sizes": split_sizes(config), "v": 1}, sort_keys=True
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
@@ -64,14 +75,14 @@ def demo_dir(config: TrainConfig) -> Path:
     return cache_root() / f"demo-{config.demo.size}-{_key(config)}"
 
 
-def write_task_data(directory: Path, seed: int) -> dict[str, Path]:
+def write_task_data(directory: Path, seed: int, sizes: dict[str, int]) -> dict[str, Path]:
     """The task's splits as JSONL files (``<split>.jsonl``), written once."""
     from hpt.demo.task import make_questions
     from hpt.utils import atomic_write_text
 
     paths = {}
     directory.mkdir(parents=True, exist_ok=True)
-    for split, size in SPLIT_SIZES.items():
+    for split, size in sizes.items():
         path = directory / f"{split}.jsonl"
         if not path.exists():
             rows = [
@@ -123,7 +134,7 @@ def ensure_base(config: TrainConfig, *, log: Any = print) -> Path:
 
     root = demo_dir(config)
     base = root / "base"
-    data = write_task_data(root / "data", config.seed)
+    data = write_task_data(root / "data", config.seed, split_sizes(config))
     if (base / "config.json").exists():
         return base
     log(f"building the demo base model in {root} (once; cached)")
@@ -152,9 +163,9 @@ def resolve(config: TrainConfig, *, prepare: bool = True, log: Any = print) -> T
         return config
     root = demo_dir(config)
     data = (
-        write_task_data(root / "data", config.seed)
+        write_task_data(root / "data", config.seed, split_sizes(config))
         if prepare
-        else {split: root / "data" / f"{split}.jsonl" for split in SPLIT_SIZES}
+        else {split: root / "data" / f"{split}.jsonl" for split in split_sizes(config)}
     )
     model = config.model
     if model.path is None:

@@ -204,9 +204,10 @@ class DemoConfig:
         400, "SFT warm-up steps on the easy split so the model solves some questions", ge=0
     )
     pretrain_lr: float = opt(1e-3, "learning rate of the warm-up", gt=0)
-    train_questions: int = opt(512, "synthetic training questions", gt=0)
-    test_questions: int = opt(128, "synthetic held-out questions", gt=0)
-    extra: dict[str, Any] = opt(help="further demo settings, read by hpt.demo", factory=dict)
+    train_questions: int = opt(2000, "synthetic post-training questions (the train split)", gt=0)
+    test_questions: int = opt(
+        400, "synthetic held-out questions in each of the test and ood splits", gt=0
+    )
 
 
 @dataclass
