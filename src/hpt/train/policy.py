@@ -19,10 +19,24 @@ class Policy(nn.Module):
 
     Shapes: inputs [N, L]; ``response_index``/``labels`` [N, T]; outputs [N, T] (``values`` is None
     without a value head). The hidden state at ``response_index[i, t]`` predicts ``labels[i, t]``.
+    Log-probs and entropy are those of ``softmax(logits / temperature)``: the trainer passes the
+    rollouts' sampling temperature, so the ratio pi_theta / pi_old compares the sampling policy.
     """
 
-    def __init__(self, model: nn.Module, *, value_head: bool = False, chunk_size: int = 4096):
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        value_head: bool = False,
+        chunk_size: int = 4096,
+        temperature: float = 1.0,
+    ):
         super().__init__()
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        # log-probs and entropy of softmax(logits / T), the distribution the rollouts were sampled
+        # from (as verl and TRL); T = 0 (greedy rollouts) has no such distribution: T = 1 is used
+        self.temperature = temperature if temperature > 0 else 1.0
         self.model = model
         hidden = model.config.hidden_size
         self.value_head = nn.Linear(hidden, 1) if value_head else None
@@ -44,7 +58,7 @@ class Policy(nn.Module):
         hidden = hidden.gather(1, index)  # [N, T, H]
         head = self.model.get_output_embeddings()
         logprobs, entropy = token_logprobs_and_entropy(
-            hidden, head.weight, labels, chunk_size=self.chunk_size
+            hidden, head.weight, labels, chunk_size=self.chunk_size, temperature=self.temperature
         )
         values = (
             self.value_head(hidden.float()).squeeze(-1) if self.value_head is not None else None

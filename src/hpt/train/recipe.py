@@ -118,6 +118,7 @@ def collect_rows(
                         i,
                         reward,
                         rollout_weight,
+                        rollout.logprobs,
                     )
                 )
         if demo_kind is not None:
@@ -142,8 +143,12 @@ def prepare(
     algorithm: Algorithm,
     config: TrainConfig,
     need_old: bool,
-) -> None:
-    """Fill ``batch.extras``: advantages, and old log-probs / reference log-probs / values where needed."""
+) -> dict[str, float]:
+    """Fill ``batch.extras``: advantages, and old log-probs / reference log-probs / values where needed.
+
+    Returns metrics (``rollout/logprob_gap`` when old log-probs were computed).
+    """
+    metrics: dict[str, float] = {}
     if algorithm.needs_values:  # token-level GAE, filled in below once the values are known
         group_advantages = torch.zeros(len(batch))
     else:
@@ -153,7 +158,7 @@ def prepare(
     batch.extras["advantages"] = group_advantages.float()
     passes = need_old or reference is not None or algorithm.needs_values
     if not passes:
-        return
+        return metrics
     old, ref, values = [], [], []
     device = next(policy.parameters()).device
     for part in micro_batches(len(batch), config.optim.micro_batch_size):
@@ -168,6 +173,9 @@ def prepare(
             ref.append(_pad(reference(*args)[0], width))
     if need_old:
         batch.extras["old_logprobs"] = torch.cat(old).cpu()
+        gap = _sampling_gap(batch)
+        if gap is not None:
+            metrics["rollout/logprob_gap"] = gap
     if reference is not None:
         batch.extras["ref_logprobs"] = torch.cat(ref).cpu()
     if algorithm.needs_values:
@@ -183,6 +191,20 @@ def prepare(
         batch.extras["advantages"] = expanded
         batch.extras["old_values"] = values_t
         batch.extras["returns"] = returns
+    return metrics
+
+
+def _sampling_gap(batch: Batch) -> float | None:
+    """``rollout/logprob_gap``: mean |log pi_old - log pi_engine| over rollout tokens.
+
+    The trainer's and the rollout engine's log-probs of the same tokens should agree (same weights,
+    same temperature); a gap measures the engine's numerical mismatch (as verl's rollout correction).
+    """
+    sampled = batch.extras.get("sample_logprobs")
+    mask = batch.response_mask & (batch.kinds == KIND_ID["rollout"])[:, None]
+    if sampled is None or not mask.any():
+        return None
+    return float((batch.extras["old_logprobs"] - sampled).abs()[mask].mean())
 
 
 def _kinds_with_advantage(algorithm: Algorithm, name: str) -> list[int]:
@@ -303,14 +325,20 @@ def train_stage(config: TrainConfig, run: Any, model: Any = None, tokenizer: Any
     if model is None:
         model, tokenizer = load_model_and_tokenizer(config.model)
     data = run.stage_data(config, tokenizer, algorithm)
+    temperature = config.rollout.temperature  # train on the distribution the rollouts came from
     policy = Policy(
-        model, value_head=algorithm.needs_values, chunk_size=config.optim.logits_chunk_size
+        model,
+        value_head=algorithm.needs_values,
+        chunk_size=config.optim.logits_chunk_size,
+        temperature=temperature,
     )
     reference = None
     if algorithm.needs_reference_model:
         ref_model, _ = load_model_and_tokenizer(config.model)
         reference = Policy(
-            ref_model.eval().requires_grad_(False), chunk_size=config.optim.logits_chunk_size
+            ref_model.eval().requires_grad_(False),
+            chunk_size=config.optim.logits_chunk_size,
+            temperature=temperature,
         )
     optimizer = build_optimizer(policy, config.optim)
     scheduler = build_scheduler(optimizer, config.optim, config.max_steps)
@@ -346,8 +374,9 @@ def train_stage(config: TrainConfig, run: Any, model: Any = None, tokenizer: Any
             scheduler.step()
             continue
         batch = collate(collected.rows, data.pad_id, KIND_ID)
-        prepare(batch, policy, reference, algorithm, config, need_old)
+        prepared = prepare(batch, policy, reference, algorithm, config, need_old)
         metrics = update(batch, wrapped, optimizer, algorithm, config, need_old)
+        metrics.update(prepared)
         metrics["lr"] = scheduler.get_last_lr()[0]
         scheduler.step()
         seconds = time.perf_counter() - started
