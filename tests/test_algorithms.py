@@ -124,7 +124,7 @@ def test_hpt_is_the_released_recipe():
     assert sft == [Term("sft", "current", "one", coef=1.0, aggregation="token-mean")]
     assert rollout == [Term("rollout", "old", "group_centered", mask="none")]
     assert (a.aggregation, a.norm_length, a.entropy_coef, a.kl_coef) == (
-        "seq-mean-token-sum-norm",
+        "token-sum-norm",
         8192,
         0.001,
         0.0,

@@ -27,7 +27,13 @@ from hpt.estimator.shaping import SHAPINGS, get_shaping
         (SHAPINGS, ["none", "luffy"]),
         (
             AGGREGATIONS,
-            ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"],
+            [
+                "token-mean",
+                "seq-mean-token-mean",
+                "seq-mean-token-sum",
+                "seq-mean-token-sum-norm",
+                "token-sum-norm",
+            ],
         ),
     ],
 )
@@ -243,6 +249,8 @@ def test_aggregations_match_verl_definitions():
     assert float(
         aggregate("seq-mean-token-sum-norm", loss, mask, norm_length=8192)
     ) == pytest.approx(15 / 8192 / 3)
+    assert float(aggregate("token-sum-norm", loss, mask)) == pytest.approx(15 / 3)
+    assert float(aggregate("token-sum-norm", loss, mask, norm_length=8192)) == pytest.approx(15 / 8192)
     # mini-batch counts replace the local ones
     assert float(aggregate("token-mean", loss, mask, tokens=10)) == pytest.approx(1.5)
     assert float(aggregate("seq-mean-token-sum", loss, mask, sequences=6)) == pytest.approx(2.5)

@@ -19,6 +19,7 @@ AGGREGATIONS = [
     "seq-mean-token-mean",
     "seq-mean-token-sum",
     "seq-mean-token-sum-norm",
+    "token-sum-norm",
 ]
 
 
@@ -111,6 +112,7 @@ def expected_grad(algorithm, batch, row_weights=None):
             * torch.ones_like(lp),
             "seq-mean-token-sum": 1 / sequences.clamp_min(1) * torch.ones_like(lp),
             "seq-mean-token-sum-norm": 1 / (norm * sequences.clamp_min(1)) * torch.ones_like(lp),
+            "token-sum-norm": 1 / norm * torch.ones_like(lp),
         }[term.aggregation or algorithm.aggregation]
         grad -= term.coef * agg_weight * stable * inv_ref * adv * dg * km
     return grad
@@ -195,6 +197,8 @@ def verl_agg(loss, mask, mode, norm=None):
         return ((loss * mask).sum(-1) / (mask.sum(-1) + 1e-8)).sum() / rows
     if mode == "seq-mean-token-sum":
         return (loss * mask).sum() / rows
+    if mode == "token-sum-norm":  # the HPT fork's compute_policy_loss(loss_remove_token_mean=True)
+        return (loss * mask).sum() / (norm or loss.shape[-1])
     return ((loss * mask).sum(-1) / (norm or loss.shape[-1])).sum() / rows
 
 
@@ -400,6 +404,16 @@ def test_srft_terms():
 
 
 def test_hpt_is_sft_plus_unclipped_ratio_over_8192_plus_entropy_bonus():
+    """The released trainer's loss, transcribed by hand, for one micro-batch on one GPU.
+
+    ``mix_actor.update_policy`` with ``offline_loss_type=sft``, ``loss_remove_token_mean=True``,
+    ``loss_remove_clip=True``, ``sft_loss_coef=1``, ``entropy_coeff=0.001``, mini = micro batch:
+        sft_loss = masked_mean(-log_prob[demo rows], eos_mask[demo rows])
+        pg_losses = -A * exp(log_prob - old_log_prob)                       (rollout rows)
+        pg_loss = (pg_losses * eos_mask).sum() / eos_mask.shape[-1]   (the padded width = 8192)
+        policy_loss = (sft_loss * 1 + pg_loss) - masked_mean(entropy, response_mask) * 0.001
+        loss = policy_loss / gradient_accumulation                    (= 1)
+    """
     algorithm = get_algorithm("hpt")
     lp, old, mask, group, is_demo, rewards = grouped_batch(seed=10)
     entropy = torch.rand(lp.shape, dtype=torch.float64, requires_grad=True)
@@ -407,25 +421,33 @@ def test_hpt_is_sft_plus_unclipped_ratio_over_8192_plus_entropy_bonus():
     adv = outcome_advantages(algorithm, rewards, group, kinds=kinds).double()
     assert torch.all(adv[is_demo] == 1.0)
     m = mask.double()
-    sft, roll = m * is_demo[:, None], m * ~is_demo[:, None]
 
-    def original(x):
-        nll = -(x * sft).sum() / sft.sum()
-        rl = -(adv[:, None] * torch.exp(x - old) * roll).sum(-1) / 8192
-        bonus = (entropy * m).sum() / m.sum()
-        return nll + rl.sum() / (~is_demo).sum() - 0.001 * bonus
+    def official(x):
+        demo, roll = is_demo, ~is_demo
+        sft_loss = (-x[demo] * m[demo]).sum() / m[demo].sum()
+        pg_losses = -adv[roll][:, None] * torch.exp(x[roll] - old[roll])
+        width = 8192  # verl pads responses to max_response_length: eos_mask.shape[-1]
+        pg_loss = (pg_losses * m[roll]).sum() / width
+        entropy_loss = (entropy * m).sum() / m.sum()
+        policy_loss = sft_loss * 1.0 + pg_loss - entropy_loss * 0.001
+        return policy_loss / 1
 
     out = hpt.unified_loss(algorithm, lp, old, adv, mask, kinds=kinds, entropy=entropy)
-    torch.testing.assert_close(out.loss, original(lp))
+    torch.testing.assert_close(out.loss, official(lp))
     assert_same(
         lambda x: hpt.unified_loss(algorithm, x, old, adv, mask, kinds=kinds, entropy=entropy).loss,
-        original,
+        official,
         lp,
     )
     (grad_entropy,) = torch.autograd.grad(out.loss, entropy)
     torch.testing.assert_close(grad_entropy, -0.001 * m / m.sum())
     assert set(out.terms) == {"pg_sft", "pg_rollout", "pg_off_policy", "entropy"}
     assert out.terms["pg_off_policy"] == 0
+    # Dr.GRPO's normaliser would also divide the RL sum by the number of rollouts
+    dr = get_algorithm("hpt", aggregation="seq-mean-token-sum-norm")
+    rl_only = hpt.unified_loss(dr, lp, old, adv, mask, kinds=kinds).terms["pg_rollout"]
+    ours = hpt.unified_loss(algorithm, lp, old, adv, mask, kinds=kinds).terms["pg_rollout"]
+    torch.testing.assert_close(ours, rl_only * (~is_demo).sum())
 
 
 @pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
@@ -493,7 +515,7 @@ def test_micro_batches_sum_to_the_mini_batch(aggregation, name):
     torch.testing.assert_close(total, full_loss)
     torch.testing.assert_close(grad, full_grad)
     # per-micro-batch normalisation (the official code's) would not match:
-    if aggregation != "seq-mean-token-sum-norm" or name != "sft":
+    if aggregation not in ("seq-mean-token-sum-norm", "token-sum-norm") or name != "sft":
         local = sum(run(rows, None)[0] for rows in chunks)
         assert not torch.isclose(local, full_loss)
 

@@ -291,7 +291,7 @@ _TABLE: dict[str, _Entry] = {
             "routes": "switch",
             "group_with_demos": True,
             "rl_mask": "none",
-            "aggregation": "seq-mean-token-sum-norm",
+            "aggregation": "token-sum-norm",
             "norm_length": 8192,
             "entropy_coef": 0.001,
             "gate_threshold": 0.0,
@@ -561,7 +561,7 @@ def table_row(a: Algorithm) -> dict[str, str]:
     if a.group_with_demos and "off_policy" in a.kinds:
         advantage += " (group: rollouts + demo)"
     aggregation = _per_term(a, lambda t: t.aggregation or a.aggregation)
-    if a.norm_length and "seq-mean-token-sum-norm" in aggregation:
+    if a.norm_length and "token-sum-norm" in aggregation:
         aggregation += f" (/{a.norm_length})"
     shaping = f"p/(p+{a.shaping_gamma:g})"
     return {

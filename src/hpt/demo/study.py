@@ -167,7 +167,7 @@ METHODS: dict[str, Method] = {
                 **RL_ALGO,
                 "gate_threshold": 0.0,
                 "sft_coef": 1.0,
-                "aggregation": "seq-mean-token-sum-norm",
+                "aggregation": "token-sum-norm",
                 "norm_length": RESPONSE_TOKENS,  # the paper's 8192 = its response limit
             },
             optim={"lr": _lr("hpt")},

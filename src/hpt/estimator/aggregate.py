@@ -14,6 +14,14 @@ Rows count as sequences whether or not they have valid tokens, as in verl's curr
 - ``seq-mean-token-mean``:      ``sum_i (sum_t l m / |o_i|) / sequences``        (GRPO, arXiv 2402.03300)
 - ``seq-mean-token-sum``:       ``sum_{i,t} l m / sequences``
 - ``seq-mean-token-sum-norm``:  ``sum_{i,t} l m / norm_length / sequences``     (Dr.GRPO, arXiv 2503.20783)
+- ``token-sum-norm``:           ``sum_{i,t} l m / norm_length``                  (HPT's released trainer)
+
+``token-sum-norm`` is the official HPT code's ``loss_remove_token_mean`` path
+(``(pg_losses * eos_mask).sum() / eos_mask.shape[-1]`` with the response limit 8192 as the padded
+width): the token sum is divided by the constant only, not by the number of sequences, so the RL
+term grows with the number of rollout tokens while the SFT term (a token mean) does not. Here the
+sum runs over the whole optimiser mini-batch (all micro-batches, all ranks); the official code sums
+per micro-batch and per GPU, and FSDP then averages over GPUs (README, differences).
 
 ``norm_length`` is verl's ``loss_scale_factor``: a constant (HPT's recipe: 8192, the response
 limit); None uses the padded length T of the tensor given, which then varies between batches.
@@ -102,6 +110,23 @@ def seq_mean_token_sum_norm(
     """
     length = loss.shape[-1] if norm_length is None else norm_length
     return _masked_sum(loss, mask) / _safe(float(length)) / _safe(sequences)
+
+
+@register_aggregation("token-sum-norm")
+def token_sum_norm(
+    loss: Tensor,
+    mask: Tensor,
+    tokens: float | Tensor,
+    sequences: float | Tensor,
+    norm_length: int | None,
+) -> Tensor:
+    """``sum_{i,t} l m / norm_length`` (HPT's released ``loss_remove_token_mean``). [N,T] -> [].
+
+    No division by the number of sequences or tokens: a sum over the mini-batch is already
+    independent of how it is split into micro-batches. ``norm_length`` None: the padded length T.
+    """
+    length = loss.shape[-1] if norm_length is None else norm_length
+    return _masked_sum(loss, mask) / _safe(float(length))
 
 
 def aggregate(
