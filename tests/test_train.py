@@ -280,6 +280,22 @@ def test_paper_recipes_dry_run(config, capsys):
     assert "stage 1" in out and "max_response_tokens" in out
 
 
+def test_set_takes_several_pairs_after_one_flag(capsys):
+    config = str(Path(__file__).parents[1] / "configs" / "grpo.yaml")
+    argv = ["train", config, "--dry-run", "--set", "optim.lr=3e-6", "rollout.n=5", "--set", "seed=7"]
+    assert cli(argv) == 0
+    out = capsys.readouterr().out
+    assert "3e-06" in out and "rollouts_per_question    │ 5 " in out
+    from hpt.train.config import load_config
+
+    resolved = load_config(config, ["optim.lr=3e-6", "rollout.n=5", "seed=7"])
+    assert (resolved.optim.lr, resolved.rollout.n, resolved.seed) == (3e-6, 5, 7)
+    # a CONFIG after --set is not taken for an override silently
+    assert cli(["train", "--dry-run", "--set", "seed=1", config]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "key=value" in err[0] and "grpo.yaml" in err[0]
+
+
 def test_ddp_two_processes_match_one(tmp_path, tiny_dir, task_file):
     """torchrun with 2 gloo processes (DDP) for 2 steps gives the losses of one process."""
     import os

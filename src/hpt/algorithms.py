@@ -86,7 +86,7 @@ class Algorithm:
         clip_low: clip epsilon below 1. clip_high: clip epsilon above 1 (clip-higher).
         dual_clip: dual-clip constant c > 1 for A < 0, or None.
         aggregation: the RL terms' aggregation (token-mean | seq-mean-token-mean | seq-mean-token-sum
-            | seq-mean-token-sum-norm). norm_length: seq-mean-token-sum-norm's constant (None: padded T).
+            | seq-mean-token-sum-norm | token-sum-norm). norm_length: the *-norm constant (None: padded T).
         shaping_gamma: LUFFY's gamma in f(p) = p / (p + gamma).
         sft_coef: coefficient of the SFT terms. entropy_coef: entropy bonus (needs ``entropy``).
         kl_coef: KL-to-reference penalty (needs a reference model). kl_estimator: "k1" | "k2" | "k3".

@@ -1,4 +1,4 @@
-"""``hpt train [CONFIG.yaml] [--set key=value ...] [--dry-run]``."""
+"""``hpt train [CONFIG.yaml] [--set key=value [key=value ...]]... [--dry-run]``."""
 
 from __future__ import annotations
 
@@ -21,10 +21,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--set",
         dest="overrides",
-        action="append",
+        action="extend",
+        nargs="+",
         default=[],
         metavar="KEY=VALUE",
-        help="override a config key, e.g. --set optim.lr=1e-6 (repeatable)",
+        help="override config keys: --set optim.lr=1e-6 rollout.n=16 (several pairs after one flag, "
+        "or the flag repeated); put CONFIG before --set",
     )
     parser.add_argument(
         "--dry-run",

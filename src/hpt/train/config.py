@@ -571,7 +571,9 @@ def apply_override(raw: dict[str, Any], assignment: str, source: _Source | None 
     key, sep, text = assignment.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise ConfigError(f"--set expects key=value, got {assignment!r}")
+        raise ConfigError(
+            f"--set expects key=value, got {assignment!r} (a CONFIG file goes before --set)"
+        )
     try:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:
