@@ -38,8 +38,8 @@ class Settings:
     questions: int = 16  # TRL: generation batch / num_generations; hpt: data.questions_per_step
     n: int = 8  # TRL: num_generations; hpt: rollout.n
     max_new_tokens: int = 64  # TRL: max_completion_length; hpt: data.max_response_tokens
-    lr: float = 1e-4
-    steps: int = 40
+    lr: float = 3e-5
+    steps: int = 30
     eval_every: int = 10
     probe: int = 96  # probe questions: the first of the test split
     k: int = 4  # samples a probe question (temperature 1)
@@ -71,6 +71,7 @@ class Probe:
         self.questions = load_questions(path)[: settings.probe]
 
     def __call__(self, model: Any, tokenizer: Any) -> float:
+        from hpt.data import PromptBuilder
         from hpt.eval import evaluate_questions
         from hpt.rollout import SamplingParams
 
@@ -78,8 +79,9 @@ class Probe:
             temperature=1.0, top_p=1.0, max_new_tokens=self.settings.max_new_tokens, seed=1234
         )
         was_training = model.training
+        builder = PromptBuilder(tokenizer)  # the training prompts: chat template, no instruction
         out = evaluate_questions(
-            model, tokenizer, self.questions, k=self.settings.k, sampling=sampling
+            model, tokenizer, self.questions, k=self.settings.k, sampling=sampling, builder=builder
         )
         model.train(was_training)
         return float(out["avg@k"])

@@ -40,10 +40,29 @@ def test_questions_are_chat_prompts_with_correct_answers(splits):
 
 
 def test_demonstrations_end_with_the_boxed_answer(splits):
-    for questions in splits.values():
+    """Every split but easy is clean; easy's wrong demonstrations are exactly its carry slips."""
+    for name, questions in splits.items():
+        wrong = 0
         for q in questions:
-            assert q.demonstration.endswith(f"The answer is \\boxed{{{q.answer}}}.")
-            assert boxed(q.demonstration) == q.answer
+            a, b = q.meta["a"], q.meta["b"]
+            assert q.demonstration.endswith(f"The answer is \\boxed{{{boxed(q.demonstration)}}}.")
+            if boxed(q.demonstration) != q.answer:
+                wrong += 1
+                assert q.demonstration == demonstration(a, b, forget_carry=True)
+            assert q.answer == str(a + b)
+        if name != "easy":
+            assert wrong == 0
+        else:  # 30% slip; only the ones with a carry come out wrong
+            assert 0.1 * len(questions) < wrong < 0.3 * len(questions)
+
+
+def test_forgotten_carries():
+    assert demonstration(57, 48, forget_carry=True) == (
+        "7+8=15, carry 1. 5+4=9, carry 0. The answer is \\boxed{95}."
+    )
+    assert demonstration(7, 8, forget_carry=True) == "7+8=15, carry 1. The answer is \\boxed{5}."
+    assert demonstration(95, 5, forget_carry=True).endswith("\\boxed{90}.")
+    assert demonstration(3, 4, forget_carry=True) == demonstration(3, 4)  # no carry, no slip
 
 
 def test_demonstration_example():

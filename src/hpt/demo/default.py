@@ -53,6 +53,7 @@ def split_sizes(config: TrainConfig) -> dict[str, int]:
         "train": config.demo.train_questions,
         "test": held_out,
         "ood": held_out,
+        "val": held_out,
     }
 
 
@@ -65,7 +66,7 @@ def cache_root() -> Path:
 def _key(config: TrainConfig) -> str:
     demo = dataclasses.asdict(config.demo)
     blob = json.dumps(
-        {"demo": demo, "seed": config.seed, "sizes": split_sizes(config), "v": 1}, sort_keys=True
+        {"demo": demo, "seed": config.seed, "sizes": split_sizes(config), "v": 2}, sort_keys=True
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 

@@ -9,11 +9,19 @@ to SFT or RL by how often the model gets it right.
 
 Splits (all deterministic for a seed):
 
-- ``"easy"``: levels 1-2 and a thin share (7%) of level 3, the pre-training data.
+- ``"easy"``: levels 1-2 and a thin share (7%) of level 3, the pre-training data. A share of its
+  demonstrations (:data:`EASY_SLIP`, 30%) make one systematic mistake: they write each carry
+  down and then forget to add it (``7+8=15, carry 1. 5+4=9, carry 0.``), ending with a wrong sum.
+  A model pre-trained on it forgets carries now and then when it samples: an error that rewards
+  can remove (RL) and that greedy decoding mostly hides.
 - ``"train"``: levels 1-3 in equal parts, the post-training distribution.
 - ``"test"``: the same distribution as ``"train"``, held out: an addition ``(a, b)`` that can appear
   in ``"test"`` never appears in ``"easy"`` or ``"train"``.
 - ``"ood"``: levels 4-5, harder than anything trained on.
+- ``"val"``: the distribution of ``"test"`` from another stream, for choosing settings (a
+  learning rate) without looking at ``"test"``.
+
+Only ``"easy"`` has wrong demonstrations; every split's ``answer`` is the true sum.
 """
 
 from __future__ import annotations
@@ -45,13 +53,17 @@ class SplitSpec:
     levels: tuple[int, ...]
     weights: tuple[float, ...]
     held_out: bool  # True: only additions reserved for evaluation; False: only the others
+    slip: float = 0.0  # share of demonstrations that forget to add their carries
 
+
+EASY_SLIP = 0.3
 
 SPLITS: dict[str, SplitSpec] = {
-    "easy": SplitSpec(levels=(1, 2, 3), weights=(1.0, 1.0, 0.15), held_out=False),
+    "easy": SplitSpec(levels=(1, 2, 3), weights=(1.0, 1.0, 0.15), held_out=False, slip=EASY_SLIP),
     "train": SplitSpec(levels=(1, 2, 3), weights=(1.0, 1.0, 1.0), held_out=False),
     "test": SplitSpec(levels=(1, 2, 3), weights=(1.0, 1.0, 1.0), held_out=True),
     "ood": SplitSpec(levels=(4, 5), weights=(1.0, 1.0), held_out=True),
+    "val": SplitSpec(levels=(1, 2, 3), weights=(1.0, 1.0, 1.0), held_out=True),
 }
 
 HELD_OUT_MODULUS = 5  # one addition in five is reserved for the held-out splits
@@ -84,21 +96,27 @@ def problem_text(a: int, b: int, rng: random.Random) -> str:
     return template.format(a=a, b=b, name=rng.choice(NAMES), items=rng.choice(ITEMS))
 
 
-def demonstration(a: int, b: int) -> str:
+def demonstration(a: int, b: int, *, forget_carry: bool = False) -> str:
     """The worked solution of ``a + b``: one column at a time from the units, with carries.
 
     Example: ``demonstration(57, 48)`` is
     ``"7+8=15, carry 1. 5+4+1=10, carry 1. The answer is \\boxed{105}."``
+    With ``forget_carry`` every carry is written down and then not added (a systematic slip):
+    ``"7+8=15, carry 1. 5+4=9, carry 0. The answer is \\boxed{95}."``
     """
     width = max(len(str(a)), len(str(b)))
     digits_a, digits_b = str(a).zfill(width)[::-1], str(b).zfill(width)[::-1]
-    steps, carry = [], 0
+    steps, digits, carry = [], [], 0
     for x, y in zip(digits_a, digits_b):
         total = int(x) + int(y) + carry
         terms = f"{x}+{y}" + (f"+{carry}" if carry else "")
-        carry = total // 10
-        steps.append(f"{terms}={total}, carry {carry}.")
-    return " ".join(steps) + f" The answer is \\boxed{{{a + b}}}."
+        steps.append(f"{terms}={total}, carry {total // 10}.")
+        digits.append(str(total % 10))
+        carry = 0 if forget_carry else total // 10
+    written = "".join(reversed(digits)).lstrip("0") or "0"
+    if carry:
+        written = str(carry) + "".join(reversed(digits))
+    return " ".join(steps) + f" The answer is \\boxed{{{written}}}."
 
 
 def make_questions(split: str, n: int, seed: int = 0) -> list[Question]:
@@ -124,12 +142,13 @@ def make_questions(split: str, n: int, seed: int = 0) -> list[Question]:
     for index in range(n):
         level = rng.choices(spec.levels, weights=spec.weights)[0]
         a, b = sample_operands(rng, level, spec.held_out)
+        slip = spec.slip > 0 and rng.random() < spec.slip
         questions.append(
             Question(
                 id=f"arith-{split}-{seed}-{index}",
                 prompt=[{"role": "user", "content": problem_text(a, b, rng)}],
                 answer=str(a + b),
-                demonstration=demonstration(a, b),
+                demonstration=demonstration(a, b, forget_carry=slip),
                 source=f"arith-{level}",
                 meta={"level": level, "a": a, "b": b},
             )
