@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-slow lint format bench demo clean
+.PHONY: run test test-slow lint format bench learning-curve demo clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,12 +43,18 @@ demo: $(STAMP)
 
 # TRL lives in its own venv (outside the repo) so it cannot change the project's dependencies.
 BENCH_VENV ?= ../bench-venv
-bench:
-	@test -x $(BENCH_VENV)/bin/python || { $(PYTHON) -m venv $(BENCH_VENV) && \
-	  $(BENCH_VENV)/bin/pip install --quiet torch==2.13.0 && \
-	  $(BENCH_VENV)/bin/pip install --quiet trl==1.16.0 transformers==5.24.0 && \
-	  $(BENCH_VENV)/bin/pip install --quiet -e .; }
+$(BENCH_VENV)/bin/python:
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install --quiet torch==2.13.0
+	$(BENCH_VENV)/bin/pip install --quiet trl==1.16.0 transformers==5.24.0
+	$(BENCH_VENV)/bin/pip install --quiet -e .
+
+bench: $(BENCH_VENV)/bin/python
 	$(BENCH_VENV)/bin/python benchmarks/grpo_step.py $(ARGS)
+
+# the positive control: GRPO raises sampled accuracy on a fixed probe, in hpt and in TRL (3 seeds)
+learning-curve: $(BENCH_VENV)/bin/python
+	$(BENCH_VENV)/bin/python benchmarks/learning_curve.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -246,7 +246,11 @@ def summarise(settings: Settings, curves: dict[str, dict[int, list[float]]]) -> 
             "gain_mean": mean_std(gains)[0],
             "gain_std": mean_std(gains)[1],
         }
-    return {"settings": asdict(settings), "steps": steps[: len(next(iter(sides.values()))["mean"])], "sides": sides}
+    return {
+        "settings": asdict(settings),
+        "steps": steps[: len(next(iter(sides.values()))["mean"])],
+        "sides": sides,
+    }
 
 
 def table(summary: dict[str, Any]) -> str:
@@ -254,7 +258,8 @@ def table(summary: dict[str, Any]) -> str:
     lines.append("step  " + "  ".join(f"{side:>15}" for side in summary["sides"]))
     for i, step in enumerate(summary["steps"]):
         cells = [
-            f"{100 * s['mean'][i]:6.1f} ± {100 * s['std'][i]:4.1f}" for s in summary["sides"].values()
+            f"{100 * s['mean'][i]:6.1f} ± {100 * s['std'][i]:4.1f}"
+            for s in summary["sides"].values()
         ]
         lines.append(f"{step:4d}  " + "  ".join(f"{c:>15}" for c in cells))
     for side, s in summary["sides"].items():
@@ -310,7 +315,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             import trl  # noqa: F401
         except ImportError:
-            print("TRL is not installed here: run `make learning-curve` (benchmarks/README.md)", file=sys.stderr)
+            print(
+                "TRL is not installed here: run `make learning-curve` (benchmarks/README.md)",
+                file=sys.stderr,
+            )
             return 2
     import tempfile
 
@@ -328,7 +336,9 @@ def main(argv: list[str] | None = None) -> int:
                 curve = RUNNERS[side](settings, seed, paths, Path(tmp))
             curves[side][seed] = curve
             shown = " ".join(f"{100 * v:.1f}" for v in curve)
-            print(f"{side} seed {seed}: {shown}  ({time.perf_counter() - started:.0f} s)", flush=True)
+            print(
+                f"{side} seed {seed}: {shown}  ({time.perf_counter() - started:.0f} s)", flush=True
+            )
     summary = summarise(settings, curves)
     print(table(summary))
     output = Path(args.output)

@@ -250,7 +250,9 @@ def test_aggregations_match_verl_definitions():
         aggregate("seq-mean-token-sum-norm", loss, mask, norm_length=8192)
     ) == pytest.approx(15 / 8192 / 3)
     assert float(aggregate("token-sum-norm", loss, mask)) == pytest.approx(15 / 3)
-    assert float(aggregate("token-sum-norm", loss, mask, norm_length=8192)) == pytest.approx(15 / 8192)
+    assert float(aggregate("token-sum-norm", loss, mask, norm_length=8192)) == pytest.approx(
+        15 / 8192
+    )
     # mini-batch counts replace the local ones
     assert float(aggregate("token-mean", loss, mask, tokens=10)) == pytest.approx(1.5)
     assert float(aggregate("seq-mean-token-sum", loss, mask, sequences=6)) == pytest.approx(2.5)

@@ -282,7 +282,16 @@ def test_paper_recipes_dry_run(config, capsys):
 
 def test_set_takes_several_pairs_after_one_flag(capsys):
     config = str(Path(__file__).parents[1] / "configs" / "grpo.yaml")
-    argv = ["train", config, "--dry-run", "--set", "optim.lr=3e-6", "rollout.n=5", "--set", "seed=7"]
+    argv = [
+        "train",
+        config,
+        "--dry-run",
+        "--set",
+        "optim.lr=3e-6",
+        "rollout.n=5",
+        "--set",
+        "seed=7",
+    ]
     assert cli(argv) == 0
     out = capsys.readouterr().out
     assert "3e-06" in out and "rollouts_per_question    │ 5 " in out

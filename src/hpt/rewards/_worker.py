@@ -18,8 +18,8 @@ the parent closes its stdin or dies.
 
 from __future__ import annotations
 
-import importlib
 import os
+import pkgutil
 import signal
 import sys
 import threading
@@ -39,11 +39,7 @@ def resolve(reference: str, cache: dict[str, Callable[..., Any]]) -> Callable[..
     """The function named by ``"module:qualified.name"`` (imported once, then cached)."""
     function = cache.get(reference)
     if function is None:
-        module_name, _, qualname = reference.partition(":")
-        target: Any = importlib.import_module(module_name)
-        for part in qualname.split("."):
-            target = getattr(target, part)
-        function = cache[reference] = target
+        function = cache[reference] = pkgutil.resolve_name(reference)
     return function
 
 

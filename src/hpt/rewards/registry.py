@@ -15,9 +15,9 @@ An item that times out, crashes or cannot be scored scores 0.0 and is counted, i
 
 from __future__ import annotations
 
-import importlib
 import logging
 import math
+import pkgutil
 import sys
 import threading
 import time
@@ -123,10 +123,8 @@ def _reference(function: Callable[..., Any]) -> str | None:
     if not module or module == "__main__" or "<locals>" in qualname or "<lambda>" in qualname:
         return None
     try:
-        target: Any = importlib.import_module(module)
-        for part in qualname.split("."):
-            target = getattr(target, part)
-    except (ImportError, AttributeError):
+        target = pkgutil.resolve_name(f"{module}:{qualname}")
+    except (ImportError, AttributeError, ValueError):
         return None
     return f"{module}:{qualname}" if target is function else None
 
@@ -143,10 +141,7 @@ def call_batch(
     for entry in sys_path:
         if entry not in sys.path:
             sys.path.append(entry)
-    module_name, _, qualname = reference.partition(":")
-    target: Any = importlib.import_module(module_name)
-    for part in qualname.split("."):
-        target = getattr(target, part)
+    target = pkgutil.resolve_name(reference)
     return _checked_values(target(list(responses), list(answers)), len(responses), reference)
 
 
@@ -292,9 +287,7 @@ def _import_function(path: str) -> BatchFunction:
     if not module_name or not qualname:
         raise RewardError(f"reward {path!r}: expected 'module:function'")
     try:
-        target: Any = importlib.import_module(module_name)
-        for part in qualname.split("."):
-            target = getattr(target, part)
+        target: Any = pkgutil.resolve_name(path)
     except Exception as error:
         line = (str(error).splitlines() or [""])[0]
         raise RewardError(

@@ -26,16 +26,14 @@ ENGINES: dict[str, str] = {"hf": "hpt.rollout.hf:HFEngine", "vllm": "hpt.rollout
 
 def make_engine(name: str, model: Any, tokenizer: Any, **options: Any) -> Any:
     """The rollout engine registered as ``name`` (``hf`` or ``vllm``), built for ``model``."""
-    import importlib
+    import inspect
+    import pkgutil
 
     from hpt.errors import ConfigError
 
     if name not in ENGINES:
         raise ConfigError(f"unknown rollout engine {name!r}; choose from {', '.join(ENGINES)}")
-    import inspect
-
-    module, cls = ENGINES[name].split(":")
-    engine = getattr(importlib.import_module(module), cls)
+    engine = pkgutil.resolve_name(ENGINES[name])
     accepted = inspect.signature(engine).parameters
     # each engine takes the options it knows (batch_size for hf, model_path for vllm, ...)
     return engine(model, tokenizer, **{k: v for k, v in options.items() if k in accepted})
@@ -43,10 +41,9 @@ def make_engine(name: str, model: Any, tokenizer: Any, **options: Any) -> Any:
 
 def __getattr__(name: str) -> Any:
     if name in ("HFEngine", "VLLMEngine"):  # transformers / vllm load only when asked for
-        import importlib
+        import pkgutil
 
-        module, cls = ENGINES["hf" if name == "HFEngine" else "vllm"].split(":")
-        return getattr(importlib.import_module(module), cls)
+        return pkgutil.resolve_name(ENGINES["hf" if name == "HFEngine" else "vllm"])
     raise AttributeError(f"module 'hpt.rollout' has no attribute {name!r}")
 
 
