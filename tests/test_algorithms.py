@@ -240,8 +240,9 @@ def test_algorithm_dataclass_has_the_contract_fields():
     assert fields >= {
         "name", "source", "description", "terms", "routes", "group_with_demos", "clip_low", "clip_high",
         "dual_clip", "aggregation", "norm_length", "shaping_gamma", "sft_coef", "entropy_coef", "kl_coef",
-        "kl_estimator", "gate_threshold", "gate_upper", "soft_gate", "ppo_epochs", "gae_gamma", "gae_lambda",
+        "kl_estimator", "gate_threshold", "gate_upper", "soft_gate", "gae_gamma", "gae_lambda",
     }  # fmt: skip
+    assert not fields & {"ppo_epochs", "lr"}  # the trainer's config owns these
 
 
 def test_public_api_is_exported_and_import_stays_light():

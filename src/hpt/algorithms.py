@@ -93,9 +93,8 @@ class Algorithm:
         gate_threshold: a question goes to SFT when its fraction correct P <= this.
         gate_upper: three_band: off_policy when gate_threshold < P <= gate_upper.
         soft_gate: soft gate: table of (P_max, alpha_rl, beta_sft) rows or a callable P -> (alpha, beta).
-        ppo_epochs: passes over each batch of rollouts. gae_gamma, gae_lambda: GAE's discount and lambda.
+        gae_gamma, gae_lambda: GAE's discount and lambda.
         rl_mask: the stabilisation mask of the rollout terms (override ``clip=True`` sets "clip").
-        lr: the source recipe's learning rate (advisory: the trainer's config decides).
     """
 
     name: str
@@ -117,11 +116,9 @@ class Algorithm:
     gate_threshold: float = 0.0
     gate_upper: float = 0.5
     soft_gate: SoftGate = DEFAULT_SOFT_GATE
-    ppo_epochs: int = 1
     gae_gamma: float = 1.0
     gae_lambda: float = 0.95
     rl_mask: str = "none"
-    lr: float | None = None
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -185,7 +182,7 @@ _TABLE: dict[str, _Entry] = {
         "supervised fine-tuning (LUFFY's SFT baseline setting, arXiv 2504.14945)",
         "maximise the demonstration's likelihood: mean token NLL",
         lambda a: (Term("sft", "current", "one", coef=a.sft_coef),),
-        {"routes": "sft", "aggregation": "token-mean", "lr": 5e-5},
+        {"routes": "sft", "aggregation": "token-mean"},
     ),
     "reinforce": _Entry(
         "REINFORCE (Williams 1992); the UPGE table's +-1 advantage",
@@ -266,7 +263,7 @@ _TABLE: dict[str, _Entry] = {
             Term("off_policy", "one", "group_norm", shaping="luffy"),
             Term("rollout", "current", "sign", mask=a.rl_mask, weight="srft_rollout"),
         ),
-        {"routes": "off_policy", "group_with_demos": True, "aggregation": "token-mean", "lr": 1e-6},
+        {"routes": "off_policy", "group_with_demos": True, "aggregation": "token-mean"},
     ),
     "luffy": _Entry(
         "LUFFY (Yan et al. 2025, arXiv 2504.14945), clip removed as in its scripts",
@@ -275,7 +272,7 @@ _TABLE: dict[str, _Entry] = {
             Term("rollout", "old", "group_norm", mask=a.rl_mask),
             Term("off_policy", "one", "group_norm", shaping="luffy"),
         ),
-        {"routes": "off_policy", "group_with_demos": True, "aggregation": "token-mean", "lr": 1e-6},
+        {"routes": "off_policy", "group_with_demos": True, "aggregation": "token-mean"},
     ),
     "hpt": _Entry(
         "HPT (Lv et al. 2025, arXiv 2509.04419), the released recipe (exp_scripts/train.sh)",
@@ -295,7 +292,6 @@ _TABLE: dict[str, _Entry] = {
             "norm_length": 8192,
             "entropy_coef": 0.001,
             "gate_threshold": 0.0,
-            "lr": 5e-6,
         },
     ),
 }
@@ -388,8 +384,8 @@ def _checked(name: str, key: str, value: Any) -> Any:
         ):
             raise ConfigError(f"{where}: expected None or a number > 1, got {value!r}")
         return None if value is None else float(value)
-    if key in ("norm_length", "ppo_epochs"):
-        if value is None and key == "norm_length":
+    if key == "norm_length":
+        if value is None:
             return None
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{where}: expected a positive integer, got {value!r}")
@@ -397,12 +393,6 @@ def _checked(name: str, key: str, value: Any) -> Any:
     if key == "group_with_demos":
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if key == "lr":
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0
-        ):
-            raise ConfigError(f"{where}: expected None or a positive number, got {value!r}")
         return value
     if key == "soft_gate":
         return _soft_gate(where, value)

@@ -53,10 +53,6 @@ def section(cls: type, help: str) -> Any:
 # The schema
 # --------------------------------------------------------------------------------------------
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-OVERLONG_POLICIES = ("drop", "truncate", "error")
-
-
 @dataclass
 class ModelConfig:
     """The policy model and its tokenizer."""
