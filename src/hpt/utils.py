@@ -1,4 +1,4 @@
-"""Small helpers shared by the layers: progress bars, seeding, atomic file writes.
+"""Small helpers shared by the layers: progress bars, atomic file writes, JSON conversion.
 
 ``import hpt.utils`` is light: rich, numpy and torch are imported inside the functions that need
 them.
@@ -9,10 +9,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -133,45 +132,6 @@ def progress(
     with Progress(*parts, console=console, transient=transient) as rich_progress:
         task = rich_progress.add_task(description, total=total, completed=completed, **fields)
         yield ProgressBar(rich_progress, task)
-
-
-def track(
-    items: Iterable[T],
-    description: str,
-    *,
-    total: float | None = None,
-    enabled: bool = True,
-) -> Iterator[T]:
-    """Iterate over ``items`` with a transient progress bar (see :func:`progress`)."""
-    if total is None and hasattr(items, "__len__"):
-        total = len(items)  # type: ignore[arg-type]
-    with progress(description, total, enabled=enabled) as bar:
-        for item in items:
-            yield item
-            bar.advance()
-
-
-# --------------------------------------------------------------------------------------------
-# Seeding
-# --------------------------------------------------------------------------------------------
-
-
-def seed_everything(seed: int, *, deterministic: bool = False) -> None:
-    """Seed Python's ``random``, numpy and torch (CPU and every CUDA device).
-
-    Args:
-        seed: The seed.
-        deterministic: Also ask torch for deterministic kernels (slower on GPU; raises at run
-            time on an operation that has none).
-    """
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)  # seeds every CUDA device too
-    if deterministic:
-        torch.use_deterministic_algorithms(True)
 
 
 # --------------------------------------------------------------------------------------------
