@@ -513,10 +513,8 @@ def evaluate(
 
 
 def _default_benchmark_dir() -> Path | None:
-    try:
-        from hpt.data.loaders import benchmark_dir
-    except ImportError:  # pragma: no cover - hpt.data always has it
-        return None
+    from hpt.data.loaders import benchmark_dir
+
     return benchmark_dir()
 
 

@@ -691,11 +691,9 @@ def _fill_derived(config: TrainConfig) -> TrainConfig:
 
 
 def _check_algorithm(config: TrainConfig, prefix: str, source: _Source) -> None:
-    """Validate the algorithm name and its overrides with hpt.algorithms (when it is installed)."""
-    try:
-        from hpt.algorithms import get_algorithm, list_algorithms
-    except ImportError:  # the algorithms layer is optional for reading configs
-        return
+    """Validate the algorithm name and its overrides with hpt.algorithms."""
+    from hpt.algorithms import get_algorithm, list_algorithms
+
     key = f"{prefix}algorithm"
     names = list_algorithms()
     if config.algorithm not in names:
