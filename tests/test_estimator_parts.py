@@ -265,3 +265,23 @@ def test_aggregation_ignores_nan_outside_the_mask_and_empty_is_zero():
         assert math.isfinite(float(aggregate(name, loss, mask)))
         assert float(aggregate(name, torch.zeros(0, 4), torch.zeros(0, 4))) == 0.0
         assert float(aggregate(name, loss, torch.zeros_like(mask))) == 0.0
+
+
+def test_part_traits_live_with_the_registration():
+    """What a part needs is declared where it is registered; the algorithm reads it from there."""
+    from hpt.algorithms import Term, get_algorithm
+    from hpt.estimator import Registry
+
+    registry: Registry = Registry("thing")
+    registry.register("a", needs_old=True, symbol="A")(lambda: None)
+    assert registry.trait("a", "needs_old") is True and registry.trait("a", "symbol") == "A"
+    assert registry.trait("a", "token_level") is False
+    with pytest.raises(ValueError, match="unknown thing 'b'"):
+        registry.trait("b", "needs_old")
+    assert REFERENCES.trait("old", "needs_old") and not REFERENCES.trait("current", "needs_old")
+    assert ADVANTAGES.trait("gae", "token_level") and MASKS.trait("clip", "needs_old")
+    # an on-policy term needs no pi_old; the same term clipped does
+    sft = get_algorithm("sft")
+    assert not sft.needs_old_logprobs and not sft.needs_values
+    assert get_algorithm("grpo").needs_old_logprobs and get_algorithm("ppo").needs_values
+    assert get_algorithm("srft").needs_entropy and Term("sft", "current", "one").mask == "none"

@@ -28,8 +28,6 @@ from hpt.errors import ConfigError
 from hpt.estimator.advantage import (
     ADVANTAGES,
     SEQUENCE_WEIGHTS,
-    TOKEN_LEVEL,
-    USES_ENTROPY,
     get_advantage,
 )
 from hpt.estimator.aggregate import AGGREGATIONS
@@ -143,13 +141,16 @@ class Algorithm:
 
     @property
     def needs_old_logprobs(self) -> bool:
-        """Whether a term divides by pi_old (references old / sequence, or a ratio-based mask)."""
-        return any(t.reference in ("old", "sequence") or t.mask != "none" for t in self.terms)
+        """Whether a term divides by pi_old (its reference or its mask needs the ratio)."""
+        return any(
+            REFERENCES.trait(t.reference, "needs_old") or MASKS.trait(t.mask, "needs_old")
+            for t in self.terms
+        )
 
     @property
     def needs_values(self) -> bool:
         """Whether a term uses GAE (a critic)."""
-        return any(t.advantage in TOKEN_LEVEL for t in self.terms)
+        return any(ADVANTAGES.trait(t.advantage, "token_level") for t in self.terms)
 
     @property
     def needs_reference_model(self) -> bool:
@@ -159,7 +160,9 @@ class Algorithm:
     @property
     def needs_entropy(self) -> bool:
         """Whether ``unified_loss`` should get token entropies (bonus or SRFT's weights)."""
-        return self.entropy_coef != 0 or any(t.weight in USES_ENTROPY for t in self.terms)
+        return self.entropy_coef != 0 or any(
+            SEQUENCE_WEIGHTS.trait(t.weight, "uses_entropy") for t in self.terms
+        )
 
 
 @dataclass(frozen=True)
@@ -482,7 +485,7 @@ def outcome_advantages(
             out[rows] = 1.0
             continue
         (estimator,) = names
-        if estimator in TOKEN_LEVEL:
+        if ADVANTAGES.trait(estimator, "token_level"):
             raise ConfigError(
                 f"algorithm {algorithm.name!r} uses the token-level {estimator!r} advantage: compute it with "
                 "hpt.estimator.advantage.gae(values, rewards, response_mask, gamma, lam)"
@@ -493,33 +496,13 @@ def outcome_advantages(
 
 # ---- the table, printed from the code --------------------------------------------------------
 
-_REFERENCE_SYMBOL = {
-    "current": "pi_theta",
-    "old": "pi_old",
-    "one": "1",
-    "sequence": "pi_theta (pi_old/pi_theta)^(1/|tau|)",
-}
-_ADVANTAGE_SYMBOL = {
-    "one": "1",
-    "sign": "+-1",
-    "group_norm": "(R - mean)/std",
-    "group_centered": "R - mean",
-    "rloo": "R - mean(others)",
-    "batch_whiten": "(R - mean_batch)/std_batch",
-    "gae": "GAE",
-}
 _KIND_LABEL = {"rollout": "on", "sft": "sft", "off_policy": "off"}
 
 
 def _mask_symbol(algorithm: Algorithm, mask: str) -> str:
     bounds = f"[{1 - algorithm.clip_low:g}, {1 + algorithm.clip_high:g}]"
     dual = f", dual {algorithm.dual_clip:g}" if algorithm.dual_clip else ""
-    return {
-        "none": "none",
-        "clip": f"clip {bounds}{dual}",
-        "cispo": f"sg clip IS weight {bounds}",
-        "sequence_clip": f"sequence clip {bounds}",
-    }.get(mask, mask)
+    return MASKS.trait(mask, "symbol", mask).format(bounds=bounds, dual=dual)
 
 
 def _per_term(algorithm: Algorithm, describe: Callable[[Term], str]) -> str:
@@ -531,7 +514,7 @@ def _per_term(algorithm: Algorithm, describe: Callable[[Term], str]) -> str:
 
 
 def _advantage_text(term: Term) -> str:
-    text = _ADVANTAGE_SYMBOL.get(term.advantage, term.advantage)
+    text = ADVANTAGES.trait(term.advantage, "symbol", term.advantage)
     return text if term.weight == "none" else f"{text} x {term.weight}"
 
 
@@ -557,7 +540,7 @@ def table_row(a: Algorithm) -> dict[str, str]:
     return {
         "name": a.name,
         "data": " + ".join(data),
-        "pi_ref": _per_term(a, lambda t: _REFERENCE_SYMBOL.get(t.reference, t.reference)),
+        "pi_ref": _per_term(a, lambda t: REFERENCES.trait(t.reference, "symbol", t.reference)),
         "A_hat": advantage,
         "mask": _per_term(a, lambda t: _mask_symbol(a, t.mask)),
         "shaping": _per_term(a, lambda t: shaping if t.shaping == "luffy" else "none"),

@@ -31,6 +31,11 @@ F = TypeVar("F", bound=Callable[..., Any])
 class Registry(Generic[F]):
     """A named table of functions: ``@registry.register("name")`` adds, ``registry.get`` looks up.
 
+    Each entry carries its traits, given at registration: what the trainer must provide for it
+    (``needs_old``: pi_old log-probs, ``token_level``: a value head and token advantages,
+    ``uses_entropy``: token entropies), what it reports (``ratio``: pi/pi_old is meaningful) and its
+    display ``symbol`` in ``hpt algorithms``. Adding a part is one registration.
+
     Args:
         what: what the registry holds, for error messages ("advantage estimator", ...).
     """
@@ -38,17 +43,24 @@ class Registry(Generic[F]):
     def __init__(self, what: str) -> None:
         self.what = what
         self._items: dict[str, F] = {}
+        self._traits: dict[str, dict[str, Any]] = {}
 
-    def register(self, name: str) -> Callable[[F], F]:
-        """Decorator adding a function under ``name`` (a name may be registered once)."""
+    def register(self, name: str, **traits: Any) -> Callable[[F], F]:
+        """Decorator adding a function under ``name`` with its ``traits`` (registered once)."""
 
         def decorator(fn: F) -> F:
             if name in self._items and self._items[name] is not fn:
                 raise ValueError(f"{self.what} {name!r} is already registered")
             self._items[name] = fn
+            self._traits[name] = dict(traits)
             return fn
 
         return decorator
+
+    def trait(self, name: str, key: str, default: Any = False) -> Any:
+        """The trait ``key`` of the entry ``name`` (``default`` when it has none)."""
+        self.get(name)  # unknown names fail with the list of valid ones
+        return self._traits[name].get(key, default)
 
     def get(self, name: str) -> F:
         """The function registered as ``name``; ConfigError (a ValueError) listing valid names."""

@@ -32,12 +32,10 @@ EPS = 1e-6  # GRPO's std epsilon (verl / TRL)
 OutcomeFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 ADVANTAGES: Registry[OutcomeFn] = Registry("advantage estimator")
 register_advantage = ADVANTAGES.register
-TOKEN_LEVEL: frozenset[str] = frozenset({"gae"})  # estimators that need values, not rewards only
 
 WeightFn = Callable[[Tensor, Tensor], Tensor]
 SEQUENCE_WEIGHTS: Registry[WeightFn] = Registry("sequence weight")
 register_sequence_weight = SEQUENCE_WEIGHTS.register
-USES_ENTROPY: frozenset[str] = frozenset({"srft_sft", "srft_rollout"})  # weights that read H
 
 
 def get_advantage(name: str) -> OutcomeFn:
@@ -94,13 +92,13 @@ def group_stats(rewards: Tensor, group: Tensor, include: Tensor) -> GroupStats:
     )
 
 
-@register_advantage("one")
+@register_advantage("one", symbol="1")
 def one(rewards: Tensor, group: Tensor, include: Tensor) -> Tensor:
     """``A = 1`` for every row (SFT: maximise the demonstration's likelihood). [N] -> [N]."""
     return torch.ones_like(rewards, dtype=torch.float32)
 
 
-@register_advantage("sign")
+@register_advantage("sign", symbol="+-1")
 def sign(rewards: Tensor, group: Tensor, include: Tensor) -> Tensor:
     """REINFORCE's ``A = +1`` for a positive (correct) reward, ``-1`` otherwise. [N] -> [N].
 
@@ -109,7 +107,7 @@ def sign(rewards: Tensor, group: Tensor, include: Tensor) -> Tensor:
     return torch.where(rewards > 0, 1.0, -1.0).to(torch.float32)
 
 
-@register_advantage("group_norm")
+@register_advantage("group_norm", symbol="(R - mean)/std")
 def group_norm(rewards: Tensor, group: Tensor, include: Tensor) -> Tensor:
     """GRPO: ``(r - mean_group) / (std_group + 1e-6)`` with the unbiased sample std, as verl and TRL.
 
@@ -120,7 +118,7 @@ def group_norm(rewards: Tensor, group: Tensor, include: Tensor) -> Tensor:
     return torch.where(stats.constant, 0.0, value).to(torch.float32)
 
 
-@register_advantage("group_centered")
+@register_advantage("group_centered", symbol="R - mean")
 def group_centered(rewards: Tensor, group: Tensor, include: Tensor) -> Tensor:
     """Dr.GRPO: ``r - mean_group`` (no std; arXiv 2503.20783). Groups of one give 0. [N] -> [N]."""
     stats = group_stats(rewards, group, include)
@@ -128,7 +126,7 @@ def group_centered(rewards: Tensor, group: Tensor, include: Tensor) -> Tensor:
     return torch.where(stats.constant, 0.0, value).to(torch.float32)
 
 
-@register_advantage("rloo")
+@register_advantage("rloo", symbol="R - mean(others)")
 def rloo(rewards: Tensor, group: Tensor, include: Tensor) -> Tensor:
     """RLOO: ``r - mean of the OTHER included rows of the group`` (Ahmadian et al., arXiv 2402.14740).
 
@@ -143,7 +141,7 @@ def rloo(rewards: Tensor, group: Tensor, include: Tensor) -> Tensor:
     return torch.where((others < 1) | stats.constant, 0.0, value).to(torch.float32)
 
 
-@register_advantage("batch_whiten")
+@register_advantage("batch_whiten", symbol="(R - mean_batch)/std_batch")
 def batch_whiten(rewards: Tensor, group: Tensor, include: Tensor) -> Tensor:
     """REINFORCE++ (outcome form, arXiv 2501.03262): ``(r - mean_batch) / (std_batch + 1e-6)``.
 
@@ -152,7 +150,7 @@ def batch_whiten(rewards: Tensor, group: Tensor, include: Tensor) -> Tensor:
     return group_norm(rewards, torch.zeros_like(group), include)
 
 
-@register_advantage("gae")
+@register_advantage("gae", symbol="GAE", token_level=True)  # needs values, not rewards only
 def gae_outcome(rewards: Tensor, group: Tensor, include: Tensor) -> Tensor:
     """GAE needs a critic's values: use :func:`gae` (token-level), not the outcome form."""
     raise ValueError(
@@ -229,13 +227,13 @@ def no_weight(advantages: Tensor, seq_entropy: Tensor) -> Tensor:
     return torch.ones_like(advantages)
 
 
-@register_sequence_weight("srft_sft")
+@register_sequence_weight("srft_sft", uses_entropy=True)
 def srft_sft(advantages: Tensor, seq_entropy: Tensor) -> Tensor:
     """SRFT's demonstration SFT weight ``0.5 * exp(-H)`` (arXiv 2506.19767). [N,T],[N,1] -> [N,T]."""
     return (0.5 * torch.exp(-seq_entropy)).expand_as(advantages)
 
 
-@register_sequence_weight("srft_rollout")
+@register_sequence_weight("srft_rollout", uses_entropy=True)
 def srft_rollout(advantages: Tensor, seq_entropy: Tensor) -> Tensor:
     """SRFT's rollout weight: ``0.1 * exp(H)`` for correct rollouts (A > 0), 1 for incorrect ones.
 

@@ -64,7 +64,7 @@ def get_mask(name: str) -> MaskFn:
     return MASKS.get(name)
 
 
-@register_mask("none")
+@register_mask("none", symbol="none")
 def none(
     surrogate: Tensor,
     ratio: Tensor,
@@ -100,7 +100,7 @@ def clipped_objective(surrogate: Tensor, ratio: Tensor, advantages: Tensor, clip
     return Masked(objective, low, high, dual)
 
 
-@register_mask("clip")
+@register_mask("clip", needs_old=True, symbol="clip {bounds}{dual}")
 def clip_mask(
     surrogate: Tensor,
     ratio: Tensor,
@@ -119,7 +119,7 @@ def clip_mask(
     return clipped_objective(surrogate, ratio, advantages, clip)
 
 
-@register_mask("cispo")
+@register_mask("cispo", needs_old=True, symbol="sg clip IS weight {bounds}")
 def cispo(
     surrogate: Tensor,
     ratio: Tensor,
@@ -147,7 +147,7 @@ def cispo(
     )
 
 
-@register_mask("sequence_clip")
+@register_mask("sequence_clip", needs_old=True, symbol="sequence clip {bounds}")
 def sequence_clip(
     surrogate: Tensor,
     ratio: Tensor,

@@ -53,7 +53,7 @@ def get_reference(name: str) -> ReferenceFn:
     return REFERENCES.get(name)
 
 
-@register_reference("current")
+@register_reference("current", symbol="pi_theta")
 def current(
     log_likelihood: Tensor, logprobs: Tensor, old_logprobs: Tensor, mask: Tensor
 ) -> Reference:
@@ -72,7 +72,7 @@ def current(
     return Reference(surrogate, torch.ones_like(detached))
 
 
-@register_reference("old")
+@register_reference("old", needs_old=True, ratio=True, symbol="pi_old")
 def old(log_likelihood: Tensor, logprobs: Tensor, old_logprobs: Tensor, mask: Tensor) -> Reference:
     """``pi_ref = pi_theta_old``: the importance ratio ``r = pi_theta / pi_old`` (PPO, GRPO, CISPO).
 
@@ -87,7 +87,7 @@ def old(log_likelihood: Tensor, logprobs: Tensor, old_logprobs: Tensor, mask: Te
     return Reference(surrogate, torch.exp(log_ratio))
 
 
-@register_reference("one")
+@register_reference("one", symbol="1")
 def one(log_likelihood: Tensor, logprobs: Tensor, old_logprobs: Tensor, mask: Tensor) -> Reference:
     """``pi_ref = 1``: the gradient of the probability itself, ``grad g(pi)`` (SRFT, LUFFY demos).
 
@@ -107,7 +107,9 @@ def sequence_log_ratio(logprobs: Tensor, old_logprobs: Tensor, mask: Tensor) -> 
     return diff.sum(dim=-1, keepdim=True) / lengths
 
 
-@register_reference("sequence")
+@register_reference(
+    "sequence", needs_old=True, ratio=True, symbol="pi_theta (pi_old/pi_theta)^(1/|tau|)"
+)
 def sequence(
     log_likelihood: Tensor, logprobs: Tensor, old_logprobs: Tensor, mask: Tensor
 ) -> Reference:

@@ -29,12 +29,11 @@ from hpt.estimator import Registry
 from hpt.estimator.advantage import get_advantage, get_sequence_weight, sequence_entropy
 from hpt.estimator.aggregate import aggregate
 from hpt.estimator.mask import Clip, Masked, get_mask
-from hpt.estimator.reference import get_reference
+from hpt.estimator.reference import REFERENCES, get_reference
 from hpt.estimator.shaping import get_shaping
 
 KINDS: tuple[str, ...] = ("rollout", "sft", "off_policy")
 KIND_ID: dict[str, int] = {kind: index for index, kind in enumerate(KINDS)}
-RATIO_REFERENCES = ("old", "sequence")  # references whose ratio pi/pi_old is worth reporting
 
 KLFn = Callable[[Tensor, Tensor], Tensor]
 KL_ESTIMATORS: Registry[KLFn] = Registry("KL estimator")
@@ -352,7 +351,7 @@ def _metrics(
         rows = kind_ids == KIND_ID[kind]
         metrics[f"tokens_{kind}"] = float(mask[rows].sum())
         metrics[f"sequences_{kind}"] = float(rows.sum())
-    ratio_kinds = {t.kind for t in algorithm.terms if t.reference in RATIO_REFERENCES}
+    ratio_kinds = {t.kind for t in algorithm.terms if REFERENCES.trait(t.reference, "ratio")}
     rows = torch.zeros_like(kind_ids, dtype=torch.bool)
     for kind in ratio_kinds:
         rows |= kind_ids == KIND_ID[kind]

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from hpt.algorithms import Algorithm, get_algorithm, outcome_advantages
-from hpt.estimator.advantage import gae
+from hpt.estimator.advantage import ADVANTAGES, gae
 from hpt.estimator.unified import KIND_ID, batch_counts, unified_loss
 from hpt.gate import assignments
 from hpt.train import distributed as dist
@@ -184,7 +184,7 @@ def prepare(
             values_t, batch.rewards, batch.response_mask, algorithm.gae_gamma, algorithm.gae_lambda
         )
         # token-level advantages for rows whose term uses GAE; outcome advantages elsewhere
-        uses_gae = _kinds_with_advantage(algorithm, "gae")
+        uses_gae = _kinds_with_token_advantages(algorithm)
         is_gae_row = torch.isin(batch.kinds, torch.tensor(uses_gae, dtype=torch.long))
         expanded = group_advantages[:, None].expand_as(advantages).clone()
         expanded[is_gae_row] = advantages[is_gae_row]
@@ -207,8 +207,11 @@ def _sampling_gap(batch: Batch) -> float | None:
     return float((batch.extras["old_logprobs"] - sampled).abs()[mask].mean())
 
 
-def _kinds_with_advantage(algorithm: Algorithm, name: str) -> list[int]:
-    return sorted({KIND_ID[t.kind] for t in algorithm.terms if t.advantage == name})
+def _kinds_with_token_advantages(algorithm: Algorithm) -> list[int]:
+    """Kinds whose term's advantage is token-level (GAE, from the value head)."""
+    return sorted(
+        {KIND_ID[t.kind] for t in algorithm.terms if ADVANTAGES.trait(t.advantage, "token_level")}
+    )
 
 
 def _pad(t: torch.Tensor, width: int) -> torch.Tensor:
