@@ -22,7 +22,7 @@ from typing import Any
 
 from hpt.errors import ConfigError, DataError
 from hpt.eval.benchmarks import Benchmark, resolve_benchmarks
-from hpt.eval.metrics import avg_at_k, kind_averages, maj_at_k, pass_at_k_mean, pass_ks, summarize
+from hpt.eval.metrics import kind_averages, summarize
 from hpt.eval.models import load_model, model_key, model_label, model_source, torch_dtype
 from hpt.eval.prompts import MATH_INSTRUCTION, default_sampling, make_builder, plain_template
 
@@ -195,17 +195,13 @@ def _plan_batches(missing: Mapping[int, list[int]], per_batch: int) -> list[tupl
 
 
 def _metrics(records: Sequence[Mapping[str, Any]], k: int) -> dict[str, Any]:
-    """avg@k, pass@k (dict and flat ``pass@K`` keys) and maj@k of records, question-major."""
-    groups: dict[str, list[Mapping[str, Any]]] = {}
-    for record in records:
-        groups.setdefault(str(record["question_id"]), []).append(record)
-    scores = [[float(r["verdict"]) for r in group] for group in groups.values()]
-    answers = [[r.get("extracted") for r in group] for group in groups.values()]
-    curve = {j: pass_at_k_mean(scores, j) for j in pass_ks(k)}
+    """avg@k, pass@k (dict and flat ``pass@K`` keys) and maj@k of records (``summarize``'s)."""
+    summary = summarize(records, k)
+    curve = {int(j): value for j, value in summary["pass@k"].items()}
     return {
         "k": k,
-        "avg@k": avg_at_k(scores),
-        "maj@k": maj_at_k(answers, scores),
+        "avg@k": summary["avg@k"],
+        "maj@k": summary["maj@k"],
         "pass@k": curve,
         **{f"pass@{j}": value for j, value in curve.items()},
     }
