@@ -1,24 +1,21 @@
 """``hpt demo``: the comparison study on the embedded task, small enough for two CPU cores.
 
-From one partially competent base (the embedded default's tiny Qwen2, SFT-pretrained on the easy
-additions and cached), train SFT, GRPO, SFT->GRPO, LUFFY, SRFT and HPT on the task's ``train``
-split, the same number of optimiser steps each. A method's recipe lives only in
-``configs/study/<method>.yaml`` (a full ``hpt train`` config); this module adds the run's name,
-seed, steps, paths and learning rate.
+From one partially competent base (the embedded default's tiny Qwen2, cached), SFT, GRPO,
+SFT->GRPO, LUFFY, SRFT and HPT train on the task's ``train`` split for the same number of
+optimiser steps, each by its recipe: ``configs/study/<method>.yaml``, the only place it lives.
 
-The rule, the same for every method (the field's standard): one small learning-rate grid,
-:data:`LR_GRID`. Phase 1: each method trains at each lr of the grid with seed 0 and is scored on
-the task's ``val`` split (avg@k); its lr is the best one (ties: the smaller lr). Phase 2: the other
-seeds train at that lr (seed 0 is phase 1's run), and the final model of every seed is evaluated
-on ``test`` and ``ood``. ``--quick``: one seed and no grid (lr 3e-5 for every method).
+The rule, the same for every method (the field's standard): one small lr grid, :data:`LR_GRID`.
+Phase 1: every method trains at every lr of the grid with seed 0 and is scored on the ``val``
+split; its best lr by val avg@k is kept (ties: the smaller). Phase 2: the other seeds train at
+that lr (seed 0 is phase 1's run); every seed's final model is evaluated on ``test`` and ``ood``.
+``--quick``: one seed, no grid (lr 3e-5 for every method).
 
-The evaluation, one sampling setting for the whole study (temperature 1, top-p 1, ``k`` samples a
-question, <= 96 new tokens), on the first questions of ``test`` and ``ood``: ``ID easy`` = avg@k
-on the level 1-2 test questions (where RL's sharpening of sampled accuracy shows), ``ID hard`` =
-avg@k on the level-3 ones (what SFT must teach), ``ID`` = all test questions, ``OOD`` = the ood
-split (4-5 digits), and pass@k curves of ID and OOD.
+The evaluation, one sampling for the whole study (temperature 1, top-p 1, ``k`` samples a
+question, <= 96 new tokens): ``ID easy`` = avg@k on the level 1-2 test questions (where RL's
+sharpening of sampled accuracy shows), ``ID hard`` = avg@k on level 3 (what SFT must teach),
+``ID`` = all test questions evaluated, ``OOD`` = the ood split (4-5 digits); pass@k curves.
 
-Writes ``<output>/`` (default ``runs/demo``): a run folder per (method, lr, seed) holding its
+Writes ``<output>/`` (default ``runs/demo``): a folder per run (method, lr, seed) with its
 ``val.json`` / ``final.json`` once evaluated (a job whose file exists is not run again),
 ``results.json``, ``results.md`` (methods as rows, mean ± std over seeds) and ``plots/*.png``.
 """
@@ -27,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import math
 import statistics
@@ -37,13 +35,15 @@ from pathlib import Path
 from typing import Any
 
 from hpt.errors import ConfigError
+from hpt.utils import atomic_write_json, atomic_write_text
 
 RECIPE_DIR = Path(__file__).resolve().parents[3] / "configs" / "study"
+# the table's order and labels; any other configs/study/<name>.yaml is labelled by its name
 LABELS = {"sft": "SFT", "grpo": "GRPO", "sft_grpo": "SFT->GRPO", "luffy": "LUFFY", "srft": "SRFT"}
-LABELS["hpt"] = "HPT"  # the table's order; any other configs/study/*.yaml is labelled by its name
+LABELS["hpt"] = "HPT"
 LR_GRID = (3e-5, 1e-4)
 QUICK_LR = 3e-5
-EVAL_SAMPLING = {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 96}  # OOD needs <= 81 tokens
+EVAL_SAMPLING = {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 96}  # OOD needs <= 81
 
 
 @dataclass(frozen=True)
@@ -53,12 +53,12 @@ class StudySettings:
     steps: int  # optimiser steps of every method (a staged recipe splits them evenly)
     seeds: tuple[int, ...]
     lrs: tuple[float, ...]  # the grid; a single lr: no grid, no val evaluation
-    test_questions: int  # final evaluation: the first N of `test` and of `ood`
+    test_questions: int  # final evaluation on the first N of `test`, of `ood`
     ood_questions: int
     val_questions: int  # phase 1: the first N of `val`
     k: int  # samples a question
-    eval_every: int  # held-out curves during training (greedy), every N steps,
-    curve_questions: int  # on the first N of `test` and `ood`
+    eval_every: int  # curves during training (greedy) every N steps on the first N of each set
+    curve_questions: int
     eval_seed: int = 1234
 
 
@@ -74,6 +74,10 @@ QUICK = StudySettings(
 
 def label(method: str) -> str:
     return LABELS.get(method, method)
+
+
+def _number(value: Any) -> float:
+    return math.nan if value is None else float(value)
 
 
 # ------------------------------------------------------------------ recipes and runs
@@ -95,13 +99,8 @@ def load_recipe(method: str, overrides: Sequence[str] = ()) -> Any:
 
 
 def lr_overrides(recipe: Any, lr: float) -> list[str]:
-    """``--set`` overrides putting ``lr`` in ``optim.lr`` and every stage's ``optim.lr``."""
-    stages = [f"stages.{i}.optim.lr={lr!r}" for i in range(len(recipe.stages))]
-    return [f"optim.lr={lr!r}", *stages]
-
-
-def run_name(method: str, lr: float, seed: int) -> str:
-    return f"{method}-lr{lr:g}-s{seed}"
+    """``--set`` overrides putting ``lr`` in ``optim.lr`` and in every stage's ``optim.lr``."""
+    return [f"optim.lr={lr!r}", *(f"stages.{i}.optim.lr={lr!r}" for i in range(len(recipe.stages)))]
 
 
 @dataclass(frozen=True)
@@ -115,7 +114,7 @@ class Job:
 
     @property
     def name(self) -> str:
-        return "base" if self.method == "base" else run_name(self.method, self.lr, self.seed)
+        return "base" if self.method == "base" else f"{self.method}-lr{self.lr:g}-s{self.seed}"
 
 
 @dataclass(frozen=True)
@@ -134,23 +133,15 @@ class Study:
 
 def run_overrides(recipe: Any, job: Job, study: Study) -> list[str]:
     """The ``--set`` overrides that place a method's recipe in the study."""
-    settings, paths, steps = study.settings, study.paths, study.settings.steps
-    n = len(recipe.stages)
+    s, p, n = study.settings, study.paths, len(recipe.stages)
     return [
-        f"name={job.name}",
-        f"seed={job.seed}",
-        f"max_steps={steps}",
-        f"output_dir={study.output}",
-        "overwrite=true",
-        f"model.path={paths['base']}",
-        f"data.train={paths['train']}",
-        f"eval.sets={{test: {paths['test']}, ood: {paths['ood']}}}",
-        f"eval.every={settings.eval_every}",
-        f"eval.limit={settings.curve_questions}",
-        f"logging.progress={str(study.progress).lower()}",
+        f"name={job.name}", f"seed={job.seed}", f"max_steps={s.steps}", "overwrite=true",
+        f"output_dir={study.output}", f"model.path={p['base']}", f"data.train={p['train']}",
+        f"eval.sets={{test: {p['test']}, ood: {p['ood']}}}", f"eval.every={s.eval_every}",
+        f"eval.limit={s.curve_questions}", f"logging.progress={str(study.progress).lower()}",
         *lr_overrides(recipe, job.lr),
-        *(f"stages.{i}.max_steps={steps // n + (i < steps % n)}" for i in range(n)),
-    ]
+        *(f"stages.{i}.max_steps={s.steps // n + (i < s.steps % n)}" for i in range(n)),
+    ]  # fmt: skip
 
 
 def prepare_base(log: Callable[[str], None] = print) -> dict[str, str]:
@@ -160,11 +151,8 @@ def prepare_base(log: Callable[[str], None] = print) -> dict[str, str]:
 
     config = resolve(load_config(None, []), log=log)
     data = demo_dir(config) / "data"
-    return {
-        "base": str(config.model.path),
-        "train": str(config.data.train),
-        **{split: str(data / f"{split}.jsonl") for split in ("val", "test", "ood")},
-    }
+    paths = {"base": str(config.model.path), "train": str(config.data.train)}
+    return {**paths, **{split: str(data / f"{split}.jsonl") for split in ("val", "test", "ood")}}
 
 
 def train_run(job: Job, study: Study) -> Path:
@@ -176,11 +164,11 @@ def train_run(job: Job, study: Study) -> Path:
 
 
 def run_costs(run_dir: Path) -> dict[str, float]:
-    """Tokens and seconds of a finished run (summary.json and metrics.jsonl)."""
+    """Steps, tokens and summed step seconds of a finished run."""
     from hpt.train.logger import read_metrics
 
-    summary = json.loads((run_dir / "summary.json").read_text())
-    totals, records = summary.get("totals", {}), read_metrics(run_dir)
+    summary, records = json.loads((run_dir / "summary.json").read_text()), read_metrics(run_dir)
+    totals = summary.get("totals", {})
     return {
         "steps": float(summary.get("steps", len(records))),
         "tokens_generated": float(totals.get("tokens/generated", 0.0)),
@@ -192,59 +180,44 @@ def run_costs(run_dir: Path) -> dict[str, float]:
 # ------------------------------------------------------------------ evaluation
 
 
-def question_level(question: Any) -> int:
-    level = question.meta.get("level")
-    return int(level if level is not None else str(question.source).rsplit("-", 1)[-1])
-
-
 def split_by_level(questions: Sequence[Any]) -> tuple[list[Any], list[Any]]:
-    """Test questions as (ID easy: levels 1-2, ID hard: level 3 and above)."""
-    easy = [q for q in questions if question_level(q) <= 2]
-    return easy, [q for q in questions if question_level(q) > 2]
+    """Test questions as (ID easy: levels 1-2, ID hard: level 3 and above); the level is
+    ``meta["level"]``, else the ``N`` of ``source = "arith-N"``."""
+    levels = [int(q.meta.get("level") or str(q.source).rsplit("-", 1)[-1]) for q in questions]
+    easy = [q for q, level in zip(questions, levels) if level <= 2]
+    return easy, [q for q, level in zip(questions, levels) if level > 2]
 
 
-def eval_sets(paths: Mapping[str, str], settings: StudySettings, split: str) -> dict[str, list]:
-    """The questions of a job's evaluation: ``val``, or ``id_easy``, ``id_hard`` and ``ood``."""
-    from hpt.data import load_questions
-
-    if split == "val":
-        return {"val": load_questions(paths["val"], limit=settings.val_questions)}
-    easy, hard = split_by_level(load_questions(paths["test"], limit=settings.test_questions))
-    ood = load_questions(paths["ood"], limit=settings.ood_questions)
-    return {"id_easy": easy, "id_hard": hard, "ood": ood}
-
-
-def evaluate_model(
-    model_dir: str | Path, sets: Mapping[str, Sequence[Any]], settings: StudySettings
-) -> dict[str, list[dict[str, Any]]]:
-    """``k`` samples a question of a saved model on each set; the sample records of each."""
-    from hpt.data import PromptBuilder
+def evaluate_model(model_dir: Any, study: Study, split: str) -> dict[str, list[dict]]:
+    """``k`` samples a question of a saved model on the job's sets (``val``, or ``id_easy``,
+    ``id_hard`` and ``ood``): set name -> sample records (``hpt.eval``'s)."""
+    from hpt.data import PromptBuilder, load_questions
     from hpt.eval.evaluate import sample_and_score
     from hpt.rollout import HFEngine, SamplingParams
     from hpt.train.config import ModelConfig
     from hpt.train.setup import load_model_and_tokenizer
 
+    s, paths = study.settings, study.paths
+    if split == "val":
+        sets = {"val": load_questions(paths["val"], limit=s.val_questions)}
+    else:
+        easy, hard = split_by_level(load_questions(paths["test"], limit=s.test_questions))
+        sets = {"id_easy": easy, "id_hard": hard}
+        sets["ood"] = load_questions(paths["ood"], limit=s.ood_questions)
     model, tokenizer = load_model_and_tokenizer(ModelConfig(path=str(model_dir)))
     engine = HFEngine(model.eval(), tokenizer, batch_size=512)
-    sampling = SamplingParams(**EVAL_SAMPLING, seed=settings.eval_seed)
+    sampling = SamplingParams(**EVAL_SAMPLING, seed=s.eval_seed)
+    builder, per_call = PromptBuilder(tokenizer), max(1, 512 // s.k)
     return {
-        name: sample_and_score(
-            questions,
-            builder=PromptBuilder(tokenizer),
-            engine=engine,
-            sampling=sampling,
-            k=settings.k,
-            benchmark=name,
-            batch_questions=max(1, 512 // settings.k),
-        )  # fmt: skip
-        for name, questions in sets.items()
-        if questions
-    }
+        name: sample_and_score(questions, builder=builder, engine=engine, sampling=sampling,
+                               k=s.k, benchmark=name, batch_questions=per_call)
+        for name, questions in sets.items() if questions
+    }  # fmt: skip
 
 
 def scores(samples: Mapping[str, Sequence[Mapping[str, Any]]], k: int) -> dict[str, float]:
-    """A run's numbers from its sample records: avg@k of each set, of ``id`` (easy and hard
-    together), and pass@K of ``id`` and ``ood`` (``hpt.eval.metrics.summarize``)."""
+    """avg@k of each set and of ``id`` (easy and hard together), pass@K of ``id`` and ``ood``,
+    from sample records (``hpt.eval.metrics.summarize``)."""
     from hpt.eval.metrics import summarize
 
     sets = dict(samples)
@@ -259,10 +232,6 @@ def scores(samples: Mapping[str, Sequence[Mapping[str, Any]]], k: int) -> dict[s
     return out
 
 
-def _number(value: Any) -> float:
-    return math.nan if value is None else float(value)
-
-
 def choose_lr(val: Mapping[float, float | None]) -> float:
     """The lr with the best val score; ties go to the smaller lr (a missing score loses)."""
     score = {lr: _number(v) for lr, v in val.items()}
@@ -274,28 +243,25 @@ def choose_lr(val: Mapping[float, float | None]) -> float:
 
 def run_job(job: Job, study: Study) -> dict[str, Any]:
     """Run a job, write its result file and return its record (read back if the file exists)."""
-    done = study.result_file(job)
+    done, run_dir = study.result_file(job), study.output / job.name
     if done.exists():
         return json.loads(done.read_text())
-    run_dir = study.output / job.name
     run_dir.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = {"method": job.method, "lr": job.lr, "seed": job.seed}
     with contextlib.ExitStack() as stack:
-        if study.quiet:
+        if study.quiet:  # a worker: the terminal is kept for the study's own lines
             log = stack.enter_context(open(run_dir / "log.txt", "a", encoding="utf-8"))
             stack.enter_context(contextlib.redirect_stdout(log))
             stack.enter_context(contextlib.redirect_stderr(log))
-        model_dir = Path(study.paths["base"])
+        model = Path(study.paths["base"]) if job.method == "base" else run_dir / "final"
         if job.method != "base":
-            model_dir = run_dir / "final"
-            if not (model_dir / "config.json").exists() or not (run_dir / "summary.json").exists():
+            if not (model / "config.json").exists() or not (run_dir / "summary.json").exists():
                 train_run(job, study)
             record.update(run_costs(run_dir))
         started = time.perf_counter()
-        sets = eval_sets(study.paths, study.settings, job.split)
-        record.update(scores(evaluate_model(model_dir, sets, study.settings), study.settings.k))
-        record["eval_seconds"] = time.perf_counter() - started
-    write_json(done, record)
+        record.update(scores(evaluate_model(model, study, job.split), study.settings.k))
+        record.update(run=job.name, eval_seconds=time.perf_counter() - started)
+    atomic_write_json(done, record)
     return record
 
 
@@ -305,78 +271,38 @@ def _set_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _clock(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    return f"{seconds // 60}:{seconds % 60:02d}"
-
-
-def describe(job: Job, record: Mapping[str, Any]) -> str:
-    lr = "" if job.lr is None else f" lr {job.lr:g} seed {job.seed}"
-    keys = ("val",) if job.split == "val" else ("id_easy", "id_hard", "ood")
-    found = ", ".join(f"{key} {100 * _number(record.get(key)):.1f}" for key in keys)
-    return f"{label(job.method)}{lr}: {found}"
-
-
-def run_jobs(
-    jobs: Sequence[Job],
-    study: Study,
-    pool: Any = None,
-    log: Callable[[str], None] = print,
-    worker: Callable[[Job, Study], dict[str, Any]] = run_job,
-) -> list[dict[str, Any]]:
-    """Run ``jobs`` (in ``pool`` when given), skipping those whose result file exists."""
-    from concurrent.futures import as_completed
-
-    records: dict[Job, dict[str, Any]] = {}
-    for job in jobs:
-        if study.result_file(job).exists():
-            records[job] = json.loads(study.result_file(job).read_text())
-            log(f"{job.name} ({job.split}): done before, skipped")
+def run_jobs(jobs: Sequence[Job], study: Study, pool: Any = None, log: Callable = print,
+             worker: Callable[[Job, Study], dict] = run_job) -> list[dict[str, Any]]:  # fmt: skip
+    """Run ``jobs`` (with ``pool.map`` when given), skipping those whose result file exists."""
+    files = {job: study.result_file(job) for job in jobs}
+    records = {job: json.loads(file.read_text()) for job, file in files.items() if file.exists()}
+    if records:
+        log(f"done before, skipped: {', '.join(f'{j.name} ({j.split})' for j in records)}")
     todo, started = [job for job in jobs if job not in records], time.time()
-
-    def finished(job: Job, record: dict[str, Any]) -> None:
+    results = (pool.map if pool else map)(worker, todo, itertools.repeat(study))
+    for job, record in zip(todo, results):
         records[job] = record
-        log(
-            f"[{len(records)}/{len(jobs)}] {describe(job, record)} ({_clock(time.time() - started)})"
-        )
-
-    if pool is None:
-        for job in todo:
-            finished(job, worker(job, study))
-    else:
-        futures = {pool.submit(worker, job, study): job for job in todo}
-        try:
-            for future in as_completed(futures):
-                finished(futures[future], future.result())
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            raise
+        keys = ("val",) if job.split == "val" else ("id_easy", "id_hard", "ood")
+        found = ", ".join(f"{key} {100 * _number(record.get(key)):.1f}" for key in keys)
+        log(f"[{len(records)}/{len(jobs)}] {job.name}: {found} ({time.time() - started:.0f} s)")
     return [records[job] for job in jobs]
 
 
-def run_study(
-    settings: StudySettings,
-    output: str | Path,
-    methods: Sequence[str] | None = None,
-    *,
-    jobs: int = 2,
-    threads: int = 1,
-    progress: bool = True,
-    log: Callable[[str], None] = print,
-) -> dict[str, Any]:
-    """Run (or resume) the study; write results.json, results.md and the plots; return the results."""
+def run_study(settings: StudySettings, output: str | Path, methods: Sequence[str] | None = None,
+              *, jobs: int = 2, threads: int = 1, progress: bool = True,
+              log: Callable[[str], None] = print) -> dict[str, Any]:  # fmt: skip
+    """Run (or resume) the study: recipes -> base -> phase 1 grid -> choose -> phase 2 seeds ->
+    evaluate -> results.json, results.md and the plots. Returns the results."""
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
     started, output = time.time(), Path(output)
     recipes = {m: load_recipe(m) for m in methods or LABELS}  # bad names fail before any work
-    paths = prepare_base(log=log)
-    study = Study(settings, output, paths, progress=progress and jobs == 1, quiet=jobs > 1)
-    if jobs == 1:
-        _set_threads(threads)
-    spawn = dict(mp_context=get_context("spawn"), initializer=_set_threads, initargs=(threads,))
-    with ProcessPoolExecutor(jobs, **spawn) if jobs > 1 else contextlib.nullcontext() as pool:
+    _set_threads(threads)
+    study = Study(settings, output, prepare_base(log=log), progress and jobs == 1, jobs > 1)
+    spawn = {"mp_context": get_context("spawn"), "initializer": _set_threads}
+    pool = ProcessPoolExecutor(jobs, initargs=(threads,), **spawn) if jobs > 1 else None
+    with pool or contextlib.nullcontext():
         grid: dict[str, dict[float, float]] = {}
         if len(settings.lrs) > 1:
             log(f"phase 1: every method at lr {', '.join(f'{lr:g}' for lr in settings.lrs)}")
@@ -386,16 +312,9 @@ def run_study(
         chosen = {m: choose_lr(grid[m]) if m in grid else settings.lrs[0] for m in recipes}
         log(f"phase 2: seeds {', '.join(map(str, settings.seeds))} at the chosen lr; test, ood")
         phase2 = [Job("base", None, 0, "final")]
-        phase2 += [Job(m, chosen[m], s, "final") for s in settings.seeds for m in recipes]
+        phase2 += [Job(m, chosen[m], seed, "final") for seed in settings.seeds for m in recipes]
         records = run_jobs(phase2, study, pool, log)
     return write_results(study, recipes, grid, chosen, records, time.time() - started)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    from hpt.utils import atomic_write_json
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, obj)
 
 
 # ------------------------------------------------------------------ aggregation and tables
@@ -416,9 +335,8 @@ def aggregate(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]
         by_method.setdefault(str(record["method"]), []).append(record)
     summary: dict[str, dict[str, Any]] = {}
     for method, rows in by_method.items():
-        keys = dict.fromkeys(k for r in rows for k in r if k not in ("method", "seed"))
         summary[method] = {"seeds": [r["seed"] for r in rows]}
-        for key in keys:
+        for key in dict.fromkeys(k for r in rows for k in r if k not in ("method", "seed")):
             values = [r.get(key) for r in rows]
             if any(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
                 summary[method][key] = list(mean_std(values))
@@ -439,34 +357,29 @@ def columns(k: int) -> dict[str, tuple[str, float, str]]:
 
 
 def _cell(stats: Any, scale: float = 100.0, fmt: str = ".1f") -> str:
-    mean, std = (list(stats) + [None, None])[:2] if stats else (None, None)
-    mean, std = _number(mean), _number(std)
+    mean, std = map(_number, stats) if stats else (math.nan, math.nan)
     if math.isnan(mean):
         return "-"
-    if math.isnan(std) or std == 0:
-        return f"{mean * scale:{fmt}}"
-    return f"{mean * scale:{fmt}} ± {std * scale:{fmt}}"
+    spread = "" if math.isnan(std) or std == 0 else f" ± {std * scale:{fmt}}"
+    return f"{mean * scale:{fmt}}{spread}"
 
 
-def table_rows(summary: Mapping[str, Mapping[str, Any]], k: int) -> tuple[list[str], list[list]]:
-    """Header and rows of the results table: methods as rows, ``mean ± std`` over seeds."""
-    spec = columns(k)
-    rows = [
-        [label(m), str(len(s.get("seeds", [])) or "-")]
-        + [_cell(s.get(key), scale, fmt) for key, scale, fmt in spec.values()]
-        for m, s in summary.items()
-    ]
-    return ["method", "seeds", *spec], rows
-
-
-def grid_rows(grid: Mapping[str, Mapping[float, Any]], chosen: Mapping[str, float]):
-    """Header and rows of the lr grid: val avg@k (%) at each lr and the chosen lr."""
+def table_rows(summary: Mapping, k: int, grid: Mapping | None = None) -> tuple[list, list]:
+    """Header and rows of the results table: methods as rows, ``mean ± std`` over seeds; with
+    the lr grid, a column of each method's val avg@k at each lr (the chosen lr is ``lr``)."""
+    spec, grid = columns(k), grid or {}
     lrs = sorted({lr for scores in grid.values() for lr in scores})
-    rows = [
-        [label(m), *(_cell([scores.get(lr), 0]) for lr in lrs), f"{chosen[m]:g}"]
-        for m, scores in grid.items()
-    ]
-    return ["method", *(f"val avg@k, lr {lr:g}" for lr in lrs), "chosen lr"], rows
+    header = ["method", "seeds", *spec]
+    if lrs:
+        header.append(f"val avg@k ({' / '.join(f'{lr:g}' for lr in lrs)})")
+    rows = []
+    for method, stats in summary.items():
+        row = [label(method), str(len(stats["seeds"]) or "-")]
+        row += [_cell(stats.get(key), scale, fmt) for key, scale, fmt in spec.values()]
+        if lrs:
+            row.append(" / ".join(_cell([grid.get(method, {}).get(lr), 0]) for lr in lrs))
+        rows.append(row)
+    return header, rows
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -477,105 +390,84 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def rich_table(header: Sequence[str], rows: Sequence[Sequence[str]], title: str = "") -> Any:
     from rich.table import Table
 
-    table = Table(title=title or None)
-    for index, name in enumerate(header):
-        table.add_column(name, justify="left" if index == 0 else "right")
+    table = Table(*header, title=title or None)
     for row in rows:
         table.add_row(*row)
     return table
 
 
-DIFF_KEYS = {"ID easy": "id_easy", "ID hard": "id_hard", "ID": "id", "OOD": "ood"}
-
-
 def diff_lines(summary: Mapping[str, Mapping[str, Any]], ours: str = "hpt") -> list[str]:
-    """``HPT - <method>: ID easy +x.x ± y.y, ...``: difference of the means in points, ± the
-    spread of seeds of the difference (sqrt of the sum of both variances), whatever the sign."""
-    if ours not in summary:
-        return []
+    """``HPT - <method>: ID easy +x.x ± y.y, ...``: the difference of the means in points, ± the
+    seeds' spread of a difference (the root of the sum of both variances), whatever the sign."""
+    keys = {"ID easy": "id_easy", "ID hard": "id_hard", "ID": "id", "OOD": "ood"}
     lines = []
-    for method, stats in summary.items():
-        if method == ours:
-            continue
+    for method in (m for m in summary if m != ours and ours in summary):
         parts = []
-        for name, key in DIFF_KEYS.items():
-            (m1, s1), (m2, s2) = (
-                (summary[ours].get(key) or [None] * 2),
-                (stats.get(key) or [None] * 2),
-            )
-            diff, spread = (
-                100 * (_number(m1) - _number(m2)),
-                100 * math.hypot(_number(s1), _number(s2)),
-            )
+        for name, key in keys.items():
+            (m1, s1), (m2, s2) = (summary[x].get(key) or [None, None] for x in (ours, method))
+            diff = 100 * (_number(m1) - _number(m2))
+            spread = 100 * math.hypot(_number(s1), _number(s2))
             parts.append(f"{name} -" if math.isnan(diff) else f"{name} {diff:+.1f} ± {spread:.1f}")
         lines.append(f"{label(ours)} - {label(method)}: " + ", ".join(parts))
     return lines
 
 
-def settings_block(settings: StudySettings) -> str:
-    """The rule and the evaluation as markdown (the head of results.md)."""
-    grid = ", ".join(f"{lr:g}" for lr in settings.lrs)
-    if len(settings.lrs) > 1:
+def settings_block(s: StudySettings) -> str:
+    """The rule and the evaluation, in words (the head of results.md)."""
+    lrs, seeds = ", ".join(f"{lr:g}" for lr in s.lrs), ", ".join(map(str, s.seeds))
+    rule = f"No lr grid (--quick, or one --lrs): lr {lrs} for every method, not chosen on `val`"
+    if len(s.lrs) > 1:
         rule = (
-            f"Rule: the same lr grid ({grid}) for every method; each trains at each lr with seed "
-            f"0 and is scored on the first {settings.val_questions} `val` questions (avg@"
-            f"{settings.k}); the best val lr is kept (ties: the smaller), seeds "
-            f"{', '.join(map(str, settings.seeds))} train at it."
+            f"Rule: one lr grid ({lrs}) for every method, each lr trained with seed 0 and scored "
+            f"on the first {s.val_questions} `val` questions (avg@{s.k}); the best is kept (ties: "
+            "the smaller), column `lr`"
         )
-    else:
-        rule = f"No lr grid (--quick): lr {grid} for every method, not chosen on `val`."
-    sampling = ", ".join(f"{key} {value:g}" for key, value in EVAL_SAMPLING.items())
     return (
-        f"{rule} Every method: {settings.steps} optimiser steps from one base, its recipe in "
-        "configs/study/.\n"
-        f"Evaluation: k = {settings.k} samples a question ({sampling}) on the first "
-        f"{settings.test_questions} `test` questions (ID easy: levels 1-2, ID hard: level 3, "
-        f"ID: all) and the first {settings.ood_questions} `ood` ones (4-5 digits); avg@k and "
-        "pass@k in %, mean ± std over seeds; tokens in thousands; train s = summed step times.\n"
+        f"{rule}. Seeds {seeds}; {s.steps} optimiser steps from one base; recipes in "
+        f"configs/study/.\n\nEvaluation: k = {s.k} samples a question at temperature 1, top-p 1, "
+        f"<= 96 new tokens, on the first {s.test_questions} `test` questions (ID easy: levels "
+        f"1-2, ID hard: level 3, ID: all) and the first {s.ood_questions} `ood` ones (4-5 "
+        "digits): avg@k and pass@k in %, mean ± std over seeds; tokens in thousands; train s: "
+        "summed step times.\n"
     )
 
 
-def write_results(study, recipes, grid, chosen, records, seconds) -> dict[str, Any]:
-    """results.json, results.md and the plots of a finished study; returns the results."""
+def write_results(study: Study, recipes: Mapping, grid: Mapping, chosen: Mapping,
+                  records: Sequence[dict], seconds: float) -> dict[str, Any]:  # fmt: skip
+    """results.json, results.md and the plots of a finished study (records: base first)."""
     from hpt.train.logger import read_metrics
-    from hpt.utils import atomic_write_text
 
-    output, k = study.output, study.settings.k
     summary = aggregate(records)
     summary["base"]["seeds"] = []
+    val = {m: {f"{lr:g}": v for lr, v in scores.items()} for m, scores in grid.items()}
     results = {
         "settings": asdict(study.settings),
-        "rule": {
-            "lr_grid": list(study.settings.lrs),
-            "val_avg@k": {
-                m: {f"{lr:g}": v for lr, v in scores.items()} for m, scores in grid.items()
-            },
-            "chosen_lr": chosen,
-            "recipes": {m: str(recipe_path(m)) for m in recipes},
-        },
+        "rule": {"lr_grid": study.settings.lrs, "val_avg@k": val, "chosen_lr": chosen},
+        "recipes": {m: str(recipe_path(m)) for m in recipes},
         "base": records[0],
         "runs": records[1:],
         "summary": summary,
         "diffs": diff_lines(summary),
         "seconds": seconds,
     }
-    write_json(output / "results.json", results)
-    text = "# hpt demo: the comparison study\n\n" + settings_block(study.settings) + "\n"
-    if grid:
-        text += markdown_table(*grid_rows(grid, chosen)) + "\n"
-    text += markdown_table(*table_rows(summary, k)) + "\n"
-    text += "".join(f"- {line}\n" for line in results["diffs"])
-    text += "\nPlots: " + ", ".join(f"`plots/{f}`" for f in PLOT_FILES.values()) + "\n"
-    atomic_write_text(output / "results.md", text)
+    results["table"] = table_rows(summary, study.settings.k, grid)
+    atomic_write_json(study.output / "results.json", results)
     histories: dict[str, list[list[dict[str, Any]]]] = {}
     for record in records[1:]:
-        run_dir = output / run_name(record["method"], record["lr"], record["seed"])
-        if (run_dir / "metrics.jsonl").exists():
-            file = run_dir / "summary.json"
-            run_summary = json.loads(file.read_text()) if file.exists() else None
+        run_dir = study.output / record["run"]
+        if (run_dir / "summary.json").exists():
+            run_summary = json.loads((run_dir / "summary.json").read_text())
             history = with_endpoints(read_metrics(run_dir), run_summary)
             histories.setdefault(record["method"], []).append(history)
-    draw_plots(histories, summary, output / "plots", [m for m, r in recipes.items() if has_gate(r)])
+    gated = [m for m, recipe in recipes.items() if has_gate(recipe)]
+    plots = draw_plots(histories, summary, study.output / "plots", gated)
+    text = "# hpt demo: the comparison study\n\n" + settings_block(study.settings) + "\n"
+    text += markdown_table(*results["table"]) + "\n"
+    if results["diffs"]:
+        text += "HPT minus each row, in points (± the root of both rows' seed variances):\n\n"
+        text += "".join(f"- {line}\n" for line in results["diffs"])
+    text += "\nPlots: " + ", ".join(f"`plots/{path.name}`" for path in plots) + "\n"
+    atomic_write_text(study.output / "results.md", text)
     return results
 
 
@@ -591,134 +483,90 @@ def has_gate(recipe: Any) -> bool:
     return any(get_algorithm(s.algorithm).routes not in FIXED_ROUTES for s in stages)
 
 
-def mean_curve(histories: Sequence[Sequence[Mapping[str, Any]]], key: str):
+def mean_curve(histories: Sequence[Sequence[Mapping[str, Any]]], key: str) -> tuple[list, list]:
     """(steps, mean over runs) of ``key`` at the steps where any run logged it."""
     per_step: dict[float, list[float]] = {}
-    for records in histories:
-        for record in records:
-            value = record.get(key)
-            if isinstance(value, (int, float)) and not math.isnan(float(value)):
-                per_step.setdefault(float(record["step"]), []).append(float(value))
+    for record in itertools.chain.from_iterable(histories):
+        value = record.get(key)
+        if isinstance(value, (int, float)) and not math.isnan(float(value)):
+            per_step.setdefault(float(record["step"]), []).append(float(value))
     steps = sorted(per_step)
     return steps, [statistics.fmean(per_step[s]) for s in steps]
 
 
-def with_endpoints(records, summary, prefix: str = "eval/") -> list[dict[str, Any]]:
+def with_endpoints(records: Sequence[Mapping], summary: Mapping) -> list[dict[str, Any]]:
     """A run's metrics plus ``eval_before`` at step 0 and ``eval_after`` at the last step."""
-    out = [dict(r) for r in records]
-    if summary:
-        before = {f"{prefix}{k}": v for k, v in (summary.get("eval_before") or {}).items()}
-        after = {f"{prefix}{k}": v for k, v in (summary.get("eval_after") or {}).items()}
-        out.insert(0, {"step": 0, **before})
-        out.append({"step": summary.get("steps", records[-1]["step"] if records else 0), **after})
-    return out
+    before = {f"eval/{k}": v for k, v in (summary.get("eval_before") or {}).items()}
+    after = {f"eval/{k}": v for k, v in (summary.get("eval_after") or {}).items()}
+    last = summary.get("steps", records[-1]["step"] if records else 0)
+    return [{"step": 0, **before}, *map(dict, records), {"step": last, **after}]
 
 
-def plot_curves(panels, path, *, xlabel, ylabel, title, xlog=False, ylim=None) -> Path:
-    """One figure, one panel per key of ``panels`` (panel title -> {line label: (x, y)})."""
+# file -> (y label, title); a figure without panels is not drawn
+PLOT_FILES = {
+    "accuracy_vs_step.png": ("accuracy", "Held-out accuracy during training (greedy)"),
+    "hpt_routes.png": ("fraction of questions", "Questions routed to SFT (none right) vs RL"),
+    "entropy_vs_step.png": ("entropy (nats)", "Entropy of the trained tokens"),
+    "pass_at_k.png": ("pass@k", "pass@k (the study's sampling)"),
+}
+
+
+def draw_plots(histories: Mapping, summary: Mapping, directory: Any, gated: Sequence = ()) -> list:
+    """Accuracy, the gate's routes and entropy against step (from method -> per-seed metrics),
+    pass@k against k (from the summary); every line a mean over seeds. Returns the files."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.9), squeeze=False)
-    for ax, (panel, lines) in zip(axes[0], panels.items()):
-        for name, (x, y) in lines.items():
-            if len(x):
-                ax.plot(list(x), list(y), marker="o", markersize=3, label=name)
-        if xlog:
-            ax.set_xscale("log", base=2)
-        if ylim:
-            ax.set_ylim(*ylim)
-        ax.set(title=panel, xlabel=xlabel, ylabel=ylabel)
-        ax.grid(True, alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize="small")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    def curves(key: str, methods: Sequence = tuple(histories)) -> dict:
+        return {label(m): mean_curve(histories[m], key) for m in methods}
 
-
-PLOT_FILES = {
-    "accuracy": "accuracy_vs_step.png",
-    "routes": "hpt_routes.png",
-    "entropy": "entropy_vs_step.png",
-    "pass_at_k": "pass_at_k.png",
-}
-
-
-def draw_plots(histories, summary, directory, gated: Sequence[str] = ()) -> list[Path]:
-    """Held-out accuracy, the gate's routes and entropy against step (mean over seeds, from
-    method -> per-seed metrics), and pass@k against k (from the summary)."""
-    directory, unit = Path(directory), (-0.02, 1.02)
-    step = {"xlabel": "optimiser step"}
-    accuracy = {
-        f"held-out {s} (greedy)": {
-            label(m): mean_curve(h, f"eval/{s}") for m, h in histories.items()
-        }
-        for s in ("test", "ood")
-    }
-    title = "Held-out accuracy during training (mean over seeds)"
-    written = [
-        plot_curves(
-            accuracy,
-            directory / PLOT_FILES["accuracy"],
-            **step,
-            ylabel="accuracy",
-            title=title,
-            ylim=unit,
-        )
-    ]
-    routes = {
-        f"{label(m)}'s gate": {
-            f"route {r}": mean_curve(histories[m], f"route_{r}") for r in ("sft", "rl")
-        }
-        for m in gated
-        if m in histories
-    }
-    if routes:
-        title = "Questions routed to SFT (no rollout right) vs RL"
-        written.append(
-            plot_curves(
-                routes,
-                directory / PLOT_FILES["routes"],
-                **step,
-                ylabel="fraction of questions",
-                title=title,
-                ylim=unit,
-            )
-        )
-    entropy = {
-        "mean token entropy": {label(m): mean_curve(h, "entropy") for m, h in histories.items()}
-    }
-    title = "Entropy of the trained tokens (mean over seeds)"
-    written.append(
-        plot_curves(
-            entropy, directory / PLOT_FILES["entropy"], **step, ylabel="entropy (nats)", title=title
-        )
-    )
-    passk = {}
-    for split, panel in (("id", "in-distribution (test)"), ("ood", "out-of-distribution")):
-        passk[panel] = {}
+    def passk(split: str) -> dict:
+        curves = {}
         for method, stats in summary.items():
             ks = sorted(int(key.split("@")[1]) for key in stats if key.startswith(f"{split}_pass@"))
-            passk[panel][label(method)] = (ks, [stats[f"{split}_pass@{j}"][0] for j in ks])
-    title = "pass@k (the study's sampling; mean over seeds)"
-    written.append(
-        plot_curves(
-            passk,
-            directory / PLOT_FILES["pass_at_k"],
-            xlabel="k",
-            ylabel="pass@k",
-            title=title,
-            xlog=True,
-            ylim=unit,
-        )
-    )
+            curves[label(method)] = (ks, [stats[f"{split}_pass@{k}"][0] for k in ks])
+        return curves
+
+    routes = {f"route {r}": f"route_{r}" for r in ("sft", "rl")}
+    figures = {
+        "accuracy_vs_step.png": {f"held-out {s}": curves(f"eval/{s}") for s in ("test", "ood")},
+        "hpt_routes.png": {
+            f"{label(m)}'s gate": {name: curves(key, [m])[label(m)] for name, key in routes.items()}
+            for m in gated
+            if m in histories
+        },
+        "entropy_vs_step.png": {"mean token entropy": curves("entropy")},
+        "pass_at_k.png": {
+            "in-distribution (test)": passk("id"),
+            "out-of-distribution (ood)": passk("ood"),
+        },
+    }
+    written = []
+    for file, panels in figures.items():
+        if not panels:
+            continue
+        ylabel, title = PLOT_FILES[file]
+        fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.9), squeeze=False)
+        for ax, (panel, lines) in zip(axes[0], panels.items()):
+            for name, (x, y) in lines.items():
+                if len(x):
+                    ax.plot(x, y, marker="o", markersize=3, label=name)
+            ax.set(title=panel, ylabel=ylabel, xlabel="k" if "pass" in file else "optimiser step")
+            if "pass" in file:
+                ax.set_xscale("log", base=2)
+            if "entropy" not in file:
+                ax.set_ylim(-0.02, 1.02)
+            ax.grid(True, alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize="small")
+        fig.suptitle(f"{title}; mean over seeds")
+        fig.tight_layout()
+        written.append(Path(directory) / file)
+        written[-1].parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
     return written
 
 
@@ -729,16 +577,15 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hpt demo",
         description="The comparison study: SFT, GRPO, SFT->GRPO, LUFFY, SRFT and HPT from one tiny "
-        "base on the embedded addition task; lr chosen on val from one grid for all, 3 seeds "
-        "(--quick: one seed, no grid, fewer steps).",
+        "base on the embedded task; one lr grid for all, chosen on val; 3 seeds.",
     )
     add = parser.add_argument
     add("--quick", action="store_true", help="one seed, no lr grid, fewer steps, smaller eval")
     add("--output", default="runs/demo", help="output folder (default runs/demo)")
-    add("--methods", default=None, help="comma-separated names of configs/study/*.yaml")
-    add("--steps", type=int, default=None, help="optimiser steps of every method")
-    add("--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2")
-    add("--lrs", default=None, help="the lr grid, e.g. 3e-5,1e-4 (one value: no grid)")
+    add("--methods", help="comma-separated names of configs/study/*.yaml (default: all six)")
+    add("--steps", type=int, help="optimiser steps of every method")
+    add("--seeds", help="comma-separated seeds, e.g. 0,1,2")
+    add("--lrs", help="the lr grid (default 3e-5,1e-4; one value: no grid)")
     add("--jobs", type=int, default=2, help="worker processes for independent runs (default 2)")
     add("--threads", type=int, default=1, help="torch CPU threads a worker (default 1)")
     add("--no-progress", action="store_true", help="no progress bars")
@@ -755,37 +602,29 @@ def _numbers(text: str, kind: type, flag: str) -> tuple:
 def main(argv: list[str]) -> int:
     """``hpt demo [--quick] [--output DIR] ...``: run the study and print its table."""
     args = _parser().parse_args(argv)
+    for flag, least in (("threads", 1), ("jobs", 1), ("steps", 2)):
+        if getattr(args, flag) is not None and getattr(args, flag) < least:
+            raise ConfigError(f"--{flag} must be >= {least}, got {getattr(args, flag)}")
     settings = QUICK if args.quick else FULL
-    for flag, value, least in (("--threads", args.threads, 1), ("--jobs", args.jobs, 1)):
-        if value < least:
-            raise ConfigError(f"{flag} must be >= {least}, got {value}")
     if args.steps is not None:
-        if args.steps < 2:
-            raise ConfigError(f"--steps must be >= 2, got {args.steps}")
         settings = replace(settings, steps=args.steps, eval_every=max(1, args.steps // 4))
     if args.seeds:
         settings = replace(settings, seeds=_numbers(args.seeds, int, "--seeds"))
     if args.lrs:
         lrs = _numbers(args.lrs, float, "--lrs")
-        if not all(lr > 0 and math.isfinite(lr) for lr in lrs):
-            raise ConfigError(f"--lrs must be positive, got {args.lrs!r}")
+        if not all(0 < lr < math.inf for lr in lrs):
+            raise ConfigError(f"--lrs must be positive numbers, got {args.lrs!r}")
         settings = replace(settings, lrs=tuple(sorted(set(lrs))))
     methods = args.methods.split(",") if args.methods else None
-    for method in methods or []:
+    for method in methods or ():
         recipe_path(method)
-    results = run_study(
-        settings, args.output, methods, jobs=args.jobs, threads=args.threads,
-        progress=not args.no_progress,
-    )  # fmt: skip
+    results = run_study(settings, args.output, methods, jobs=args.jobs, threads=args.threads,
+                        progress=not args.no_progress)  # fmt: skip
     from rich.console import Console
 
     console = Console()
-    console.print(
-        rich_table(*table_rows(results["summary"], settings.k), f"hpt demo ({args.output})")
-    )
+    console.print(rich_table(*results["table"], title=f"hpt demo ({args.output})"))
     for line in results["diffs"]:
         console.print(line)
-    print(
-        f"wrote {Path(args.output) / 'results.md'}, results.json and plots/ in {_clock(results['seconds'])}"
-    )
+    print(f"wrote {args.output}/results.md, results.json, plots/ in {results['seconds']:.0f} s")
     return 0
