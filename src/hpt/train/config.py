@@ -53,6 +53,7 @@ def section(cls: type, help: str) -> Any:
 # The schema
 # --------------------------------------------------------------------------------------------
 
+
 @dataclass
 class ModelConfig:
     """The policy model and its tokenizer."""
