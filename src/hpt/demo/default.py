@@ -4,7 +4,7 @@ A config whose ``model.path`` is null gets the demo's base model: the tiny Qwen2
 :mod:`hpt.demo.tiny`, pre-trained with SFT on the easy part of the arithmetic task
 (:mod:`hpt.demo.task`) so that it solves some but not all training questions. A config whose
 ``data.train`` is null gets the task's training split, and with no ``eval.sets`` its held-out
-in-distribution (``test``) and harder out-of-distribution (``ood``) splits. All of it is built
+``test`` split in two parts: ``id_easy`` (1-2 digits) and ``id_hard`` (3 digits). All of it is built
 once and cached under ``$HPT_CACHE`` (default ``~/.cache/hpt``), keyed by the settings that
 shape it.
 """
@@ -25,7 +25,7 @@ DEMO_SETTINGS: dict[str, Any] = {
     "name": "default",
     "overwrite": True,  # `make run` twice replaces the previous embedded run
     "algorithm": "hpt",
-    "max_steps": 40,
+    "max_steps": 60,
     "save_every": 20,
     "data.questions_per_step": 16,
     "data.max_response_tokens": 64,
@@ -39,8 +39,8 @@ DEMO_SETTINGS: dict[str, Any] = {
     "algo": "{norm_length: 64}",
     "optim.micro_batch_size": 64,
     "optim.warmup_steps": 0,
-    # sampled accuracy (avg@4 at the rollout temperature): greedy decoding hides RL's gains
-    "eval.k": 4,
+    # sampled accuracy (avg@8 at the rollout temperature): greedy decoding hides RL's gains
+    "eval.k": 8,
     "eval.temperature": 1.0,
     "eval.top_p": 1.0,
     "eval.limit": 100,
@@ -105,6 +105,15 @@ def write_task_data(directory: Path, seed: int, sizes: dict[str, int]) -> dict[s
             ]
             atomic_write_text(path, "\n".join(rows) + "\n")
         paths[split] = path
+    # the held-out test split by difficulty: 1-2 digits (what the base half solves, where RL's
+    # sharpening shows) and 3 digits (what it rarely solves, what SFT must teach)
+    test_rows = [json.loads(line) for line in paths["test"].read_text().splitlines() if line]
+    for name, levels in (("test_easy", (1, 2)), ("test_hard", (3,))):
+        path = directory / f"{name}.jsonl"
+        if not path.exists():
+            rows = [json.dumps(row) for row in test_rows if row.get("level") in levels]
+            atomic_write_text(path, "\n".join(rows) + "\n")
+        paths[name] = path
     return paths
 
 
@@ -170,7 +179,10 @@ def resolve(config: TrainConfig, *, prepare: bool = True, log: Any = print) -> T
     data = (
         write_task_data(root / "data", config.seed, split_sizes(config))
         if prepare
-        else {split: root / "data" / f"{split}.jsonl" for split in split_sizes(config)}
+        else {
+            split: root / "data" / f"{split}.jsonl"
+            for split in (*split_sizes(config), "test_easy", "test_hard")
+        }
     )
     model = config.model
     if model.path is None:
@@ -181,9 +193,8 @@ def resolve(config: TrainConfig, *, prepare: bool = True, log: Any = print) -> T
         data_config = dataclasses.replace(data_config, train=str(data["train"]))
     eval_config = config.eval
     if not eval_config.sets:
-        eval_config = dataclasses.replace(
-            eval_config, sets={"test": str(data["test"]), "ood": str(data["ood"])}
-        )
+        sets = {"id_easy": str(data["test_easy"]), "id_hard": str(data["test_hard"])}
+        eval_config = dataclasses.replace(eval_config, sets=sets)
     return dataclasses.replace(config, model=model, data=data_config, eval=eval_config)
 
 
