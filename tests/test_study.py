@@ -435,3 +435,12 @@ def test_tiny_demo_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "HPT" in out and "results.md" in out
     assert seconds < 8 * 60, f"took {seconds:.0f} s"
+
+
+def test_missing_recipe_folder_is_one_clear_error(monkeypatch, tmp_path):
+    from hpt.demo import study
+    from hpt.errors import ConfigError
+
+    monkeypatch.setattr(study, "RECIPE_DIR", tmp_path / "nowhere")
+    with pytest.raises(ConfigError, match="lacks: run it from a clone"):
+        study.recipe_path("hpt")

@@ -84,6 +84,11 @@ def _number(value: Any) -> float:
 
 
 def recipe_path(method: str) -> Path:
+    if not RECIPE_DIR.is_dir():
+        raise ConfigError(
+            f"hpt demo reads its recipes from {RECIPE_DIR}, which this install lacks: "
+            "run it from a clone of the repository (pip install -e .)"
+        )
     path = RECIPE_DIR / f"{method}.yaml"
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in RECIPE_DIR.glob("*.yaml")))
