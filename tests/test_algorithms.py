@@ -267,3 +267,16 @@ def test_public_api_is_exported_and_import_stays_light():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == "[]"
+
+
+def test_readme_algorithm_table_is_the_code_s():
+    """README's table of algorithms is `hpt algorithms`' output, row for row."""
+    from pathlib import Path
+
+    from hpt.algorithms import table_rows
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    columns = ["name", "data", "pi_ref", "A_hat", "mask", "shaping", "aggregation", "gate"]
+    for row in table_rows():
+        line = "| " + " | ".join(str(row[c]).replace("|", "\\|") for c in columns) + " |"
+        assert line in readme, f"README's row for {row['name']} is stale: {line}"
