@@ -203,7 +203,7 @@ class DemoConfig:
     pretrain_lr: float = opt(1e-3, "learning rate of the warm-up", gt=0)
     train_questions: int = opt(2000, "synthetic post-training questions (the train split)", gt=0)
     test_questions: int = opt(
-        400, "synthetic held-out questions in each of the test and ood splits", gt=0
+        400, "synthetic held-out questions in each of the val, test and ood splits", gt=0
     )
 
 
