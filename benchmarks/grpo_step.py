@@ -138,6 +138,45 @@ def math_reward_for_trl() -> Any:
     return math_reward
 
 
+def trl_config(settings: Settings, output_dir: Path, max_steps: int) -> Any:
+    """TRL's ``GRPOConfig`` for the step of ``settings`` (one optimiser step per generation batch)."""
+    import torch
+    from trl import GRPOConfig
+
+    return GRPOConfig(
+        output_dir=str(output_dir),
+        max_steps=max_steps,
+        per_device_train_batch_size=settings.micro_batch,
+        gradient_accumulation_steps=settings.rows // settings.micro_batch,  # one optimiser step
+        num_generations=settings.n,
+        max_completion_length=settings.max_new_tokens,
+        temperature=settings.temperature,
+        top_p=1.0,
+        top_k=0,
+        beta=0.0,  # no KL, no reference model
+        num_iterations=1,
+        epsilon=settings.clip,
+        loss_type="grpo",  # per-sequence token mean, then mean over sequences
+        scale_rewards="group",
+        learning_rate=settings.lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=settings.grad_clip,
+        gradient_checkpointing=False,  # TRL's GRPO turns it on by default; hpt's default is off
+        use_vllm=False,
+        use_cpu=not torch.cuda.is_available(),
+        bf16=False,
+        fp16=False,
+        logging_strategy="no",
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=settings.seed,
+    )
+
+
 def run_trl(
     settings: Settings, model_dir: Path, questions_file: Path, workdir: Path
 ) -> dict[str, Any]:
@@ -145,7 +184,7 @@ def run_trl(
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOTrainer
 
     class StepTimer(TrainerCallback):
         """Wall and CPU seconds of each optimiser step, generation included."""
@@ -168,39 +207,7 @@ def run_trl(
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     rows = read_questions(questions_file)
     dataset = Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"]} for r in rows])
-    on_cpu = not torch.cuda.is_available()
-    config = GRPOConfig(
-        output_dir=str(workdir / "trl"),
-        max_steps=settings.warmup + settings.steps,
-        per_device_train_batch_size=settings.micro_batch,
-        gradient_accumulation_steps=settings.rows // settings.micro_batch,  # one optimiser step
-        num_generations=settings.n,
-        max_completion_length=settings.max_new_tokens,
-        temperature=settings.temperature,
-        top_p=1.0,
-        top_k=0,
-        beta=0.0,  # no KL, no reference model
-        num_iterations=1,
-        epsilon=settings.clip,
-        loss_type="grpo",  # per-sequence token mean, then mean over sequences
-        scale_rewards="group",
-        learning_rate=settings.lr,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        weight_decay=0.0,
-        max_grad_norm=settings.grad_clip,
-        gradient_checkpointing=False,  # TRL's GRPO turns it on by default; hpt's default is off
-        use_vllm=False,
-        use_cpu=on_cpu,
-        bf16=False,
-        fp16=False,
-        logging_strategy="no",
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        seed=settings.seed,
-    )
+    config = trl_config(settings, workdir / "trl", settings.warmup + settings.steps)
     timer = StepTimer()
     trainer = GRPOTrainer(
         model=model,

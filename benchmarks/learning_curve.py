@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import grpo_step  # the sibling benchmark: its settings -> hpt / TRL mappings
+
 RESULTS = Path(__file__).resolve().parent / "results"
 SIDES = ("hpt", "trl")
 
@@ -91,6 +93,21 @@ class Probe:
 # the two sides
 
 
+def step_settings(settings: Settings, seed: int) -> grpo_step.Settings:
+    """The GRPO step of ``settings`` in grpo_step's terms (its hpt and TRL mappings are reused)."""
+    return grpo_step.Settings(
+        questions=settings.questions,
+        n=settings.n,
+        max_new_tokens=settings.max_new_tokens,
+        micro_batch=settings.micro_batch,
+        lr=settings.lr,
+        temperature=1.0,
+        clip=settings.clip,
+        grad_clip=1.0,
+        seed=seed,
+    )
+
+
 def run_hpt(settings: Settings, seed: int, paths: dict[str, Path], workdir: Path) -> list[float]:
     """hpt train GRPO; the probe after every `eval_every` steps (step 0 included)."""
     from hpt.train.config import load_config
@@ -99,50 +116,22 @@ def run_hpt(settings: Settings, seed: int, paths: dict[str, Path], workdir: Path
 
     probe = Probe(settings, paths["test"])
     curve: list[float] = []
-    step_done = Run.step_done
+    step_done, begin_stage = Run.step_done, Run.begin_stage
 
     def probed(self: Any, step: int, *args: Any, **kwargs: Any) -> None:
         step_done(self, step, *args, **kwargs)
         if step % settings.eval_every == 0:
             curve.append(probe(self.model, self.tokenizer))
 
-    begin_stage = Run.begin_stage
-
     def first_probe(self: Any, *args: Any, **kwargs: Any) -> None:
         begin_stage(self, *args, **kwargs)
         curve.append(probe(self.model, self.tokenizer))
 
     Run.step_done, Run.begin_stage = probed, first_probe
-    overrides = [
-        "name=curve",
-        "algorithm=grpo",
-        f"seed={seed}",
-        f"max_steps={settings.steps}",
-        "save_every=0",
-        "overwrite=true",
-        f"output_dir={workdir}",
-        f"model.path={paths['base']}",
-        f"data.train={paths['train']}",
-        f"data.questions_per_step={settings.questions}",
-        f"data.max_response_tokens={settings.max_new_tokens}",
-        "data.max_prompt_tokens=96",
-        f"rollout.n={settings.n}",
-        "rollout.temperature=1.0",
-        "rollout.top_p=1.0",
-        f"rollout.batch_size={settings.questions * settings.n}",
-        f"algo.clip_low={settings.clip}",
-        f"algo.clip_high={settings.clip}",
-        "algo.aggregation=seq-mean-token-mean",
-        f"optim.lr={settings.lr}",
-        "optim.weight_decay=0.0",
-        "optim.schedule=constant",
-        "optim.warmup_steps=0",
-        "optim.grad_clip=1.0",
-        "optim.skip_grad_norm_above=.inf",
-        f"optim.micro_batch_size={settings.micro_batch}",
-        "logging.progress=false",
-        "logging.plots=false",
-    ]
+    overrides = grpo_step.hpt_overrides(
+        step_settings(settings, seed), paths["base"], paths["train"], workdir
+    )
+    overrides += ["name=curve", f"max_steps={settings.steps}", "data.max_prompt_tokens=96"]
     try:
         train(load_config(None, overrides))
     finally:
@@ -155,21 +144,13 @@ def run_trl(settings: Settings, seed: int, paths: dict[str, Path], workdir: Path
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
-
-    import hpt
+    from trl import GRPOTrainer
 
     probe = Probe(settings, paths["test"])
     tokenizer = AutoTokenizer.from_pretrained(paths["base"])
     model = AutoModelForCausalLM.from_pretrained(paths["base"], dtype=torch.float32)
-    rows = [json.loads(line) for line in paths["train"].read_text().splitlines() if line.strip()]
+    rows = grpo_step.read_questions(paths["train"])
     dataset = Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"]} for r in rows])
-    verify = hpt.get_reward("math")
-
-    def math_reward(completions: list[Any], answer: list[str], **_: Any) -> list[float]:
-        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-        return [float(s) for s in verify(texts, list(answer))]
-
     curve: list[float] = [probe(model, tokenizer)]
 
     class Probed(TrainerCallback):
@@ -177,43 +158,10 @@ def run_trl(settings: Settings, seed: int, paths: dict[str, Path], workdir: Path
             if state.global_step % settings.eval_every == 0:
                 curve.append(probe(model, tokenizer))
 
-    rollouts = settings.questions * settings.n
-    config = GRPOConfig(
-        output_dir=str(workdir / "trl"),
-        max_steps=settings.steps,
-        per_device_train_batch_size=settings.micro_batch,
-        gradient_accumulation_steps=max(1, rollouts // settings.micro_batch),
-        num_generations=settings.n,
-        max_completion_length=settings.max_new_tokens,
-        temperature=1.0,
-        top_p=1.0,
-        top_k=0,
-        beta=0.0,
-        num_iterations=1,
-        epsilon=settings.clip,
-        loss_type="grpo",
-        scale_rewards="group",
-        learning_rate=settings.lr,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        weight_decay=0.0,
-        max_grad_norm=1.0,
-        gradient_checkpointing=False,
-        use_vllm=False,
-        use_cpu=not torch.cuda.is_available(),
-        bf16=False,
-        fp16=False,
-        logging_strategy="no",
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        seed=seed,
-    )
     trainer = GRPOTrainer(
         model=model,
-        reward_funcs=math_reward,
-        args=config,
+        reward_funcs=grpo_step.math_reward_for_trl(),
+        args=grpo_step.trl_config(step_settings(settings, seed), workdir / "trl", settings.steps),
         train_dataset=dataset,
         processing_class=tokenizer,
         callbacks=[Probed()],

@@ -139,3 +139,20 @@ def test_responses_are_short_for_the_tiny_tokenizer(tiny):
         len(tokenizer(q.demonstration)["input_ids"]) for q in make_questions("train", 200, seed=2)
     )
     assert longest_train < 60
+
+
+def test_demo_data_splits_the_test_set_by_difficulty(tmp_path):
+    """The embedded default evaluates `test` in two parts: levels 1-2 and level 3, nothing lost."""
+    import json
+
+    from hpt.demo.default import write_task_data
+
+    sizes = {"easy": 10, "train": 10, "test": 60, "ood": 5, "val": 5}
+    paths = write_task_data(tmp_path, seed=0, sizes=sizes)
+
+    def levels(name):
+        return [json.loads(line)["level"] for line in paths[name].read_text().splitlines()]
+
+    easy, hard = levels("test_easy"), levels("test_hard")
+    assert set(easy) == {1, 2} and set(hard) == {3}
+    assert sorted(easy + hard) == sorted(levels("test"))

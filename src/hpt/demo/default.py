@@ -107,11 +107,11 @@ def write_task_data(directory: Path, seed: int, sizes: dict[str, int]) -> dict[s
         paths[split] = path
     # the held-out test split by difficulty: 1-2 digits (what the base half solves, where RL's
     # sharpening shows) and 3 digits (what it rarely solves, what SFT must teach)
-    test_rows = [json.loads(line) for line in paths["test"].read_text().splitlines() if line]
     for name, levels in (("test_easy", (1, 2)), ("test_hard", (3,))):
         path = directory / f"{name}.jsonl"
         if not path.exists():
-            rows = [json.dumps(row) for row in test_rows if row.get("level") in levels]
+            lines = paths["test"].read_text().splitlines()
+            rows = [line for line in lines if line and json.loads(line).get("level") in levels]
             atomic_write_text(path, "\n".join(rows) + "\n")
         paths[name] = path
     return paths

@@ -113,9 +113,7 @@ def demonstration(a: int, b: int, *, forget_carry: bool = False) -> str:
         steps.append(f"{terms}={total}, carry {total // 10}.")
         digits.append(str(total % 10))
         carry = 0 if forget_carry else total // 10
-    written = "".join(reversed(digits)).lstrip("0") or "0"
-    if carry:
-        written = str(carry) + "".join(reversed(digits))
+    written = int(str(carry) + "".join(reversed(digits)))  # int() drops the leading zeros
     return " ".join(steps) + f" The answer is \\boxed{{{written}}}."
 
 
