@@ -18,7 +18,7 @@ from hpt.utils import (
     atomic_dir,
     atomic_write_json,
     atomic_write_text,
-    progress,
+    progress_bar,
     to_jsonable,
 )
 
@@ -148,13 +148,28 @@ def test_progress_bar_shows_step_reward_and_routes(tmp_path, monkeypatch, capsys
 
 def test_progress_is_off_without_a_terminal_or_when_asked(monkeypatch, capsys):
     monkeypatch.delenv("HPT_PROGRESS", raising=False)
-    with progress("work", 3) as bar:  # pytest's stderr is not a terminal
-        bar.advance()
-        assert not bar.enabled
+    with progress_bar("n {task.fields[n]}") as bar:  # pytest's stderr is not a terminal
+        task = bar.add_task("work", total=3, n=0)
+        bar.update(task, advance=1, n=1)
+        assert bar.disable
+        assert bar.tasks[0].completed == 1  # the task still counts while nothing is drawn
     monkeypatch.setenv("HPT_PROGRESS", "1")
-    with progress("work", 3, enabled=False) as bar:
-        assert not bar.enabled
+    with progress_bar(enabled=False) as bar:
+        bar.add_task("work", total=3)
+        assert bar.disable
     assert capsys.readouterr().err == ""
+
+
+def test_progress_bar_is_drawn_with_its_columns_when_forced(monkeypatch, capsys):
+    monkeypatch.setenv("HPT_PROGRESS", "1")
+    with progress_bar("tokens {task.fields[tokens]}", transient=False) as bar:
+        task = bar.add_task("work", total=4, completed=1, tokens=0)
+        bar.update(task, advance=2, tokens=17)
+        bar.console.print("[bold]plain[/bold] " + "x" * 100)  # no markup, no wrapping
+        assert not bar.disable
+    err = capsys.readouterr().err
+    assert "work" in err and "3/4" in err and "tokens 17" in err
+    assert "[bold]plain[/bold] " + "x" * 100 in err
 
 
 # -- plots ----------------------------------------------------------------------------------------

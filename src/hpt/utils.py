@@ -77,6 +77,54 @@ def progress_enabled(enabled: bool = True) -> bool:
     return bool(getattr(stream, "isatty", lambda: False)())
 
 
+def progress_bar(*extra_columns: Any, enabled: bool = True, transient: bool = True) -> Any:
+    """rich's own :class:`rich.progress.Progress`, drawn on stderr, with this project's columns.
+
+    Columns: description, bar, ``completed/total``, the ``extra_columns``, elapsed time and ETA.
+    The display is disabled (``disable=True``: nothing drawn, every call still valid) when
+    ``enabled`` is False or :func:`progress_enabled` says no, so library code can always use it::
+
+        with progress_bar("reward {task.fields[reward]}", enabled=show) as bar:
+            task = bar.add_task("train", total=steps, reward="-")
+            bar.update(task, advance=1, reward="0.5")
+            bar.console.print("a line above the bar")
+
+    ``bar.console`` prints plain text (no markup, highlighting or wrapping) to stderr, drawn or not.
+
+    Args:
+        *extra_columns: rich ``ProgressColumn`` objects, or ``TextColumn`` templates such as
+            ``"reward {task.fields[reward]}"`` (give the fields' first values to ``add_task``).
+        enabled: False turns the display off.
+        transient: Remove the bar from the terminal when the ``with`` block ends.
+
+    Returns:
+        A ``rich.progress.Progress``; use it as a context manager.
+    """
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = [
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        *(TextColumn(c) if isinstance(c, str) else c for c in extra_columns),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+    ]
+    console = Console(stderr=True, markup=False, highlight=False, emoji=False, soft_wrap=True)
+    return Progress(
+        *columns, console=console, transient=transient, disable=not progress_enabled(enabled)
+    )
+
+
 @contextmanager
 def progress(
     description: str,
@@ -88,7 +136,9 @@ def progress(
     completed: float = 0,
     **fields: Any,
 ) -> Iterator[ProgressBar]:
-    """A rich progress bar for a long loop, drawn on stderr and removed when the loop ends.
+    """Deprecated: use :func:`progress_bar` (rich's own ``Progress``). Kept until its last caller moves.
+
+    A rich progress bar for a long loop, drawn on stderr and removed when the loop ends.
 
     The bar is disabled (a no-op :class:`ProgressBar`) when ``enabled`` is False or stderr is not
     a terminal, so library code can always wrap its loops with it.
