@@ -280,9 +280,9 @@ def run_hpt(
 
     config = load_config(None, hpt_overrides(settings, model_dir, questions_file, workdir))
     clock = StepClock()
-    watch_hpt_steps(clock)
+    watch = watch_hpt_steps(clock)
     started = time.perf_counter()
-    train(config)
+    train(config, callbacks=[watch])
     seconds = time.perf_counter() - started
     metrics_file = Path(config.output_dir) / config.name / "metrics.jsonl"
     records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
@@ -295,27 +295,24 @@ def run_hpt(
     }
 
 
-def watch_hpt_steps(clock: StepClock) -> None:
-    """Stamp ``clock`` at the start of hpt's stage and at the end of each step (for CPU time).
+def watch_hpt_steps(clock: StepClock) -> Any:
+    """A training callback stamping ``clock`` at the start of hpt's stage and after each step.
 
     hpt measures each step's wall time itself (``time/step``); its CPU time comes from the
-    intervals between ``Run.begin_stage`` and successive ``Run.step_done`` calls, which also hold
-    the (cheap) logging of the previous step.
+    intervals between the stage's start and successive step ends, which also hold the (cheap)
+    logging of the previous step.
     """
-    from hpt.train.run import Run
+    from hpt.train.recipe import Callback
 
-    begin_stage, step_done = Run.begin_stage, Run.step_done
+    class Watch(Callback):
+        def on_stage_begin(self, stage: int, model: Any, tokenizer: Any) -> None:
+            clock.start()
 
-    def timed_begin(self: Any, *args: Any, **kwargs: Any) -> None:
-        begin_stage(self, *args, **kwargs)
-        clock.start()
+        def on_step_end(self, step: int, metrics: Any, model: Any, tokenizer: Any) -> None:
+            clock.stop()
+            clock.start()
 
-    def timed_done(self: Any, *args: Any, **kwargs: Any) -> None:
-        clock.stop()
-        step_done(self, *args, **kwargs)
-        clock.start()
-
-    Run.begin_stage, Run.step_done = timed_begin, timed_done
+    return Watch()
 
 
 RUNNERS = {"trl": run_trl, "hpt": run_hpt}

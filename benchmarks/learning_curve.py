@@ -111,31 +111,24 @@ def step_settings(settings: Settings, seed: int) -> grpo_step.Settings:
 def run_hpt(settings: Settings, seed: int, paths: dict[str, Path], workdir: Path) -> list[float]:
     """hpt train GRPO; the probe after every `eval_every` steps (step 0 included)."""
     from hpt.train.config import load_config
-    from hpt.train.recipe import train
-    from hpt.train.run import Run
+    from hpt.train.recipe import Callback, train
 
     probe = Probe(settings, paths["test"])
     curve: list[float] = []
-    step_done, begin_stage = Run.step_done, Run.begin_stage
 
-    def probed(self: Any, step: int, *args: Any, **kwargs: Any) -> None:
-        step_done(self, step, *args, **kwargs)
-        if step % settings.eval_every == 0:
-            curve.append(probe(self.model, self.tokenizer))
+    class Probed(Callback):
+        def on_stage_begin(self, stage: int, model: Any, tokenizer: Any) -> None:
+            curve.append(probe(model, tokenizer))
 
-    def first_probe(self: Any, *args: Any, **kwargs: Any) -> None:
-        begin_stage(self, *args, **kwargs)
-        curve.append(probe(self.model, self.tokenizer))
+        def on_step_end(self, step: int, metrics: Any, model: Any, tokenizer: Any) -> None:
+            if step % settings.eval_every == 0:
+                curve.append(probe(model, tokenizer))
 
-    Run.step_done, Run.begin_stage = probed, first_probe
     overrides = grpo_step.hpt_overrides(
         step_settings(settings, seed), paths["base"], paths["train"], workdir
     )
     overrides += ["name=curve", f"max_steps={settings.steps}", "data.max_prompt_tokens=96"]
-    try:
-        train(load_config(None, overrides))
-    finally:
-        Run.step_done, Run.begin_stage = step_done, begin_stage
+    train(load_config(None, overrides), callbacks=[Probed()])
     return curve
 
 

@@ -395,3 +395,38 @@ def test_configs_demo_yaml_is_the_embedded_default():
     for config in (a, b):
         config["model"].pop("path"), config["data"].pop("train"), config["eval"].pop("sets")
     assert a == b
+
+
+def test_the_library_train_does_not_import_the_demo():
+    """No import circle: train() needs resolved paths; only the CLI fills the demo's."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, hpt.train.recipe, hpt.train.step; print('hpt.demo' in ' '.join(sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_callbacks_see_every_step(tmp_path, tiny_dir, task_file):
+    from hpt.train.recipe import Callback
+
+    seen: list[tuple[str, int]] = []
+
+    class Record(Callback):
+        def on_stage_begin(self, stage, model, tokenizer):
+            seen.append(("stage", stage))
+
+        def on_step_end(self, step, metrics, model, tokenizer):
+            assert metrics["step"] == step and model.training
+            seen.append(("step", step))
+
+    overrides = [
+        f"output_dir={tmp_path}", f"model.path={tiny_dir}", f"data.train={task_file}",
+        "algorithm=sft", "max_steps=1", "save_every=0", "data.questions_per_step=2",
+        "logging.plots=false", "stages=[{algorithm: sft, max_steps: 1}, {algorithm: grpo, max_steps: 2}]",
+        "rollout.n=2", "data.max_response_tokens=8", "data.overlong_demonstrations=truncate",
+    ]  # fmt: skip
+    train(load_config(None, overrides), callbacks=[Record()])
+    assert seen == [("stage", 0), ("step", 1), ("stage", 1), ("step", 2), ("step", 3)]

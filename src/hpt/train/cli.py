@@ -39,14 +39,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    from hpt.demo.default import default_config, resolve
     from hpt.train.config import load_config
 
+    # null model.path / data.train / eval.sets: the embedded demo's (built once and cached);
+    # the CLI resolves them, so the library's train() never depends on the demo
     if args.config is None:
-        from hpt.demo.default import default_config
-
         config = default_config(args.overrides, prepare=not args.dry_run)
     else:
-        config = load_config(args.config, args.overrides)
+        config = resolve(load_config(args.config, args.overrides), prepare=not args.dry_run)
     if args.dry_run:
         print_plan(config)
         return 0

@@ -1,333 +1,128 @@
 """The training recipe, read top to bottom.
 
-One step: sample questions -> generate n rollouts each -> score them -> route each question
-through the algorithm's gate -> assemble tagged rows -> advantages -> for each optimiser
-mini-batch: micro-batches, the unified loss normalised over the whole mini-batch, backward ->
-clip / skip / step -> metrics. Every algorithm of ``hpt.algorithms`` runs through this one loop:
-the loop reads the algorithm's data (its terms, its gate, what it needs) and never its name.
+``train(config)``: open the run folder -> load data (before the slow model load, so a bad file
+fails in a second) -> load the model -> evaluate -> for each stage: set up (algorithm, policy,
+optimiser, engine) -> steps (collect, prepare, update; log, evaluate, checkpoint) -> evaluate ->
+save. The step's three phases live in :mod:`hpt.train.step`; the run folder in
+:mod:`hpt.train.run`. Every algorithm runs through this one loop: it reads the algorithm's data
+and never its name.
 """
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from hpt.algorithms import Algorithm, get_algorithm, outcome_advantages
-from hpt.estimator.advantage import ADVANTAGES, gae
-from hpt.estimator.unified import KIND_ID, batch_counts, unified_loss
-from hpt.gate import assignments
+from hpt.algorithms import get_algorithm
+from hpt.estimator.unified import KIND_ID
 from hpt.train import distributed as dist
-from hpt.train.batch import Batch, Row, collate, micro_batches
+from hpt.train.batch import collate
 from hpt.train.config import TrainConfig
+from hpt.train.heldout import HeldOut
 from hpt.train.policy import Policy
+from hpt.train.run import Run
 from hpt.train.setup import (
     QuestionSampler,
     TrainData,
     build_optimizer,
     build_scheduler,
     load_model_and_tokenizer,
+    load_tokenizer,
+    load_train_data,
 )
+from hpt.train.step import collect_rows, prepare, update
 
 
-@dataclass
-class StepData:
-    """What one step's generation, scoring and routing produced (this rank's share)."""
+class Callback:
+    """Hooks into the loop (as TRL's ``TrainerCallback``); override the ones you need.
 
-    rows: list[Row]
-    metrics: dict[str, float]
-
-
-# ----------------------------------------------------------------------------------------------
-# 1. generate + score + route + assemble
-
-
-def collect_rows(
-    questions: list[int],
-    data: TrainData,
-    algorithm: Algorithm,
-    engine: Any,
-    config: TrainConfig,
-    seed: int,
-) -> StepData:
-    """Generate, score and route this step's questions; return their tagged rows."""
-    from hpt.rewards import score
-    from hpt.rollout import SamplingParams
-
-    n = config.rollout.n
-    metrics: dict[str, float] = {}
-    correct = torch.zeros(len(questions), dtype=torch.long)
-    rollouts: list[Any] = []
-    rewards: list[float] = []
-    if algorithm.needs_rollouts:
-        sampling = SamplingParams(
-            temperature=config.rollout.temperature,
-            top_p=config.rollout.top_p,
-            top_k=config.rollout.top_k,
-            max_new_tokens=config.rollout.max_new_tokens,
-            seed=seed,
-        )
-        started = time.perf_counter()
-        rollouts = engine.generate([data.prompt_ids[q] for q in questions], n, sampling)
-        metrics["time/generate"] = time.perf_counter() - started
-        started = time.perf_counter()
-        result = score(
-            [r.text for r in rollouts],
-            [data.questions[questions[r.prompt_index]].answer for r in rollouts],
-            config.data.reward,
-            timeout=config.data.reward_timeout,
-        )
-        metrics["time/score"] = time.perf_counter() - started
-        rewards = list(result.scores)
-        correct = torch.tensor(
-            [sum(rewards[i * n + j] > 0.5 for j in range(n)) for i in range(len(questions))],
-            dtype=torch.long,
-        )
-        metrics["reward_mean"] = sum(rewards) / max(len(rewards), 1)
-        metrics["reward_timeouts"] = float(result.timeouts)
-        metrics["reward_errors"] = float(result.errors)
-        lengths = [len(r.response_ids) for r in rollouts]
-        metrics["response_length"] = sum(lengths) / max(len(lengths), 1)
-        metrics["clipped_responses"] = sum(r.finish_reason == "length" for r in rollouts) / max(
-            len(rollouts), 1
-        )
-        metrics["tokens/generated"] = float(sum(lengths))
-
-    plan = assignments(algorithm, correct, n)
-    rows: list[Row] = []
-    demo_tokens = 0
-    for i, (q, assigned) in enumerate(zip(questions, plan)):
-        demo = data.demo_ids.get(q)
-        demo_kind, rollout_weight = assigned.demo_kind, assigned.rollout_weight
-        if demo_kind is not None and demo is None:
-            # no usable demonstration (none given, or dropped as over-long): its rollouts train instead
-            demo_kind, rollout_weight = None, 1.0
-            metrics["routes/no_demonstration"] = metrics.get("routes/no_demonstration", 0) + 1
-        if rollout_weight > 0 and rollouts:
-            for j in range(n):
-                rollout = rollouts[i * n + j]
-                reward = rewards[i * n + j]
-                rows.append(
-                    Row(
-                        rollout.prompt_ids,
-                        rollout.response_ids,
-                        "rollout",
-                        i,
-                        reward,
-                        rollout_weight,
-                        rollout.logprobs,
-                    )
-                )
-        if demo_kind is not None:
-            demo_tokens += len(demo)
-            rows.append(Row(data.prompt_ids[q], demo, demo_kind, i, 1.0, assigned.demo_weight))
-    routes = [assigned.route for assigned in plan]
-    for name in ("sft", "rl", "off_policy"):
-        metrics[f"route_{name}"] = sum(r == name for r in routes) / max(len(routes), 1)
-    metrics["tokens/demonstration"] = float(demo_tokens)
-    return StepData(rows=rows, metrics=metrics)
-
-
-# ----------------------------------------------------------------------------------------------
-# 2. advantages and the quantities of the sampling policy
-
-
-@torch.no_grad()
-def prepare(
-    batch: Batch,
-    policy: Policy,
-    reference: Policy | None,
-    algorithm: Algorithm,
-    config: TrainConfig,
-    need_old: bool,
-) -> dict[str, float]:
-    """Fill ``batch.extras``: advantages, and old log-probs / reference log-probs / values where needed.
-
-    Returns metrics (``rollout/logprob_gap`` when old log-probs were computed).
+    ``model`` is the Hugging Face model being trained (in training mode when a hook returns).
     """
-    metrics: dict[str, float] = {}
-    if algorithm.needs_values:  # token-level GAE, filled in below once the values are known
-        group_advantages = torch.zeros(len(batch))
-    else:
-        group_advantages = outcome_advantages(
-            algorithm, batch.rewards, batch.group, kinds=batch.kinds
-        )
-    batch.extras["advantages"] = group_advantages.float()
-    passes = need_old or reference is not None or algorithm.needs_values
-    if not passes:
-        return metrics
-    old, ref, values = [], [], []
-    device = next(policy.parameters()).device
-    for part in micro_batches(len(batch), config.optim.micro_batch_size):
-        micro = batch.select(part).to(device)
-        width = batch.labels.shape[1]
-        args = (micro.input_ids, micro.attention_mask, micro.response_index, micro.labels)
-        logprobs, _, value = policy(*args)
-        old.append(_pad(logprobs, width))
-        if value is not None:
-            values.append(_pad(value, width))
-        if reference is not None:
-            ref.append(_pad(reference(*args)[0], width))
-    if need_old:
-        batch.extras["old_logprobs"] = torch.cat(old).cpu()
-        gap = _sampling_gap(batch)
-        if gap is not None:
-            metrics["rollout/logprob_gap"] = gap
-    if reference is not None:
-        batch.extras["ref_logprobs"] = torch.cat(ref).cpu()
-    if algorithm.needs_values:
-        values_t = torch.cat(values).cpu()
-        advantages, returns = gae(
-            values_t, batch.rewards, batch.response_mask, algorithm.gae_gamma, algorithm.gae_lambda
-        )
-        # token-level advantages for rows whose term uses GAE; outcome advantages elsewhere
-        uses_gae = _kinds_with_token_advantages(algorithm)
-        is_gae_row = torch.isin(batch.kinds, torch.tensor(uses_gae, dtype=torch.long))
-        expanded = group_advantages[:, None].expand_as(advantages).clone()
-        expanded[is_gae_row] = advantages[is_gae_row]
-        batch.extras["advantages"] = expanded
-        batch.extras["old_values"] = values_t
-        batch.extras["returns"] = returns
-    return metrics
+
+    def on_stage_begin(self, stage: int, model: Any, tokenizer: Any) -> None:
+        """Before the first step of stage ``stage`` (0-based)."""
+
+    def on_step_end(self, step: int, metrics: dict[str, Any], model: Any, tokenizer: Any) -> None:
+        """After step ``step`` (1-based, across stages) was logged."""
 
 
-def _sampling_gap(batch: Batch) -> float | None:
-    """``rollout/logprob_gap``: mean |log pi_old - log pi_engine| over rollout tokens.
+def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
+    """Run ``config`` (all its stages) and return the run's summary.
 
-    The trainer's and the rollout engine's log-probs of the same tokens should agree (same weights,
-    same temperature); a gap measures the engine's numerical mismatch (as verl's rollout correction).
+    ``config.model.path`` and ``config.data.train`` must be set (the CLI fills the embedded
+    demo's; see :func:`hpt.demo.default.resolve`).
     """
-    sampled = batch.extras.get("sample_logprobs")
-    mask = batch.response_mask & (batch.kinds == KIND_ID["rollout"])[:, None]
-    if sampled is None or not mask.any():
-        return None
-    return float((batch.extras["old_logprobs"] - sampled).abs()[mask].mean())
+    dist.init_from_env()
+    try:
+        return _train(config, list(callbacks))
+    finally:
+        dist.shutdown()
 
 
-def _kinds_with_token_advantages(algorithm: Algorithm) -> list[int]:
-    """Kinds whose term's advantage is token-level (GAE, from the value head)."""
-    return sorted(
-        {KIND_ID[t.kind] for t in algorithm.terms if ADVANTAGES.trait(t.advantage, "token_level")}
-    )
+def _train(config: TrainConfig, callbacks: list[Callback]) -> dict[str, Any]:
+    started = time.time()
+    stages = config.resolved_stages()
+    with Run(config, total_steps=sum(stage.max_steps for stage in stages)) as run:
+        tokenizer = load_tokenizer(config.model)
+        data = load_train_data(stages[0], tokenizer, _algorithm(stages[0]), log=run.log)
+        heldout = HeldOut(stages[0])
+        model, tokenizer = load_model_and_tokenizer(config.model, tokenizer)
 
+        before = run.eval_before()
+        if before is None:
+            before = heldout.evaluate(model, tokenizer, log=run.log)
+            run.save_eval_before(before)
 
-def _pad(t: torch.Tensor, width: int) -> torch.Tensor:
-    return torch.nn.functional.pad(t.float(), (0, width - t.shape[1]))
-
-
-# ----------------------------------------------------------------------------------------------
-# 3. the update: mini-batches of questions, micro-batches of rows
-
-
-def update(
-    batch: Batch,
-    policy: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    algorithm: Algorithm,
-    config: TrainConfig,
-    need_old: bool,
-) -> dict[str, float]:
-    """Optimiser steps over ``batch``; returns the step's loss and update metrics."""
-    world = dist.world_size()
-    device = next(policy.parameters()).device
-    questions = torch.unique(batch.group)
-    per_mini = max(1, math.ceil(config.optim.mini_batch_questions / world))
-    totals: dict[str, float] = {"loss": 0.0, "grad_norm": 0.0, "updates": 0, "skipped_updates": 0}
-    entropy_sum = entropy_tokens = 0.0
-    loss_metrics: dict[str, float] = {}
-    for _epoch in range(config.optim.ppo_epochs):
-        for start in range(0, max(len(questions), 1), per_mini):
-            chosen = questions[start : start + per_mini]
-            rows = torch.nonzero(torch.isin(batch.group, chosen)).flatten()
-            counts = batch_counts(algorithm, batch.kinds[rows], batch.response_mask[rows])
-            counts = dist.all_reduce_counts(counts)  # normalise over every rank's rows
-            optimizer.zero_grad(set_to_none=True)
-            parts = micro_batches(len(rows), config.optim.micro_batch_size)
-            for k, part in enumerate(parts):
-                micro = batch.select(rows[part]).to(device)
-                with dist.no_sync_unless_last(policy, k == len(parts) - 1):
-                    logprobs, entropy, values = policy(
-                        micro.input_ids, micro.attention_mask, micro.response_index, micro.labels
-                    )
-                    # one update per batch: pi_old == pi_theta, so the ratio is sg(pi)/sg(pi) = 1
-                    old = micro.extras.get("old_logprobs")
-                    old = logprobs.detach() if old is None else old
-                    out = unified_loss(
-                        algorithm,
-                        logprobs,
-                        old,
-                        micro.extras["advantages"],
-                        micro.response_mask,
-                        kinds=micro.kinds,
-                        entropy=entropy,
-                        ref_logprobs=micro.extras.get("ref_logprobs"),
-                        row_weights=micro.row_weights,
-                        counts=counts,
-                    )
-                    loss = out.loss
-                    if values is not None:
-                        loss = loss + config.optim.value_coef * value_loss(values, micro, counts)
-                    # DDP averages gradients over ranks; the loss is already a global sum
-                    (loss * world).backward()
-                totals["loss"] += float(out.loss.detach())
-                mask = micro.response_mask
-                entropy_sum += float((entropy.detach() * mask).sum())
-                entropy_tokens += float(mask.sum())
-                for key, value in out.metrics.items():
-                    loss_metrics[key] = loss_metrics.get(key, 0.0) + float(value) / len(parts)
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), config.optim.grad_clip)
-            grad_norm = float(grad_norm)
-            totals["grad_norm"] = max(
-                totals["grad_norm"], grad_norm if math.isfinite(grad_norm) else float("inf")
-            )
-            if not math.isfinite(grad_norm) or grad_norm > config.optim.skip_grad_norm_above:
-                totals["skipped_updates"] += 1  # as the released recipe: skip, do not step
-                optimizer.zero_grad(set_to_none=True)
+        offset, history = 0, []
+        for index, stage in enumerate(stages):
+            if run.resume is not None and index < run.resume.stage:
+                offset += stage.max_steps  # done before the interruption: weights come later
                 continue
-            optimizer.step()
-            totals["updates"] += 1
-    totals["loss"] = dist.all_reduce_sum(totals["loss"])
-    totals["entropy"] = dist.all_reduce_sum(entropy_sum) / max(
-        dist.all_reduce_sum(entropy_tokens), 1.0
-    )
-    return {**loss_metrics, **totals}  # totals last: the global loss, not a micro-batch mean
+            if index > 0:
+                data = load_train_data(stage, tokenizer, _algorithm(stage), log=run.log)
+            history += train_stage(
+                stage, index, offset, model, tokenizer, data, run, heldout, callbacks
+            )
+            offset += stage.max_steps
+
+        after = heldout.evaluate(model, tokenizer, final=True, log=run.log)
+        run.save_final(model, tokenizer)
+        return run.finish(
+            {
+                "name": config.name,
+                "stages": [{"algorithm": s.algorithm, "steps": s.max_steps} for s in stages],
+                "eval_before": before,
+                "eval_after": after,
+                "steps": offset,
+                "seconds": round(time.time() - started, 2),
+                "totals": _totals(history),
+            }
+        )
 
 
-def value_loss(values: torch.Tensor, micro: Batch, counts: Any) -> torch.Tensor:
-    """PPO's clipped value loss, summed over rollout tokens, normalised by the mini-batch's count."""
-    returns, old = micro.extras["returns"], micro.extras["old_values"]
-    clipped = old + (values - old).clamp(-0.2, 0.2)
-    per_token = 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
-    mask = micro.response_mask & (micro.kinds == KIND_ID["rollout"])[:, None]
-    return (per_token * mask).sum() / max(counts.of(["rollout"])[0], 1.0)
+def train_stage(
+    config: TrainConfig,
+    index: int,
+    offset: int,
+    model: Any,
+    tokenizer: Any,
+    data: TrainData,
+    run: Run,
+    heldout: HeldOut,
+    callbacks: list[Callback] = (),  # type: ignore[assignment]
+) -> list[dict[str, Any]]:
+    """One stage: ``config.max_steps`` steps of its algorithm on ``model`` (trained in place).
 
-
-# ----------------------------------------------------------------------------------------------
-# 4. the run
-
-
-def train(config: TrainConfig) -> dict[str, Any]:
-    """Run ``config`` (all its stages) and return the run's summary."""
-    from hpt.demo.default import resolve
-    from hpt.train.run import Run
-
-    config = resolve(config)  # null model / data: the embedded demo's, built once and cached
-    with Run(config) as run:
-        return run.execute(train_stage)
-
-
-def train_stage(config: TrainConfig, run: Any, model: Any = None, tokenizer: Any = None):
-    """One stage: load, evaluate, train ``max_steps`` steps, evaluate, save. Returns (model, tokenizer, summary)."""
+    ``offset`` is the global step at which the stage starts. Returns the stage's step metrics.
+    """
     from hpt.rollout import make_engine
 
+    # -- setup
     torch.manual_seed(config.seed)
-    algorithm = get_algorithm(config.algorithm, **dict(config.algo))
-    if model is None:
-        model, tokenizer = load_model_and_tokenizer(config.model)
-    data = run.stage_data(config, tokenizer, algorithm)
+    algorithm = _algorithm(config)
     temperature = config.rollout.temperature  # train on the distribution the rollouts came from
     policy = Policy(
         model,
@@ -337,7 +132,7 @@ def train_stage(config: TrainConfig, run: Any, model: Any = None, tokenizer: Any
     )
     reference = None
     if algorithm.needs_reference_model:
-        ref_model, _ = load_model_and_tokenizer(config.model)
+        ref_model, _ = load_model_and_tokenizer(config.model, tokenizer)
         reference = Policy(
             ref_model.eval().requires_grad_(False),
             chunk_size=config.optim.logits_chunk_size,
@@ -356,24 +151,31 @@ def train_stage(config: TrainConfig, run: Any, model: Any = None, tokenizer: Any
         model_path=config.model.path,
         max_model_len=config.data.max_prompt_tokens + config.rollout.max_new_tokens,
     )
-    start_step = run.restore(policy, optimizer, scheduler, sampler)
+    start = run.restore(index, policy, optimizer, scheduler, sampler)
     wrapped = dist.wrap(policy)
     multiple_updates = config.optim.ppo_epochs > 1 or (
         config.data.questions_per_step > config.optim.mini_batch_questions
     )
     need_old = algorithm.needs_old_logprobs and multiple_updates
+    run.log(
+        f"stage {index + 1}: {algorithm.name} on {len(data.questions)} questions "
+        f"({data.report.get('with_demonstration', 0)} with demonstrations), "
+        f"steps {offset + start + 1}..{offset + config.max_steps}"
+    )
+    for callback in callbacks:
+        callback.on_stage_begin(index, model, tokenizer)
 
-    run.begin_stage(config, algorithm, data, start_step)
-    for step in range(start_step, config.max_steps):
+    # -- steps
+    history = []
+    for local_step in range(start + 1, config.max_steps + 1):
+        step = offset + local_step
         started = time.perf_counter()
         model.train()
         questions = sampler.next(config.data.questions_per_step)
-        seed = config.seed * 1_000_003 + step * 1009 + dist.rank()
+        seed = config.seed * 1_000_003 + (local_step - 1) * 1009 + dist.rank()
         collected = collect_rows(questions, data, algorithm, engine, config, seed)
         if not collected.rows:
-            run.log(
-                f"step {step + 1}: no trainable rows (no demonstrations and no rollouts); skipped"
-            )
+            run.log(f"step {step}: no trainable rows (no demonstrations and no rollouts); skipped")
             scheduler.step()
             continue
         batch = collate(collected.rows, data.pad_id, KIND_ID)
@@ -388,5 +190,29 @@ def train_stage(config: TrainConfig, run: Any, model: Any = None, tokenizer: Any
         metrics.setdefault("reward_mean", float("nan"))
         metrics["tokens_per_s"] = tokens / max(seconds, 1e-9)
         metrics["time/step"] = seconds
-        run.step_done(step + 1, metrics, policy, optimizer, scheduler, sampler)
-    return model, tokenizer, algorithm
+
+        # -- log, evaluate, checkpoint
+        metrics = {"step": step, "stage": index, **metrics}
+        if config.eval.every and step % config.eval.every == 0 and local_step < config.max_steps:
+            metrics.update(
+                heldout.evaluate(model, tokenizer, quick=True, prefix="eval/", log=run.log)
+            )
+        run.log_step(step, metrics)
+        history.append(metrics)
+        last = local_step == config.max_steps
+        if config.save_every and (step % config.save_every == 0 or last):
+            run.save_checkpoint(
+                step, index, local_step, policy, optimizer, scheduler, sampler, tokenizer
+            )
+        for callback in callbacks:
+            callback.on_step_end(step, metrics, model, tokenizer)
+    return history
+
+
+def _algorithm(config: TrainConfig) -> Any:
+    return get_algorithm(config.algorithm, **dict(config.algo))
+
+
+def _totals(history: list[dict[str, Any]]) -> dict[str, float]:
+    keys = ("tokens/generated", "tokens/demonstration", "skipped_updates", "updates")
+    return {k: float(sum(m.get(k, 0.0) for m in history)) for k in keys}

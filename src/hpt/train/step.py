@@ -1,0 +1,298 @@
+"""One training step in three phases: collect (generate, score, route, assemble), prepare
+(advantages, old / reference log-probs, values) and update (mini-batches of questions,
+micro-batches of rows, the unified loss normalised over the whole mini-batch).
+
+Every algorithm of ``hpt.algorithms`` runs through these functions: they read the algorithm's
+data (its terms, its gate, what it needs) and never its name.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from hpt.algorithms import Algorithm, outcome_advantages
+from hpt.estimator.advantage import ADVANTAGES, gae
+from hpt.estimator.unified import KIND_ID, batch_counts, unified_loss
+from hpt.gate import assignments
+from hpt.train import distributed as dist
+from hpt.train.batch import Batch, Row, micro_batches
+from hpt.train.config import TrainConfig
+from hpt.train.policy import Policy
+from hpt.train.setup import TrainData
+
+
+@dataclass
+class StepData:
+    """What one step's generation, scoring and routing produced (this rank's share)."""
+
+    rows: list[Row]
+    metrics: dict[str, float]
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. generate + score + route + assemble
+
+
+def collect_rows(
+    questions: list[int],
+    data: TrainData,
+    algorithm: Algorithm,
+    engine: Any,
+    config: TrainConfig,
+    seed: int,
+) -> StepData:
+    """Generate, score and route this step's questions; return their tagged rows."""
+    from hpt.rewards import score
+    from hpt.rollout import SamplingParams
+
+    n = config.rollout.n
+    metrics: dict[str, float] = {}
+    correct = torch.zeros(len(questions), dtype=torch.long)
+    rollouts: list[Any] = []
+    rewards: list[float] = []
+    if algorithm.needs_rollouts:
+        sampling = SamplingParams(
+            temperature=config.rollout.temperature,
+            top_p=config.rollout.top_p,
+            top_k=config.rollout.top_k,
+            max_new_tokens=config.rollout.max_new_tokens,
+            seed=seed,
+        )
+        started = time.perf_counter()
+        rollouts = engine.generate([data.prompt_ids[q] for q in questions], n, sampling)
+        metrics["time/generate"] = time.perf_counter() - started
+        started = time.perf_counter()
+        result = score(
+            [r.text for r in rollouts],
+            [data.questions[questions[r.prompt_index]].answer for r in rollouts],
+            config.data.reward,
+            timeout=config.data.reward_timeout,
+        )
+        metrics["time/score"] = time.perf_counter() - started
+        rewards = list(result.scores)
+        correct = torch.tensor(
+            [sum(rewards[i * n + j] > 0.5 for j in range(n)) for i in range(len(questions))],
+            dtype=torch.long,
+        )
+        metrics["reward_mean"] = sum(rewards) / max(len(rewards), 1)
+        metrics["reward_timeouts"] = float(result.timeouts)
+        metrics["reward_errors"] = float(result.errors)
+        lengths = [len(r.response_ids) for r in rollouts]
+        metrics["response_length"] = sum(lengths) / max(len(lengths), 1)
+        metrics["clipped_responses"] = sum(r.finish_reason == "length" for r in rollouts) / max(
+            len(rollouts), 1
+        )
+        metrics["tokens/generated"] = float(sum(lengths))
+
+    plan = assignments(algorithm, correct, n)
+    rows: list[Row] = []
+    demo_tokens = 0
+    for i, (q, assigned) in enumerate(zip(questions, plan)):
+        demo = data.demo_ids.get(q)
+        demo_kind, rollout_weight = assigned.demo_kind, assigned.rollout_weight
+        if demo_kind is not None and demo is None:
+            # no usable demonstration (none given, or dropped as over-long): its rollouts train instead
+            demo_kind, rollout_weight = None, 1.0
+            metrics["routes/no_demonstration"] = metrics.get("routes/no_demonstration", 0) + 1
+        if rollout_weight > 0 and rollouts:
+            for j in range(n):
+                rollout = rollouts[i * n + j]
+                reward = rewards[i * n + j]
+                rows.append(
+                    Row(
+                        rollout.prompt_ids,
+                        rollout.response_ids,
+                        "rollout",
+                        i,
+                        reward,
+                        rollout_weight,
+                        rollout.logprobs,
+                    )
+                )
+        if demo_kind is not None:
+            demo_tokens += len(demo)
+            rows.append(Row(data.prompt_ids[q], demo, demo_kind, i, 1.0, assigned.demo_weight))
+    routes = [assigned.route for assigned in plan]
+    for name in ("sft", "rl", "off_policy"):
+        metrics[f"route_{name}"] = sum(r == name for r in routes) / max(len(routes), 1)
+    metrics["tokens/demonstration"] = float(demo_tokens)
+    return StepData(rows=rows, metrics=metrics)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. advantages and the quantities of the sampling policy
+
+
+@torch.no_grad()
+def prepare(
+    batch: Batch,
+    policy: Policy,
+    reference: Policy | None,
+    algorithm: Algorithm,
+    config: TrainConfig,
+    need_old: bool,
+) -> dict[str, float]:
+    """Fill ``batch.extras``: advantages, and old log-probs / reference log-probs / values where needed.
+
+    Returns metrics (``rollout/logprob_gap`` when old log-probs were computed).
+    """
+    metrics: dict[str, float] = {}
+    if algorithm.needs_values:  # token-level GAE, filled in below once the values are known
+        group_advantages = torch.zeros(len(batch))
+    else:
+        group_advantages = outcome_advantages(
+            algorithm, batch.rewards, batch.group, kinds=batch.kinds
+        )
+    batch.extras["advantages"] = group_advantages.float()
+    passes = need_old or reference is not None or algorithm.needs_values
+    if not passes:
+        return metrics
+    old, ref, values = [], [], []
+    device = next(policy.parameters()).device
+    for part in micro_batches(len(batch), config.optim.micro_batch_size):
+        micro = batch.select(part).to(device)
+        width = batch.labels.shape[1]
+        args = (micro.input_ids, micro.attention_mask, micro.response_index, micro.labels)
+        logprobs, _, value = policy(*args)
+        old.append(_pad(logprobs, width))
+        if value is not None:
+            values.append(_pad(value, width))
+        if reference is not None:
+            ref.append(_pad(reference(*args)[0], width))
+    if need_old:
+        batch.extras["old_logprobs"] = torch.cat(old).cpu()
+        gap = _sampling_gap(batch)
+        if gap is not None:
+            metrics["rollout/logprob_gap"] = gap
+    if reference is not None:
+        batch.extras["ref_logprobs"] = torch.cat(ref).cpu()
+    if algorithm.needs_values:
+        values_t = torch.cat(values).cpu()
+        advantages, returns = gae(
+            values_t, batch.rewards, batch.response_mask, algorithm.gae_gamma, algorithm.gae_lambda
+        )
+        # token-level advantages for rows whose term uses GAE; outcome advantages elsewhere
+        uses_gae = _kinds_with_token_advantages(algorithm)
+        is_gae_row = torch.isin(batch.kinds, torch.tensor(uses_gae, dtype=torch.long))
+        expanded = group_advantages[:, None].expand_as(advantages).clone()
+        expanded[is_gae_row] = advantages[is_gae_row]
+        batch.extras["advantages"] = expanded
+        batch.extras["old_values"] = values_t
+        batch.extras["returns"] = returns
+    return metrics
+
+
+def _sampling_gap(batch: Batch) -> float | None:
+    """``rollout/logprob_gap``: mean |log pi_old - log pi_engine| over rollout tokens.
+
+    The trainer's and the rollout engine's log-probs of the same tokens should agree (same weights,
+    same temperature); a gap measures the engine's numerical mismatch (as verl's rollout correction).
+    """
+    sampled = batch.extras.get("sample_logprobs")
+    mask = batch.response_mask & (batch.kinds == KIND_ID["rollout"])[:, None]
+    if sampled is None or not mask.any():
+        return None
+    return float((batch.extras["old_logprobs"] - sampled).abs()[mask].mean())
+
+
+def _kinds_with_token_advantages(algorithm: Algorithm) -> list[int]:
+    """Kinds whose term's advantage is token-level (GAE, from the value head)."""
+    return sorted(
+        {KIND_ID[t.kind] for t in algorithm.terms if ADVANTAGES.trait(t.advantage, "token_level")}
+    )
+
+
+def _pad(t: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.nn.functional.pad(t.float(), (0, width - t.shape[1]))
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. the update: mini-batches of questions, micro-batches of rows
+
+
+def update(
+    batch: Batch,
+    policy: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    algorithm: Algorithm,
+    config: TrainConfig,
+    need_old: bool,
+) -> dict[str, float]:
+    """Optimiser steps over ``batch``; returns the step's loss and update metrics."""
+    world = dist.world_size()
+    device = next(policy.parameters()).device
+    questions = torch.unique(batch.group)
+    per_mini = max(1, math.ceil(config.optim.mini_batch_questions / world))
+    totals: dict[str, float] = {"loss": 0.0, "grad_norm": 0.0, "updates": 0, "skipped_updates": 0}
+    entropy_sum = entropy_tokens = 0.0
+    loss_metrics: dict[str, float] = {}
+    for _epoch in range(config.optim.ppo_epochs):
+        for start in range(0, max(len(questions), 1), per_mini):
+            chosen = questions[start : start + per_mini]
+            rows = torch.nonzero(torch.isin(batch.group, chosen)).flatten()
+            counts = batch_counts(algorithm, batch.kinds[rows], batch.response_mask[rows])
+            counts = dist.all_reduce_counts(counts)  # normalise over every rank's rows
+            optimizer.zero_grad(set_to_none=True)
+            parts = micro_batches(len(rows), config.optim.micro_batch_size)
+            for k, part in enumerate(parts):
+                micro = batch.select(rows[part]).to(device)
+                with dist.no_sync_unless_last(policy, k == len(parts) - 1):
+                    logprobs, entropy, values = policy(
+                        micro.input_ids, micro.attention_mask, micro.response_index, micro.labels
+                    )
+                    # one update per batch: pi_old == pi_theta, so the ratio is sg(pi)/sg(pi) = 1
+                    old = micro.extras.get("old_logprobs")
+                    old = logprobs.detach() if old is None else old
+                    out = unified_loss(
+                        algorithm,
+                        logprobs,
+                        old,
+                        micro.extras["advantages"],
+                        micro.response_mask,
+                        kinds=micro.kinds,
+                        entropy=entropy,
+                        ref_logprobs=micro.extras.get("ref_logprobs"),
+                        row_weights=micro.row_weights,
+                        counts=counts,
+                    )
+                    loss = out.loss
+                    if values is not None:
+                        loss = loss + config.optim.value_coef * value_loss(values, micro, counts)
+                    # DDP averages gradients over ranks; the loss is already a global sum
+                    (loss * world).backward()
+                totals["loss"] += float(out.loss.detach())
+                mask = micro.response_mask
+                entropy_sum += float((entropy.detach() * mask).sum())
+                entropy_tokens += float(mask.sum())
+                for key, value in out.metrics.items():
+                    loss_metrics[key] = loss_metrics.get(key, 0.0) + float(value) / len(parts)
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), config.optim.grad_clip)
+            grad_norm = float(grad_norm)
+            totals["grad_norm"] = max(
+                totals["grad_norm"], grad_norm if math.isfinite(grad_norm) else float("inf")
+            )
+            if not math.isfinite(grad_norm) or grad_norm > config.optim.skip_grad_norm_above:
+                totals["skipped_updates"] += 1  # as the released recipe: skip, do not step
+                optimizer.zero_grad(set_to_none=True)
+                continue
+            optimizer.step()
+            totals["updates"] += 1
+    totals["loss"] = dist.all_reduce_sum(totals["loss"])
+    totals["entropy"] = dist.all_reduce_sum(entropy_sum) / max(
+        dist.all_reduce_sum(entropy_tokens), 1.0
+    )
+    return {**loss_metrics, **totals}  # totals last: the global loss, not a micro-batch mean
+
+
+def value_loss(values: torch.Tensor, micro: Batch, counts: Any) -> torch.Tensor:
+    """PPO's clipped value loss, summed over rollout tokens, normalised by the mini-batch's count."""
+    returns, old = micro.extras["returns"], micro.extras["old_values"]
+    clipped = old + (values - old).clamp(-0.2, 0.2)
+    per_token = 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
+    mask = micro.response_mask & (micro.kinds == KIND_ID["rollout"])[:, None]
+    return (per_token * mask).sum() / max(counts.of(["rollout"])[0], 1.0)
