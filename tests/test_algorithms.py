@@ -16,6 +16,7 @@ from hpt.algorithms import (
     get_algorithm,
     outcome_advantages,
     table_rows,
+    valid_overrides,
 )
 from hpt.errors import ConfigError
 
@@ -90,6 +91,44 @@ def test_unknown_name_and_override_list_valid_ones():
     ]:
         with pytest.raises(ConfigError):
             get_algorithm("hpt", **bad)
+
+
+def test_override_errors_name_the_override_the_value_and_the_rule():
+    cases = {
+        "clip_low": (1.5, "less than or equal to 1, got 1.5"),
+        "dual_clip": (0.9, "greater than 1, got 0.9"),
+        "sft_coef": (True, "valid number, got True"),  # a bool is not a number
+        "entropy_coef": (float("nan"), "finite number"),
+        "aggregation": ("mean", "'mean' is not one of token-mean"),
+        "clip": ("yes", "valid boolean, got 'yes'"),
+    }
+    for key, (value, fragment) in cases.items():
+        with pytest.raises(ConfigError) as error:
+            get_algorithm("grpo", **{key: value})
+        message = str(error.value)
+        assert (
+            message.startswith(f"override {key!r} for algorithm 'grpo': ") and fragment in message
+        )
+        assert error.value.override == key  # config.py names `algo.<key>` and its line with it
+    with pytest.raises(ConfigError, match="did you mean 'clip_high'"):
+        get_algorithm("grpo", clip_hihg=0.3)
+
+
+def test_overrides_are_typed_by_the_one_schema():
+    algorithm = get_algorithm("grpo", clip_low=0, norm_length=None, dual_clip=3, clip=False)
+    assert (algorithm.clip_low, algorithm.dual_clip, algorithm.rl_mask) == (0.0, 3.0, "none")
+    assert type(algorithm.clip_low) is float and type(algorithm.dual_clip) is float
+    assert get_algorithm("hpt", soft_gate=[[0.5, 1, 0], [1, 1, 1]]).soft_gate == (
+        (0.5, 1.0, 0.0),
+        (1.0, 1.0, 1.0),
+    )
+    settable = {f.name for f in dataclasses.fields(Algorithm)} - {
+        "name",
+        "source",
+        "description",
+        "terms",
+    }
+    assert set(valid_overrides()) == settable | {"clip"}
 
 
 def parts(term):

@@ -144,6 +144,54 @@ def test_wrong_types_and_ranges_fail_with_the_key(override, fragment):
     assert fragment in message and "--set" in message
 
 
+def test_a_choice_typo_gets_a_suggestion_and_the_choices():
+    message = error_of(None, ["distributed.strategy=fsdp"])
+    assert "'distributed.strategy' must be ddp | fsdp2, got 'fsdp'" in message
+    assert "did you mean 'fsdp2'" in message
+
+
+def test_the_new_sections_have_their_defaults_and_ranges():
+    config = load_config(None)
+    assert (config.distributed.strategy, config.distributed.mixed_precision) == ("ddp", "auto")
+    assert (config.lora.r, config.lora.alpha, config.lora.dropout, config.lora.merge) == (
+        0,
+        16.0,
+        0.0,
+        False,
+    )
+    assert "q_proj" in config.lora.target_modules and "down_proj" in config.lora.target_modules
+    assert config.rollout.compile is False
+    loaded = load_config(
+        None, ["lora.r=8", "distributed.strategy=fsdp2", "distributed.mixed_precision=bf16"]
+    )
+    assert (loaded.lora.r, loaded.distributed.strategy) == (8, "fsdp2")
+    assert "'lora.dropout' must be < 1" in error_of(None, ["lora.dropout=1"])
+    assert "'lora.r' must be >= 0" in error_of(None, ["lora.r=-1"])
+    assert "'lora.alpha' must be > 0" in error_of(None, ["lora.alpha=0"])
+    assert "auto | bf16 | fp32" in error_of(None, ["distributed.mixed_precision=fp16"])
+
+
+def test_assignment_is_validated_with_a_one_line_config_error():
+    config = TrainConfig()
+    config.model.path = "some/model"  # the demo fills paths in like this
+    config.optim.lr = "1e-4"  # coerced as on loading
+    assert (config.model.path, config.optim.lr) == ("some/model", 1e-4)
+    with pytest.raises(ConfigError, match=r"'OptimConfig.lr' must be > 0, got -1"):
+        config.optim.lr = -1
+    with pytest.raises(ConfigError, match="did you mean 'lr'"):
+        config.optim.lrr = 1
+    assert config.optim.lr == 1e-4  # a rejected assignment changes nothing
+
+
+def test_sections_stay_dataclasses_for_replace_and_asdict():
+    config = load_config(None)
+    replaced = dataclasses.replace(config, model=dataclasses.replace(config.model, path="m"))
+    assert replaced.model.path == "m" and config.model.path is None
+    assert dataclasses.asdict(config.demo)["size"] == "tiny"
+    with pytest.raises(ValueError):  # replace validates too
+        dataclasses.replace(config.rollout, n=0)
+
+
 def test_list_elements_are_checked_with_their_index(tmp_path):
     path = write(tmp_path, "eval:\n  benchmarks: [aime24, [1, 2]]\n")
     assert "'eval.benchmarks.1' must be str" in error_of(path)
@@ -249,10 +297,20 @@ def test_stage_names_must_be_unique(tmp_path):
     assert "unique" in error_of(path)
 
 
+def test_a_bad_algorithm_override_names_its_key_and_line(tmp_path):
+    path = write(tmp_path, "algorithm: grpo\nalgo:\n  sft_coef: 0.3\n  clip_low: 2\n")
+    message = error_of(path)
+    assert f"'algo.clip_low' ({path}:4)" in message and "less than or equal to 1" in message
+    path = write(tmp_path, "stages:\n  - algorithm: sft\n    algo: {clip_lo: 0.1}\n")
+    message = error_of(path)
+    assert "'stages.0.algo.clip_lo'" in message and "did you mean 'clip_low'" in message
+
+
 def test_algorithm_name_is_checked_when_the_algorithms_layer_exists():
     pytest.importorskip("hpt.algorithms")
     message = error_of(None, ["algorithm=grpoo"])
     assert "unknown algorithm 'grpoo'" in message and "hpt" in message
+    assert "did you mean 'grpo'" in message
 
 
 # -- round trip, help and docs ---------------------------------------------------------------------

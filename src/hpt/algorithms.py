@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
+import difflib
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Annotated, Any, Union
 
 import torch
+from pydantic import AfterValidator, ConfigDict, Field, PlainValidator, TypeAdapter, ValidationError
 from torch import Tensor
+from typing_extensions import TypedDict
 
 from hpt.errors import ConfigError
 from hpt.estimator.advantage import (
@@ -300,7 +303,74 @@ _TABLE: dict[str, _Entry] = {
 }
 
 _FIXED_FIELDS = ("name", "source", "description", "terms")
-_ALIASES = ("clip",)  # clip=True -> rl_mask="clip", clip=False -> rl_mask="none"
+
+
+def _registered(registry: Any) -> AfterValidator:
+    """A name that ``registry`` holds now (parts registered later count too)."""
+
+    def check(value: str) -> str:
+        if value not in registry:
+            raise ValueError(f"{value!r} is not one of {', '.join(registry.names())}")
+        return value
+
+    return AfterValidator(check)
+
+
+def _soft_gate(value: Any) -> SoftGate:
+    """A callable, or a table of (P_max, alpha, beta) rows with ascending P_max ending at >= 1."""
+    if callable(value):
+        return value
+    try:
+        rows = tuple((float(p), float(a), float(b)) for p, a, b in value)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"expected rows of (P_max, alpha, beta) or a callable, got {value!r}"
+        ) from None
+    if not rows or any(a < 0 or b < 0 for _, a, b in rows):
+        raise ValueError("needs at least one row and non-negative alpha, beta")
+    if any(later[0] < earlier[0] for earlier, later in zip(rows, rows[1:])) or rows[-1][0] < 1.0:
+        raise ValueError("P_max must ascend and the last row must cover P = 1")
+    return rows
+
+
+# What an override may be, on top of its Algorithm field's type (checked strictly: no bool for a
+# number, no "0.2" for 0.2); fields not listed take their type as it is.
+_LIMITS: dict[str, Any] = {
+    "routes": _registered(GATES),
+    "clip_low": Field(ge=0, le=1),
+    "clip_high": Field(ge=0),
+    "dual_clip": Field(gt=1),
+    "aggregation": _registered(AGGREGATIONS),
+    "norm_length": Field(ge=1),
+    "shaping_gamma": Field(gt=0),
+    "sft_coef": Field(ge=0),
+    "entropy_coef": Field(allow_inf_nan=False),
+    "kl_coef": Field(ge=0),
+    "kl_estimator": _registered(KL_ESTIMATORS),
+    "gate_threshold": Field(ge=0, le=1),
+    "gate_upper": Field(ge=0, le=1),
+    "soft_gate": PlainValidator(_soft_gate),
+    "gae_gamma": Field(ge=0, le=1),
+    "gae_lambda": Field(ge=0, le=1),
+    "rl_mask": _registered(MASKS),
+}
+_ALIASES: dict[str, Any] = {"clip": bool}  # clip=True -> rl_mask="clip", clip=False -> "none"
+
+
+def _override_schema() -> type:
+    """The overrides' schema: each Algorithm field's type with its _LIMITS, checked strictly."""
+    hints = typing.get_type_hints(Algorithm)
+    keys = {
+        f.name: Annotated[hints[f.name], _LIMITS[f.name]] if f.name in _LIMITS else hints[f.name]
+        for f in dataclasses.fields(Algorithm)
+        if f.name not in _FIXED_FIELDS
+    }
+    schema = TypedDict("AlgorithmOverrides", {**keys, **_ALIASES}, total=False)  # type: ignore[misc]
+    schema.__pydantic_config__ = ConfigDict(strict=True, extra="forbid")  # type: ignore[attr-defined]
+    return schema
+
+
+_OVERRIDES = TypeAdapter(_override_schema())  # the one validator of get_algorithm's overrides
 
 
 def list_algorithms() -> list[str]:
@@ -310,8 +380,39 @@ def list_algorithms() -> list[str]:
 
 def valid_overrides() -> list[str]:
     """Names ``get_algorithm`` accepts as overrides."""
-    names = [f.name for f in dataclasses.fields(Algorithm) if f.name not in _FIXED_FIELDS]
-    return sorted(names + list(_ALIASES))
+    return sorted(
+        [f.name for f in dataclasses.fields(Algorithm) if f.name not in _FIXED_FIELDS]
+        + list(_ALIASES)
+    )
+
+
+def _checked(name: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``overrides`` validated by the schema; a ConfigError naming the first bad one otherwise.
+
+    The error's ``override`` attribute is the key, for callers that know where it came from.
+    """
+    valid = valid_overrides()
+    for key in overrides:
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            error = ConfigError(
+                f"unknown override {key!r} for algorithm {name!r}{hint}; valid: {', '.join(valid)}"
+            )
+            error.override = key  # type: ignore[attr-defined]
+            raise error
+    try:
+        return _OVERRIDES.validate_python(dict(overrides))
+    except ValidationError as failure:
+        problem = failure.errors()[0]
+        key = str(problem["loc"][0])
+        if problem["type"] == "value_error":
+            reason = str(problem["ctx"]["error"])
+        else:
+            reason = f"{problem['msg'][0].lower()}{problem['msg'][1:]}, got {overrides[key]!r}"
+        error = ConfigError(f"override {key!r} for algorithm {name!r}: {reason}")
+        error.override = key  # type: ignore[attr-defined]
+        raise error from None
 
 
 def get_algorithm(name: str, **overrides: Any) -> Algorithm:
@@ -323,100 +424,16 @@ def get_algorithm(name: str, **overrides: Any) -> Algorithm:
     entry = _TABLE.get(name) if isinstance(name, str) else None
     if entry is None:
         raise ConfigError(f"unknown algorithm {name!r}; valid: {', '.join(list_algorithms())}")
-    unknown = sorted(set(overrides) - set(valid_overrides()))
-    if unknown:
-        raise ConfigError(
-            f"unknown override {unknown[0]!r} for algorithm {name!r}; valid: {', '.join(valid_overrides())}"
-        )
-    overrides = dict(overrides)
+    overrides = _checked(name, overrides)
     if "clip" in overrides:
-        flag = overrides.pop("clip")
-        if not isinstance(flag, bool):
-            raise ConfigError(
-                f"override 'clip' for algorithm {name!r}: expected true or false, got {flag!r}"
-            )
-        overrides.setdefault("rl_mask", "clip" if flag else "none")
+        overrides.setdefault("rl_mask", "clip" if overrides.pop("clip") else "none")
     algorithm = Algorithm(
         name=name, source=entry.source, description=entry.description, **entry.defaults
     )
-    algorithm = dataclasses.replace(
-        algorithm, **{k: _checked(name, k, v) for k, v in overrides.items()}
-    )
+    algorithm = dataclasses.replace(algorithm, **overrides)
     algorithm = dataclasses.replace(algorithm, terms=entry.build(algorithm))
     _validate(algorithm)
     return algorithm
-
-
-_NUMBERS = {
-    "clip_low": (0.0, 1.0),
-    "clip_high": (0.0, math.inf),
-    "shaping_gamma": (1e-12, math.inf),
-    "sft_coef": (0.0, math.inf),
-    "entropy_coef": (-math.inf, math.inf),
-    "kl_coef": (0.0, math.inf),
-    "gate_threshold": (0.0, 1.0),
-    "gate_upper": (0.0, 1.0),
-    "gae_gamma": (0.0, 1.0),
-    "gae_lambda": (0.0, 1.0),
-}
-_NAMES = {
-    "routes": GATES,
-    "aggregation": AGGREGATIONS,
-    "kl_estimator": KL_ESTIMATORS,
-    "rl_mask": MASKS,
-}
-
-
-def _checked(name: str, key: str, value: Any) -> Any:
-    """One override, type- and range-checked (ConfigError naming the override otherwise)."""
-    where = f"override {key!r} for algorithm {name!r}"
-    if key in _NUMBERS:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        low, high = _NUMBERS[key]
-        if not low <= value <= high:
-            raise ConfigError(f"{where}: {value!r} is outside [{low}, {high}]")
-        return float(value)
-    if key in _NAMES:
-        if value not in _NAMES[key]:
-            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(_NAMES[key].names())}")
-        return value
-    if key == "dual_clip":
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 1
-        ):
-            raise ConfigError(f"{where}: expected None or a number > 1, got {value!r}")
-        return None if value is None else float(value)
-    if key == "norm_length":
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{where}: expected a positive integer, got {value!r}")
-        return value
-    if key == "group_with_demos":
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if key == "soft_gate":
-        return _soft_gate(where, value)
-    raise ConfigError(f"{where}: cannot be set")  # pragma: no cover - every field is handled above
-
-
-def _soft_gate(where: str, value: Any) -> SoftGate:
-    """A callable, or a table of (P_max, alpha, beta) rows with ascending P_max ending at >= 1."""
-    if callable(value):
-        return value
-    try:
-        rows = tuple((float(p), float(a), float(b)) for p, a, b in value)
-    except (TypeError, ValueError):
-        raise ConfigError(
-            f"{where}: expected rows of (P_max, alpha, beta) or a callable, got {value!r}"
-        ) from None
-    if not rows or any(a < 0 or b < 0 for _, a, b in rows):
-        raise ConfigError(f"{where}: needs at least one row and non-negative alpha, beta")
-    if any(later[0] < earlier[0] for earlier, later in zip(rows, rows[1:])) or rows[-1][0] < 1.0:
-        raise ConfigError(f"{where}: P_max must ascend and the last row must cover P = 1")
-    return rows
 
 
 def _validate(algorithm: Algorithm) -> None:

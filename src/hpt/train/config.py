@@ -1,15 +1,17 @@
-"""The training configuration: nested dataclasses read from YAML, with one line of help per key.
+"""The training configuration: pydantic dataclasses read from YAML, with one line of help per key.
 
 A config is YAML whose keys mirror :class:`TrainConfig`; a key left out keeps its default (the
 defaults run the embedded demo with the paper's HPT optimiser settings). ``--set key.sub=value``
 overrides any key on the command line; the value is read as YAML (``--set optim.lr=1e-5``,
 ``--set eval.benchmarks=[AIME24,AMC23]``, ``--set stages.1.optim.lr=1e-6``).
 
-Loading rejects unknown keys at any depth (naming the dotted key, its place in the file and the
-valid keys), coerces scalars to the declared types and checks ranges, so a typo fails before a
-model is loaded. Every field carries its help in ``field(metadata={"help": ...})``:
-:func:`field_help` returns it for ``--help`` and :func:`render_config_table` renders the markdown
-table of the README.
+The schema is pydantic v2 (``pydantic.dataclasses``, so ``dataclasses.replace`` and ``asdict``
+work on every section): it rejects unknown keys at any depth, coerces scalars to the declared
+types and checks the ranges, on loading and on assignment (``config.optim.lr = -1`` fails). Its
+errors become one :class:`~hpt.errors.ConfigError` line naming the dotted key, the value, the
+valid keys or choices and where the value came from (``file:line`` or ``--set k=v``). Every
+field's ``Field(description=...)`` is its help: :func:`field_help` returns it for ``--help`` and
+:func:`render_config_table` renders the markdown table of the README.
 """
 
 from __future__ import annotations
@@ -19,34 +21,50 @@ import difflib
 import types
 import typing
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass
+from typing_extensions import TypedDict, is_typeddict
 
 from hpt.errors import ConfigError
 
-_MISSING = dataclasses.MISSING
+_SCHEMA = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
 
 
-def opt(
-    default: Any = _MISSING,
-    help: str = "",
-    *,
-    factory: Any = None,
-    ge: float | None = None,
-    gt: float | None = None,
-    le: float | None = None,
-) -> Any:
-    """A dataclass field with its one-line help and optional range checks (``ge``, ``gt``, ``le``)."""
-    metadata = {"help": help, "ge": ge, "gt": gt, "le": le}
-    if factory is not None:
-        return field(default_factory=factory, metadata=metadata)
-    return field(default=default, metadata=metadata)
+def _number(value: Any) -> Any:
+    """Numbers as a command line writes them: ``"1e-5"`` (YAML reads no-dot exponents as text)
+    is a number; a bool (an int in Python) is not."""
+    if isinstance(value, bool):
+        raise ValueError("a bool is not a number")
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            return value  # pydantic rejects it, naming the type
+    return value
 
 
-def section(cls: type, help: str) -> Any:
-    """A nested config section (a dataclass field whose default is ``cls()``)."""
-    return field(default_factory=cls, metadata={"help": help})
+Int = Annotated[int, BeforeValidator(_number)]
+Float = Annotated[float, BeforeValidator(_number)]
+
+
+def _section(cls: type) -> type:
+    """A config section: a pydantic dataclass whose assignments raise a one-line ConfigError."""
+    cls = dataclass(config=_SCHEMA)(cls)
+    validated_setattr = cls.__setattr__
+
+    def __setattr__(self: Any, name: str, value: Any) -> None:
+        try:
+            validated_setattr(self, name, value)
+        except ValidationError as error:
+            raise _config_error(
+                error, {name: value}, _Source(), type(self), type(self).__name__
+            ) from None
+
+    cls.__setattr__ = __setattr__
+    return cls
 
 
 # --------------------------------------------------------------------------------------------
@@ -54,216 +72,323 @@ def section(cls: type, help: str) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
+@_section
 class ModelConfig:
     """The policy model and its tokenizer."""
 
-    path: str | None = opt(
-        None, "Hugging Face model id or local folder; null: the embedded tiny demo model"
+    path: str | None = Field(
+        None,
+        description="Hugging Face model id or local folder; null: the embedded tiny demo model",
     )
-    tokenizer: str | None = opt(None, "tokenizer id or folder; null: the same as `path`")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
-        "auto", "parameter dtype; auto: the dtype stored in the checkpoint"
+    tokenizer: str | None = Field(
+        None, description="tokenizer id or folder; null: the same as `path`"
     )
-    gguf_file: str | None = opt(None, "GGUF file name inside `path` to load instead of safetensors")
-    rope_theta: float | None = opt(
-        None, "override the RoPE base (the paper: 40000 for Qwen2.5-Math)", gt=0
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="parameter dtype; auto: the dtype stored in the checkpoint"
     )
-    max_position_embeddings: int | None = opt(
-        None, "override the context length (the paper: 16384 for Qwen2.5-Math)", gt=0
+    gguf_file: str | None = Field(
+        None, description="GGUF file name inside `path` to load instead of safetensors"
     )
-    gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
-    trust_remote_code: bool = opt(False, "allow model code from the hub (only for trusted models)")
+    rope_theta: Float | None = Field(
+        None, description="override the RoPE base (the paper: 40000 for Qwen2.5-Math)", gt=0
+    )
+    max_position_embeddings: Int | None = Field(
+        None, description="override the context length (the paper: 16384 for Qwen2.5-Math)", gt=0
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in backward to save memory"
+    )
+    trust_remote_code: bool = Field(
+        False, description="allow model code from the hub (only for trusted models)"
+    )
 
 
-@dataclass
+@_section
+class LoraConfig:
+    """LoRA adapters on the policy (peft); r = 0 trains every weight."""
+
+    r: Int = Field(0, description="adapter rank; 0: off (full fine-tuning)", ge=0)
+    alpha: Float = Field(16.0, description="LoRA scaling numerator (scale = alpha / r)", gt=0)
+    dropout: Float = Field(0.0, description="dropout on the adapters' input", ge=0, lt=1)
+    target_modules: list[str] = Field(
+        default_factory=lambda: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ],
+        description="names of the linear layers that get adapters",
+    )
+    merge: bool = Field(False, description="also write a merged model to final/merged")
+
+
+@_section
 class DataConfig:
     """Training questions, their demonstrations, prompts and length limits."""
 
-    train: str | None = opt(
+    train: str | None = Field(
         None,
-        "training questions: .json/.jsonl/.parquet file, folder or HF dataset id; "
+        description="training questions: .json/.jsonl/.parquet file, folder or HF dataset id; "
         "null: the demo's synthetic task",
     )
-    split: str | None = opt("train", "dataset split to read for an HF dataset id")
-    fields: dict[str, str] | None = opt(
-        None, "map our field names (prompt, answer, demonstration, ...) to dotted paths in a row"
-    )
-    limit: int | None = opt(None, "use only the first N training questions", gt=0)
-    system_prompt: str | None = opt(None, "system message prepended to chat prompts; null: none")
-    instruction: str | None = opt(
-        None, "text appended to each question, e.g. 'put your final answer within \\boxed{}'"
-    )
-    template: str | None = opt(
+    split: str | None = Field("train", description="dataset split to read for an HF dataset id")
+    fields: dict[str, str] | None = Field(
         None,
-        "plain prompt with {question} (or a name: llama) for base models; "
+        description="map our field names (prompt, answer, demonstration, ...) to dotted paths "
+        "in a row",
+    )
+    limit: Int | None = Field(None, description="use only the first N training questions", gt=0)
+    system_prompt: str | None = Field(
+        None, description="system message prepended to chat prompts; null: none"
+    )
+    instruction: str | None = Field(
+        None,
+        description="text appended to each question, e.g. 'put your final answer within \\boxed{}'",
+    )
+    template: str | None = Field(
+        None,
+        description="plain prompt with {question} (or a name: llama) for base models; "
         "null: the tokenizer's chat template",
     )
-    drop_system: bool = opt(False, "remove system messages found in the data's chat prompts")
-    reward: str = opt("math", "verifier: math, choice, or module:function")
-    reward_timeout: float = opt(
-        5.0, "seconds allowed to score one response (then it scores 0)", gt=0
+    drop_system: bool = Field(
+        False, description="remove system messages found in the data's chat prompts"
     )
-    max_prompt_tokens: int = opt(1024, "prompts longer than this are dropped", gt=0)
-    max_response_tokens: int = opt(
-        1024, "the response budget of rollouts and demonstrations, in tokens", gt=0
+    reward: str = Field("math", description="verifier: math, choice, or module:function")
+    reward_timeout: Float = Field(
+        5.0, description="seconds allowed to score one response (then it scores 0)", gt=0
     )
-    overlong_demonstrations: Literal["drop", "truncate", "error"] = opt(
+    max_prompt_tokens: Int = Field(1024, description="prompts longer than this are dropped", gt=0)
+    max_response_tokens: Int = Field(
+        1024, description="the response budget of rollouts and demonstrations, in tokens", gt=0
+    )
+    overlong_demonstrations: Literal["drop", "truncate", "error"] = Field(
         "drop",
-        "demonstrations longer than max_response_tokens: drop the demonstration (counted and "
-        "reported), truncate it, or stop with an error",
+        description="demonstrations longer than max_response_tokens: drop the demonstration "
+        "(counted and reported), truncate it, or stop with an error",
     )
-    questions_per_step: int = opt(16, "questions sampled per training step (the batch)", gt=0)
-    shuffle: bool = opt(True, "reshuffle the questions every epoch (seeded)")
+    questions_per_step: Int = Field(
+        16, description="questions sampled per training step (the batch)", gt=0
+    )
+    shuffle: bool = Field(True, description="reshuffle the questions every epoch (seeded)")
 
 
-@dataclass
+@_section
 class RolloutConfig:
     """Sampling of the online responses."""
 
-    n: int = opt(8, "responses sampled per question", gt=0)
-    temperature: float = opt(1.0, "sampling temperature", ge=0)
-    top_p: float = opt(1.0, "nucleus sampling threshold", gt=0, le=1)
-    top_k: int = opt(0, "top-k sampling; 0: off", ge=0)
-    max_new_tokens: int | None = opt(
-        None, "response length limit; null: data.max_response_tokens", gt=0
+    n: Int = Field(8, description="responses sampled per question", gt=0)
+    temperature: Float = Field(1.0, description="sampling temperature", ge=0)
+    top_p: Float = Field(1.0, description="nucleus sampling threshold", gt=0, le=1)
+    top_k: Int = Field(0, description="top-k sampling; 0: off", ge=0)
+    max_new_tokens: Int | None = Field(
+        None, description="response length limit; null: data.max_response_tokens", gt=0
     )
-    engine: Literal["hf", "vllm"] = opt("hf", "generation engine: hf (transformers) or vllm")
-    batch_size: int = opt(64, "sequences generated together by the hf engine", gt=0)
+    engine: Literal["hf", "vllm"] = Field(
+        "hf", description="generation engine: hf (transformers) or vllm"
+    )
+    batch_size: Int = Field(64, description="sequences generated together by the hf engine", gt=0)
+    compile: bool = Field(False, description="torch.compile the hf engine's decode step")
 
 
-@dataclass
+@_section
 class OptimConfig:
     """AdamW, the learning-rate schedule and the update's safety checks."""
 
-    lr: float = opt(5e-6, "AdamW learning rate (the paper's HPT: 5e-6)", gt=0)
-    weight_decay: float = opt(0.01, "AdamW weight decay", ge=0)
-    betas: tuple[float, float] = opt((0.9, 0.999), "AdamW betas")
-    eps: float = opt(1e-8, "AdamW epsilon", gt=0)
-    schedule: Literal["constant", "cosine"] = opt("constant", "learning-rate schedule after warmup")
-    warmup_steps: int = opt(0, "linear warmup steps", ge=0)
-    min_lr_ratio: float = opt(
-        0.0, "cosine schedule: final lr as a fraction of the peak", ge=0, le=1
+    lr: Float = Field(5e-6, description="AdamW learning rate (the paper's HPT: 5e-6)", gt=0)
+    weight_decay: Float = Field(0.01, description="AdamW weight decay", ge=0)
+    betas: tuple[Float, Float] = Field((0.9, 0.999), description="AdamW betas")
+    eps: Float = Field(1e-8, description="AdamW epsilon", gt=0)
+    schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="learning-rate schedule after warmup"
     )
-    grad_clip: float = opt(1.0, "clip the gradient norm to this; .inf: no clipping", gt=0)
-    skip_grad_norm_above: float = opt(
+    warmup_steps: Int = Field(0, description="linear warmup steps", ge=0)
+    min_lr_ratio: Float = Field(
+        0.0, description="cosine schedule: final lr as a fraction of the peak", ge=0, le=1
+    )
+    grad_clip: Float = Field(
+        1.0, description="clip the gradient norm to this; .inf: no clipping", gt=0
+    )
+    skip_grad_norm_above: Float = Field(
         80.0,
-        "skip the update when the gradient norm is above this or not finite; .inf: never",
+        description="skip the update when the gradient norm is above this or not finite; "
+        ".inf: never",
         gt=0,
     )
-    mini_batch_questions: int | None = opt(
-        None, "questions per optimiser mini-batch; null: one update per step", gt=0
+    mini_batch_questions: Int | None = Field(
+        None, description="questions per optimiser mini-batch; null: one update per step", gt=0
     )
-    micro_batch_size: int = opt(8, "rows per forward/backward pass (gradient accumulation)", gt=0)
-    ppo_epochs: int = opt(1, "passes over each step's batch", gt=0)
-    value_coef: float = opt(0.5, "weight of the value loss (PPO with GAE only)", ge=0)
-    logits_chunk_size: int = opt(
-        4096, "tokens per chunk of the output head (bounds the logits memory)", gt=0
+    micro_batch_size: Int = Field(
+        8, description="rows per forward/backward pass (gradient accumulation)", gt=0
+    )
+    ppo_epochs: Int = Field(1, description="passes over each step's batch", gt=0)
+    value_coef: Float = Field(0.5, description="weight of the value loss (PPO with GAE only)", ge=0)
+    logits_chunk_size: Int = Field(
+        4096, description="tokens per chunk of the output head (bounds the logits memory)", gt=0
     )
 
 
-@dataclass
+@_section
+class DistributedConfig:
+    """Data-parallel training under torchrun (one process per device)."""
+
+    strategy: Literal["ddp", "fsdp2"] = Field(
+        "ddp",
+        description="data-parallel strategy under torchrun: ddp replicates the model, fsdp2 "
+        "shards each decoder layer with torch.distributed.fsdp.fully_shard",
+    )
+    mixed_precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto",
+        description="fsdp2 parameter dtype in forward/backward; auto: bf16 on GPUs that support "
+        "it, else fp32; gradients reduce in fp32",
+    )
+
+
+@_section
 class EvalConfig:
     """Held-out evaluation before, during and after training."""
 
-    every: int = opt(0, "evaluate every N steps; 0: only before and after training", ge=0)
-    sets: dict[str, str] = opt(
-        help="held-out sets, name -> file, folder or HF id; accuracy logged as eval/<name>",
-        factory=dict,
+    every: Int = Field(
+        0, description="evaluate every N steps; 0: only before and after training", ge=0
     )
-    k: int = opt(1, "samples per question (accuracy is avg@k)", gt=0)
-    temperature: float = opt(0.6, "sampling temperature", ge=0)
-    top_p: float = opt(0.95, "nucleus sampling threshold", gt=0, le=1)
-    max_new_tokens: int | None = opt(
-        None, "response length limit; null: data.max_response_tokens", gt=0
+    sets: dict[str, str] = Field(
+        default_factory=dict,
+        description="held-out sets, name -> file, folder or HF id; accuracy logged as eval/<name>",
     )
-    limit: int | None = opt(None, "evaluate only the first N questions", gt=0)
-    benchmarks: list[str] = opt(
-        help="benchmark names or paths evaluated after training with hpt eval", factory=list
+    k: Int = Field(1, description="samples per question (accuracy is avg@k)", gt=0)
+    temperature: Float = Field(0.6, description="sampling temperature", ge=0)
+    top_p: Float = Field(0.95, description="nucleus sampling threshold", gt=0, le=1)
+    max_new_tokens: Int | None = Field(
+        None, description="response length limit; null: data.max_response_tokens", gt=0
+    )
+    limit: Int | None = Field(None, description="evaluate only the first N questions", gt=0)
+    benchmarks: list[str] = Field(
+        default_factory=list,
+        description="benchmark names or paths evaluated after training with hpt eval",
     )
 
 
-@dataclass
+@_section
 class LoggingConfig:
     """What a run writes besides metrics.jsonl."""
 
-    tensorboard: bool = opt(False, "also write TensorBoard events (needs tensorboard installed)")
-    progress: bool = opt(True, "show a progress bar (only on a terminal)")
-    plots: bool = opt(True, "draw PNG plots of the run when it ends")
+    tensorboard: bool = Field(
+        False, description="also write TensorBoard events (needs tensorboard installed)"
+    )
+    progress: bool = Field(True, description="show a progress bar (only on a terminal)")
+    plots: bool = Field(True, description="draw PNG plots of the run when it ends")
 
 
-@dataclass
+@_section
 class DemoConfig:
     """The embedded demo: a tiny model warmed up on a synthetic task (used when model.path is null)."""
 
-    size: str = opt("tiny", "size of the tiny model (hpt.demo.tiny.build_model)")
-    pretrain_steps: int = opt(
-        400, "SFT warm-up steps on the easy split so the model solves some questions", ge=0
+    size: str = Field("tiny", description="size of the tiny model (hpt.demo.tiny.build_model)")
+    pretrain_steps: Int = Field(
+        400,
+        description="SFT warm-up steps on the easy split so the model solves some questions",
+        ge=0,
     )
-    pretrain_lr: float = opt(1e-3, "learning rate of the warm-up", gt=0)
-    train_questions: int = opt(2000, "synthetic post-training questions (the train split)", gt=0)
-    test_questions: int = opt(
-        400, "synthetic held-out questions in each of the val, test and ood splits", gt=0
+    pretrain_lr: Float = Field(1e-3, description="learning rate of the warm-up", gt=0)
+    train_questions: Int = Field(
+        2000, description="synthetic post-training questions (the train split)", gt=0
+    )
+    test_questions: Int = Field(
+        400,
+        description="synthetic held-out questions in each of the val, test and ood splits",
+        gt=0,
     )
 
 
-@dataclass
+def _fields(cls: type) -> dict[str, Any]:
+    """Field name -> pydantic FieldInfo of a section, in schema order."""
+    return dict(cls.__pydantic_fields__)
+
+
+def _overrides_of(section: type) -> Any:
+    """A stage's partial ``section``: any subset of its keys, each validated as in the section.
+
+    A TypedDict (total=False) validates to a plain dict that holds only the keys given.
+    """
+    keys = {
+        name: Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+        for name, info in _fields(section).items()
+    }
+    partial = TypedDict(f"{section.__name__}Overrides", keys, total=False)  # type: ignore[misc]
+    partial.__pydantic_config__ = _SCHEMA  # type: ignore[attr-defined]
+    partial.__section__ = section  # type: ignore[attr-defined]
+    return Annotated[partial, BeforeValidator(lambda value: {} if value is None else value)]
+
+
+@_section
 class StageConfig:
     """One stage of a multi-stage run (e.g. SFT then GRPO); unset keys keep the top-level value."""
 
-    name: str = opt("", "stage name; empty: '<index>-<algorithm>'")
-    algorithm: str | None = opt(None, "algorithm of this stage")
-    max_steps: int | None = opt(None, "training steps of this stage", ge=0)
-    algo: dict[str, Any] | None = opt(
-        None, "algorithm overrides of this stage (replace the top-level `algo`)"
+    name: str = Field("", description="stage name; empty: '<index>-<algorithm>'")
+    algorithm: str | None = Field(None, description="algorithm of this stage")
+    max_steps: Int | None = Field(None, description="training steps of this stage", ge=0)
+    algo: dict[str, Any] | None = Field(
+        None, description="algorithm overrides of this stage (replace the top-level `algo`)"
     )
-    data: dict[str, Any] = field(
-        default_factory=dict,
-        metadata={"help": "overrides of the `data` section", "section": DataConfig},
+    data: _overrides_of(DataConfig) = Field(  # type: ignore[valid-type]
+        default_factory=dict, description="overrides of the `data` section"
     )
-    rollout: dict[str, Any] = field(
-        default_factory=dict,
-        metadata={"help": "overrides of the `rollout` section", "section": RolloutConfig},
+    rollout: _overrides_of(RolloutConfig) = Field(  # type: ignore[valid-type]
+        default_factory=dict, description="overrides of the `rollout` section"
     )
-    optim: dict[str, Any] = field(
-        default_factory=dict,
-        metadata={"help": "overrides of the `optim` section", "section": OptimConfig},
+    optim: _overrides_of(OptimConfig) = Field(  # type: ignore[valid-type]
+        default_factory=dict, description="overrides of the `optim` section"
     )
-    eval: dict[str, Any] = field(
-        default_factory=dict,
-        metadata={"help": "overrides of the `eval` section", "section": EvalConfig},
+    eval: _overrides_of(EvalConfig) = Field(  # type: ignore[valid-type]
+        default_factory=dict, description="overrides of the `eval` section"
     )
 
 
-@dataclass
+@_section
 class TrainConfig:
     """A training run: writes runs/<name>/ (config.yaml, metrics.jsonl, checkpoints/, summary.json)."""
 
-    name: str = opt("demo", "run name: the run writes <output_dir>/<name>/")
-    algorithm: str = opt("hpt", "algorithm name (see `hpt algorithms`)")
-    max_steps: int = opt(60, "training steps", ge=0)
-    save_every: int = opt(20, "checkpoint every N steps (and at the end); 0: only at the end", ge=0)
-    seed: int = opt(0, "seed of sampling, data order and initialisation")
-    resume: bool = opt(False, "continue from the newest checkpoint of runs/<name>/")
-    overwrite: bool = opt(False, "replace an existing run of the same name (else it is an error)")
-    output_dir: str = opt("runs", "parent folder of runs")
-    keep_checkpoints: int | None = opt(2, "keep the newest K checkpoints; null: keep all", gt=0)
-    model: ModelConfig = section(ModelConfig, "the policy model")
-    data: DataConfig = section(DataConfig, "training data, prompts and length limits")
-    rollout: RolloutConfig = section(RolloutConfig, "sampling of rollouts")
-    algo: dict[str, Any] = opt(
-        help="overrides passed to hpt.get_algorithm (clip_low, clip_high, dual_clip, aggregation, "
-        "gate_threshold, gate_upper, shaping_gamma, sft_coef, entropy_coef, kl_coef, "
-        "kl_estimator, norm_length)",
-        factory=dict,
+    name: str = Field("demo", description="run name: the run writes <output_dir>/<name>/")
+    algorithm: str = Field("hpt", description="algorithm name (see `hpt algorithms`)")
+    max_steps: Int = Field(60, description="training steps", ge=0)
+    save_every: Int = Field(
+        20, description="checkpoint every N steps (and at the end); 0: only at the end", ge=0
     )
-    optim: OptimConfig = section(OptimConfig, "optimiser and update")
-    eval: EvalConfig = section(EvalConfig, "held-out evaluation")
-    logging: LoggingConfig = section(LoggingConfig, "logging and plots")
-    demo: DemoConfig = section(DemoConfig, "the embedded demo")
-    stages: list[StageConfig] = opt(
-        help="optional stages run in order, each overriding keys above (e.g. SFT then GRPO)",
-        factory=list,
+    seed: Int = Field(0, description="seed of sampling, data order and initialisation")
+    resume: bool = Field(False, description="continue from the newest checkpoint of runs/<name>/")
+    overwrite: bool = Field(
+        False, description="replace an existing run of the same name (else it is an error)"
+    )
+    output_dir: str = Field("runs", description="parent folder of runs")
+    keep_checkpoints: Int | None = Field(
+        2, description="keep the newest K checkpoints; null: keep all", gt=0
+    )
+    model: ModelConfig = Field(default_factory=ModelConfig, description="the policy model")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters (peft)")
+    data: DataConfig = Field(
+        default_factory=DataConfig, description="training data, prompts and length limits"
+    )
+    rollout: RolloutConfig = Field(
+        default_factory=RolloutConfig, description="sampling of rollouts"
+    )
+    algo: dict[str, Any] = Field(
+        default_factory=dict,
+        description="overrides passed to hpt.get_algorithm (clip_low, clip_high, dual_clip, "
+        "aggregation, gate_threshold, gate_upper, shaping_gamma, sft_coef, entropy_coef, kl_coef, "
+        "kl_estimator, norm_length)",
+    )
+    optim: OptimConfig = Field(default_factory=OptimConfig, description="optimiser and update")
+    distributed: DistributedConfig = Field(
+        default_factory=DistributedConfig, description="multi-process training (torchrun)"
+    )
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="held-out evaluation")
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="logging and plots")
+    demo: DemoConfig = Field(default_factory=DemoConfig, description="the embedded demo")
+    stages: list[StageConfig] = Field(
+        default_factory=list,
+        description="optional stages run in order, each overriding keys above (e.g. SFT then GRPO)",
     )
 
     @property
@@ -276,18 +401,21 @@ class TrainConfig:
         return [stage for _, stage in resolve_stages(self)]
 
 
+_TRAIN_CONFIG = TypeAdapter(TrainConfig)
+
+
 # --------------------------------------------------------------------------------------------
-# Where a key came from (for one-line errors)
+# Where a key came from, and pydantic's errors as one line
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclasses.dataclass
 class _Source:
     """The origin of each dotted key: a line of a YAML file or a ``--set`` override."""
 
     file: str | None = None
-    lines: dict[str, int] = field(default_factory=dict)
-    overrides: dict[str, str] = field(default_factory=dict)
+    lines: dict[str, int] = dataclasses.field(default_factory=dict)
+    overrides: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def where(self, key: str) -> str:
         """`` (file:line)`` or `` (--set k=v)`` for ``key``, a key under it or its nearest parent."""
@@ -308,6 +436,118 @@ class _Source:
 
 def _join(prefix: str, key: Any) -> str:
     return f"{prefix}.{key}" if prefix else str(key)
+
+
+def _unwrap(tp: Any) -> Any:
+    """``tp`` without ``Annotated`` metadata and, for ``X | None``, without the None."""
+    while typing.get_origin(tp) is Annotated:
+        tp = typing.get_args(tp)[0]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [arg for arg in typing.get_args(tp) if arg is not type(None)]
+        if len(args) == 1:
+            return _unwrap(args[0])
+    return tp
+
+
+def _keys(tp: Any) -> dict[str, Any] | None:
+    """Key -> annotation of a section or a stage's partial section; None for anything else."""
+    if dataclasses.is_dataclass(tp):
+        return {name: info.annotation for name, info in _fields(tp).items()}
+    if is_typeddict(tp):
+        return typing.get_type_hints(tp)
+    return None
+
+
+def _type_name(tp: Any) -> str:
+    """A short readable name of a type annotation: ``float | None``, ``list[str]``, ``"a" | "b"``."""
+    while typing.get_origin(tp) is Annotated:
+        tp = typing.get_args(tp)[0]
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is type(None):
+        return "null"
+    if tp is Any:
+        return "any"
+    if origin is Literal:
+        return " | ".join(str(arg) for arg in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(arg) for arg in args)
+    if origin in (list, tuple, dict):
+        inner = ", ".join("..." if arg is Ellipsis else _type_name(arg) for arg in args)
+        return f"{origin.__name__}[{inner}]"
+    if is_typeddict(tp):
+        return "mapping"
+    if dataclasses.is_dataclass(tp):
+        return "section" if tp is not StageConfig else "stage"
+    return getattr(tp, "__name__", str(tp))
+
+
+_BOUNDS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+
+
+def _config_error(
+    error: ValidationError,
+    raw: Any,
+    source: _Source,
+    schema: type = TrainConfig,
+    prefix: str = "",
+) -> ConfigError:
+    """The first problem of a pydantic ValidationError as one line: the dotted key, its value, the
+    valid keys or choices and where the value came from (``raw``: the input, ``prefix``: where
+    ``schema`` sits)."""
+    problem = error.errors()[0]
+    # Walk the location through the schema: the key the user wrote and the annotation it has.
+    tp: Any = schema
+    parts: list[str] = [prefix] if prefix else []
+    value: Any = raw
+    for part in problem["loc"]:
+        tp = _unwrap(tp)
+        keys = _keys(tp)
+        origin = typing.get_origin(tp)
+        if keys is not None and isinstance(part, str):
+            if part not in keys:
+                return _unknown_key(list(keys), part, ".".join(parts), source)
+            tp = keys[part]
+        elif origin is list and isinstance(part, int):
+            tp = typing.get_args(tp)[0]
+        elif origin is dict and isinstance(part, str):
+            tp = typing.get_args(tp)[1]
+        else:  # a tuple's element, or a validator's own tag: name the key that holds it
+            break
+        parts.append(str(part))
+        value = value[part] if isinstance(value, (Mapping, list)) else problem["input"]
+    key = ".".join(parts)
+    bound = next((b for b in _BOUNDS if b in problem.get("ctx", {})), None)
+    if bound is not None:
+        limit = problem["ctx"][bound]
+        limit = int(limit) if isinstance(limit, float) and limit.is_integer() else limit
+        expected = f"{_BOUNDS[bound]} {limit}"
+    else:
+        expected = _type_name(tp)
+    hint = ""
+    if typing.get_origin(_unwrap(tp)) is Literal:
+        choices = [str(arg) for arg in typing.get_args(_unwrap(tp))]
+        close = difflib.get_close_matches(str(value), choices, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ConfigError(
+        f"config key {key!r} must be {expected}, got {value!r}{source.where(key)}{hint}"
+    )
+
+
+def _unknown_key(valid: list[str], key: str, prefix: str, source: _Source) -> ConfigError:
+    dotted = _join(prefix, key)
+    close = difflib.get_close_matches(str(key), valid, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    scope = f"of {prefix!r}" if prefix else "at the top level"
+    return ConfigError(
+        f"unknown config key {dotted!r}{source.where(dotted)}{hint} valid keys {scope}: "
+        + ", ".join(valid)
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Reading YAML, overrides, loading, stages
+# --------------------------------------------------------------------------------------------
 
 
 def _key_lines(node: Any, prefix: str, lines: dict[str, int], file: str) -> None:
@@ -352,210 +592,6 @@ def _read_yaml(path: Path, source: _Source) -> dict[str, Any]:
         raise ConfigError(f"config must be a mapping of keys to values ({path}:1)")
     _key_lines(node, "", source.lines, str(path))
     return data
-
-
-# --------------------------------------------------------------------------------------------
-# Type checking and coercion
-# --------------------------------------------------------------------------------------------
-
-
-def _type_name(tp: Any) -> str:
-    """A short readable name of a type annotation: ``float | None``, ``list[str]``, ``"a" | "b"``."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is type(None):
-        return "null"
-    if tp is Any:
-        return "any"
-    if origin is Literal:
-        return " | ".join(str(arg) for arg in args)
-    if origin in (typing.Union, types.UnionType):
-        return " | ".join(_type_name(arg) for arg in args)
-    if origin in (list, tuple, dict):
-        inner = ", ".join("..." if arg is Ellipsis else _type_name(arg) for arg in args)
-        return f"{origin.__name__}[{inner}]"
-    if dataclasses.is_dataclass(tp):
-        return "section" if tp is not StageConfig else "stage"
-    return getattr(tp, "__name__", str(tp))
-
-
-class _Mismatch(Exception):
-    """A value that does not fit a type (turned into a ConfigError naming the key)."""
-
-
-def _coerce(value: Any, tp: Any, key: str, source: _Source, partial: bool) -> Any:
-    """Check ``value`` against the annotation ``tp`` and convert it (``"1e-5"`` -> ``1e-05``).
-
-    Raises:
-        _Mismatch: the value does not fit (the caller names the key).
-        ConfigError: a nested section or list element is wrong (already names its key).
-    """
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key, source, partial)
-            except _Mismatch:
-                continue
-        raise _Mismatch
-    if origin is Literal:
-        if value in args:
-            return value
-        raise _Mismatch
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, Mapping):
-            raise _Mismatch
-        return _build(tp, value, key, source, partial=partial)
-    if origin is list or tp is list:
-        if not isinstance(value, (list, tuple)):
-            raise _Mismatch
-        item_tp = args[0] if args else Any
-        return [
-            _coerce_key(item, item_tp, _join(key, i), source, partial)
-            for i, item in enumerate(value)
-        ]
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise _Mismatch
-        if len(args) == 2 and args[1] is Ellipsis:
-            item_types = [args[0]] * len(value)
-        elif len(args) != len(value):
-            raise _Mismatch
-        else:
-            item_types = list(args)
-        return tuple(
-            _coerce_key(item, item_tp, _join(key, i), source, partial)
-            for i, (item, item_tp) in enumerate(zip(value, item_types))
-        )
-    if origin is dict or tp is dict:
-        if not isinstance(value, Mapping):
-            raise _Mismatch
-        value_tp = args[1] if args else Any
-        return {
-            str(k): _coerce_key(item, value_tp, _join(key, k), source, partial)
-            for k, item in value.items()
-        }
-    return _coerce_scalar(value, tp)
-
-
-def _coerce_scalar(value: Any, tp: Any) -> Any:
-    """bool, int, float and str, with the conversions a command line needs (``"5e-6"`` -> float)."""
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no"):
-            return value.strip().lower() in ("true", "yes")
-        raise _Mismatch
-    if isinstance(value, bool):  # a bool is an int in Python; never accept it as a number
-        raise _Mismatch
-    if tp is int:
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                number = float(value.strip())
-            except ValueError:
-                raise _Mismatch from None
-            if number.is_integer():
-                return int(number)
-        raise _Mismatch
-    if tp is float:
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value.strip())
-            except ValueError:
-                raise _Mismatch from None
-        raise _Mismatch
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)):
-            return str(value)
-        raise _Mismatch
-    raise TypeError(f"unsupported config annotation {tp!r}")  # a bug in the schema, not user input
-
-
-def _coerce_key(value: Any, tp: Any, key: str, source: _Source, partial: bool) -> Any:
-    """:func:`_coerce`, turning a mismatch into a ConfigError that names the key and its place."""
-    try:
-        return _coerce(value, tp, key, source, partial)
-    except _Mismatch:
-        raise ConfigError(
-            f"config key {key!r} must be {_type_name(tp)}, got {value!r}{source.where(key)}"
-        ) from None
-
-
-def _check_range(value: Any, metadata: Mapping[str, Any], key: str, source: _Source) -> None:
-    """Apply the field's ``ge``/``gt``/``le`` bounds to a number (None passes)."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return
-    bounds = (
-        ("ge", ">=", lambda b: value >= b),
-        ("gt", ">", lambda b: value > b),
-        ("le", "<=", lambda b: value <= b),
-    )
-    for name, symbol, holds in bounds:
-        bound = metadata.get(name)
-        if bound is not None and not holds(bound):
-            raise ConfigError(
-                f"config key {key!r} must be {symbol} {bound}, got {value!r}{source.where(key)}"
-            )
-
-
-def _unknown_key(cls: type, key: str, prefix: str, source: _Source) -> ConfigError:
-    valid = [f.name for f in dataclasses.fields(cls)]
-    dotted = _join(prefix, key)
-    close = difflib.get_close_matches(str(key), valid, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    scope = f"of {prefix!r}" if prefix else "at the top level"
-    return ConfigError(
-        f"unknown config key {dotted!r}{source.where(dotted)}{hint} valid keys {scope}: "
-        + ", ".join(valid)
-    )
-
-
-def _build(
-    cls: type, raw: Mapping[str, Any], prefix: str, source: _Source, *, partial: bool = False
-) -> Any:
-    """Validate a mapping against dataclass ``cls``; return an instance, or (partial) a checked dict."""
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"config key {prefix!r} must be a mapping{source.where(prefix)}")
-    fields_by_name = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    values: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key not in fields_by_name:
-            raise _unknown_key(cls, key, prefix, source)
-        dotted = _join(prefix, key)
-        metadata = fields_by_name[key].metadata
-        section_cls = metadata.get("section")
-        if section_cls is not None:  # a stage's partial override of a section
-            values[key] = _build(
-                section_cls, value if value is not None else {}, dotted, source, partial=True
-            )
-            continue
-        coerced = _coerce_key(value, hints[key], dotted, source, partial)
-        _check_range(coerced, metadata, dotted, source)
-        values[key] = coerced
-    if partial:
-        return values
-    return cls(**values)
-
-
-# --------------------------------------------------------------------------------------------
-# Overrides, loading, stages
-# --------------------------------------------------------------------------------------------
 
 
 def apply_override(raw: dict[str, Any], assignment: str, source: _Source | None = None) -> None:
@@ -620,7 +656,10 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     raw = _read_yaml(Path(path), source) if path is not None else {}
     for assignment in overrides:
         apply_override(raw, assignment, source)
-    config = _build(TrainConfig, raw, "", source)
+    try:
+        config = _TRAIN_CONFIG.validate_python(raw)
+    except ValidationError as error:
+        raise _config_error(error, raw, source) from None
     for index, (_, stage_config) in enumerate(resolve_stages(config)):
         prefix = f"stages.{index}." if config.stages else ""
         _check_algorithm(stage_config, prefix, source)
@@ -628,15 +667,8 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
 
 
 def _merge(obj: Any, overrides: Mapping[str, Any]) -> Any:
-    """``obj`` (a dataclass) with the keys of a checked partial mapping replaced, recursively."""
-    changes = {}
-    for key, value in overrides.items():
-        current = getattr(obj, key)
-        if dataclasses.is_dataclass(current) and isinstance(value, Mapping):
-            changes[key] = _merge(current, value)
-        else:
-            changes[key] = value
-    return dataclasses.replace(obj, **changes)
+    """``obj`` (a section) with the keys of a validated partial mapping replaced."""
+    return dataclasses.replace(obj, **overrides)
 
 
 def resolve_stages(config: TrainConfig) -> list[tuple[str, TrainConfig]]:
@@ -692,20 +724,25 @@ def _fill_derived(config: TrainConfig) -> TrainConfig:
 
 
 def _check_algorithm(config: TrainConfig, prefix: str, source: _Source) -> None:
-    """Validate the algorithm name and its overrides with hpt.algorithms."""
+    """Validate the algorithm name and its overrides with hpt.get_algorithm (their one schema)."""
     from hpt.algorithms import get_algorithm, list_algorithms
 
     key = f"{prefix}algorithm"
     names = list_algorithms()
     if config.algorithm not in names:
+        close = difflib.get_close_matches(config.algorithm, names, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ConfigError(
-            f"unknown algorithm {config.algorithm!r} at {key!r}{source.where(key)}; "
+            f"unknown algorithm {config.algorithm!r} at {key!r}{source.where(key)}{hint} "
             f"choose from {', '.join(names)}"
         )
     try:
         get_algorithm(config.algorithm, **config.algo)
-    except (ValueError, TypeError) as error:
+    except (ValueError, TypeError) as error:  # TypeError: a key that is not a name
         key = f"{prefix}algo" if prefix and config.algo else "algo"
+        override = getattr(error, "override", None)
+        if override is not None:
+            key = f"{key}.{override}"
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ConfigError(
             f"bad algorithm override at {key!r}{source.where(key)}: {message}"
@@ -746,41 +783,24 @@ def save_config(config: TrainConfig, path: str | Path) -> Path:
     return atomic_write_text(path, dump_config(config))
 
 
+def _schema_rows(cls: type, prefix: str) -> list[tuple[str, Any, Any, str]]:
+    """(dotted key, annotation, default, help) of every key of ``cls``, sections expanded."""
+    rows = []
+    defaults = cls()
+    for name, info in _fields(cls).items():
+        key = _join(prefix, name)
+        tp = _unwrap(info.annotation)
+        rows.append((key, info.annotation, getattr(defaults, name), info.description or ""))
+        if dataclasses.is_dataclass(tp):
+            rows.extend(_schema_rows(tp, key))
+        elif typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+            rows.extend(_schema_rows(typing.get_args(tp)[0], f"{key}[]"))
+    return rows
+
+
 def field_help(cls: type = TrainConfig, prefix: str = "") -> dict[str, str]:
     """Dotted key -> one-line help for every key of ``cls`` and its sections (stages as ``stages[].key``)."""
-    helps: dict[str, str] = {}
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        key = _join(prefix, f.name)
-        helps[key] = f.metadata.get("help", "")
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            helps.update(field_help(tp, key))
-        elif typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
-            helps.update(field_help(typing.get_args(tp)[0], f"{key}[]"))
-    return helps
-
-
-def _rows(cls: type, prefix: str) -> list[tuple[str, str, str, str]]:
-    rows = []
-    hints = typing.get_type_hints(cls)
-    defaults = cls()
-    for f in dataclasses.fields(cls):
-        key = _join(prefix, f.name)
-        tp = hints[f.name]
-        help_ = f.metadata.get("help", "")
-        if dataclasses.is_dataclass(tp):
-            rows.append((key, "section", "", help_))
-            rows.extend(_rows(tp, key))
-            continue
-        item = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
-        if item is not None and dataclasses.is_dataclass(item):
-            rows.append((key, "list of stages", "[]", help_))
-            rows.extend(_rows(item, f"{key}[]"))
-            continue
-        default = _yaml_scalar(config_to_dict({"v": getattr(defaults, f.name)})["v"])
-        rows.append((key, _type_name(tp), default, help_))
-    return rows
+    return {key: help_ for key, _, _, help_ in _schema_rows(cls, prefix)}
 
 
 def _yaml_scalar(value: Any) -> str:
@@ -797,7 +817,16 @@ def render_config_table(cls: type = TrainConfig) -> str:
         return text.replace("|", "\\|").replace("\n", " ")
 
     lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
-    for key, type_name, default, help_ in _rows(cls, ""):
-        default_cell = f"`{cell(default)}`" if default else ""
+    for key, tp, default, help_ in _schema_rows(cls, ""):
+        inner = _unwrap(tp)
+        if dataclasses.is_dataclass(inner):
+            type_name, default_cell = "section", ""
+        elif typing.get_origin(inner) is list and dataclasses.is_dataclass(
+            typing.get_args(inner)[0]
+        ):
+            type_name, default_cell = "list of stages", "`[]`"
+        else:
+            type_name = _type_name(tp)
+            default_cell = f"`{cell(_yaml_scalar(config_to_dict({'v': default})['v']))}`"
         lines.append(f"| `{key}` | {cell(type_name)} | {default_cell} | {cell(help_)} |")
     return "\n".join(lines) + "\n"
