@@ -15,6 +15,7 @@ import pytest
 
 from hpt.demo import study
 from hpt.errors import ConfigError
+from hpt.eval.report import to_markdown, to_rich
 
 METHODS = list(study.LABELS)
 SETTINGS = study.StudySettings(
@@ -218,11 +219,11 @@ def test_results_table_and_lr_grid_column():
     assert sft["ID hard"] == "30.0 ± 14.1" and sft["train s"] == "3 ± 1"
     assert base["seeds"] == "-" and base["ID easy"] == "80.0" and hpt["train s"] == "-"
     assert hpt["gen. tokens (k)"] == "2 ± 1"
-    text = study.markdown_table(header, rows)
+    text = to_markdown(header, rows)
     lines = text.strip().splitlines()
     assert len(lines) == 5 and lines[1] == "|" + "---|" * len(header)
     assert lines[4].startswith("| HPT | 2 | 85.0 ± 7.1 | 25.0 ± 7.1 |")
-    table = study.rich_table(header, rows, title="t")
+    table = to_rich(header, rows, title="t")
     assert table.row_count == 3 and [c.header for c in table.columns] == header
     assert study.table_rows(_summary(), k=2)[0][-1] == "train s"  # no grid: no val column
 

@@ -369,13 +369,14 @@ def _demonstration_lengths(
     builder: PromptBuilder, questions: list[Question], progress: bool, chunk_size: int
 ) -> list[int]:
     """Untruncated demonstration lengths in tokens (EOS included), tokenised in chunks."""
-    from hpt.utils import progress as progress_bar
+    from hpt.utils import progress_bar
 
     untruncated = [replace(q, meta={}) for q in questions]
     chunks = [untruncated[i : i + chunk_size] for i in range(0, len(untruncated), chunk_size)]
     lengths: list[int] = []
-    with progress_bar("measuring demonstrations", len(untruncated), enabled=progress) as bar:
+    with progress_bar(enabled=progress) as bar:
+        task = bar.add_task("measuring demonstrations", total=len(untruncated))
         for chunk in chunks:
             lengths += [len(ids) for ids in builder.demonstration_ids_batch(chunk)]
-            bar.advance(len(chunk))
+            bar.update(task, advance=len(chunk))
     return lengths

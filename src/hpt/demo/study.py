@@ -362,16 +362,17 @@ def columns(k: int) -> dict[str, tuple[str, float, str]]:
 
 
 def _cell(stats: Any, scale: float = 100.0, fmt: str = ".1f") -> str:
+    """``[mean, std]`` (None or NaN: missing) as a cell of the table (``hpt.eval.report.cell``)."""
+    from hpt.eval.report import cell
+
     mean, std = map(_number, stats) if stats else (math.nan, math.nan)
-    if math.isnan(mean):
-        return "-"
-    spread = "" if math.isnan(std) or std == 0 else f" ± {std * scale:{fmt}}"
-    return f"{mean * scale:{fmt}}{spread}"
+    return cell(mean, std, scale, fmt)
 
 
 def table_rows(summary: Mapping, k: int, grid: Mapping | None = None) -> tuple[list, list]:
     """Header and rows of the results table: methods as rows, ``mean ± std`` over seeds; with
-    the lr grid, a column of each method's val avg@k at each lr (the chosen lr is ``lr``)."""
+    the lr grid, a column of each method's val avg@k at each lr (the chosen lr is ``lr``).
+    ``hpt.eval.report`` writes them (``to_markdown``, ``print_rows``), as it does ``hpt eval``'s."""
     spec, grid = columns(k), grid or {}
     lrs = sorted({lr for scores in grid.values() for lr in scores})
     header = ["method", "seeds", *spec]
@@ -385,20 +386,6 @@ def table_rows(summary: Mapping, k: int, grid: Mapping | None = None) -> tuple[l
             row.append(" / ".join(_cell([grid.get(method, {}).get(lr), 0]) for lr in lrs))
         rows.append(row)
     return header, rows
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
-
-
-def rich_table(header: Sequence[str], rows: Sequence[Sequence[str]], title: str = "") -> Any:
-    from rich.table import Table
-
-    table = Table(*header, title=title or None)
-    for row in rows:
-        table.add_row(*row)
-    return table
 
 
 def diff_lines(summary: Mapping[str, Mapping[str, Any]], ours: str = "hpt") -> list[str]:
@@ -440,6 +427,7 @@ def settings_block(s: StudySettings) -> str:
 def write_results(study: Study, recipes: Mapping, grid: Mapping, chosen: Mapping,
                   records: Sequence[dict], seconds: float) -> dict[str, Any]:  # fmt: skip
     """results.json, results.md and the plots of a finished study (records: base first)."""
+    from hpt.eval.report import to_markdown
     from hpt.train.logger import read_metrics
 
     summary = aggregate(records)
@@ -467,7 +455,7 @@ def write_results(study: Study, recipes: Mapping, grid: Mapping, chosen: Mapping
     gated = [m for m, recipe in recipes.items() if has_gate(recipe)]
     plots = draw_plots(histories, summary, study.output / "plots", gated)
     text = "# hpt demo: the comparison study\n\n" + settings_block(study.settings) + "\n"
-    text += markdown_table(*results["table"]) + "\n"
+    text += to_markdown(*results["table"]) + "\n"
     if results["diffs"]:
         text += "HPT minus each row, in points (± the root of both rows' seed variances):\n\n"
         text += "".join(f"- {line}\n" for line in results["diffs"])
@@ -519,20 +507,16 @@ PLOT_FILES = {
 def draw_plots(histories: Mapping, summary: Mapping, directory: Any, gated: Sequence = ()) -> list:
     """Accuracy, the gate's routes and entropy against step (from method -> per-seed metrics),
     pass@k against k (from the summary); every line a mean over seeds. Returns the files."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from hpt.eval.plots import draw_panels, pass_at_k_curve
 
     def curves(key: str, methods: Sequence = tuple(histories)) -> dict:
         return {label(m): mean_curve(histories[m], key) for m in methods}
 
-    def passk(split: str) -> dict:
-        curves = {}
-        for method, stats in summary.items():
-            ks = sorted(int(key.split("@")[1]) for key in stats if key.startswith(f"{split}_pass@"))
-            curves[label(method)] = (ks, [stats[f"{split}_pass@{k}"][0] for k in ks])
-        return curves
+    def passk(split: str) -> dict:  # method -> (k, mean pass@k over seeds)
+        at = f"{split}_pass@"
+        means = {m: {key[len(at) :]: v[0] for key, v in stats.items() if key.startswith(at)}
+                 for m, stats in summary.items()}  # fmt: skip
+        return {label(m): pass_at_k_curve(values) for m, values in means.items()}
 
     routes = {f"route {r}": f"route_{r}" for r in ("sft", "rl")}
     figures = {
@@ -553,25 +537,12 @@ def draw_plots(histories: Mapping, summary: Mapping, directory: Any, gated: Sequ
         if not panels:
             continue
         ylabel, title = PLOT_FILES[file]
-        fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.9), squeeze=False)
-        for ax, (panel, lines) in zip(axes[0], panels.items()):
-            for name, (x, y) in lines.items():
-                if len(x):
-                    ax.plot(x, y, marker="o", markersize=3, label=name)
-            ax.set(title=panel, ylabel=ylabel, xlabel="k" if "pass" in file else "optimiser step")
-            if "pass" in file:
-                ax.set_xscale("log", base=2)
-            if "entropy" not in file:
-                ax.set_ylim(-0.02, 1.02)
-            ax.grid(True, alpha=0.3)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize="small")
-        fig.suptitle(f"{title}; mean over seeds")
-        fig.tight_layout()
-        written.append(Path(directory) / file)
-        written[-1].parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
+        passk_file = "pass" in file
+        written.append(
+            draw_panels(Path(directory) / file, panels, ylabel=ylabel, title=f"{title}; mean over seeds",
+                        xlabel="k" if passk_file else "optimiser step", log2_x=passk_file,
+                        ylim=None if "entropy" in file else (-0.02, 1.02), panel_size=(5.2, 3.9))
+        )  # fmt: skip
     return written
 
 
@@ -625,11 +596,10 @@ def main(argv: list[str]) -> int:
         recipe_path(method)
     results = run_study(settings, args.output, methods, jobs=args.jobs, threads=args.threads,
                         progress=not args.no_progress)  # fmt: skip
-    from rich.console import Console
+    from hpt.eval.report import print_rows
 
-    console = Console()
-    console.print(rich_table(*results["table"], title=f"hpt demo ({args.output})"))
+    print_rows(*results["table"], title=f"hpt demo ({args.output})")
     for line in results["diffs"]:
-        console.print(line)
+        print(line)
     print(f"wrote {args.output}/results.md, results.json, plots/ in {results['seconds']:.0f} s")
     return 0

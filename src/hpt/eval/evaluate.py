@@ -13,7 +13,6 @@ Prompts are built by :mod:`hpt.eval.prompts`, models loaded by :mod:`hpt.eval.mo
 from __future__ import annotations
 
 import json
-import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -25,6 +24,7 @@ from hpt.eval.benchmarks import Benchmark, resolve_benchmarks
 from hpt.eval.metrics import kind_averages, summarize
 from hpt.eval.models import load_model, model_key, model_label, model_source, torch_dtype
 from hpt.eval.prompts import MATH_INSTRUCTION, default_sampling, make_builder, plain_template
+from hpt.utils import atomic_write_text, progress_bar
 
 __all__ = ["sample_and_score", "evaluate_questions", "read_samples", "evaluate"]
 
@@ -130,10 +130,10 @@ def sample_and_score(
     batches = _plan_batches(missing, batch_questions or max(1, 64 // k))
     extract = _extractor(reward)
     from hpt.rewards import extract_boxed
-    from hpt.utils import progress as progress_bar
 
     done = sum(1 for todo in missing.values() if not todo)
-    with progress_bar(benchmark or "eval", len(questions), enabled=progress, completed=done) as bar:
+    with progress_bar(enabled=progress) as bar:
+        task = bar.add_task(benchmark or "eval", total=len(questions), completed=done)
         for batch_index, (indices, n) in enumerate(batches):
             prompts = _prompt_ids(builder, [questions[i] for i in indices])
             seeded = (
@@ -172,7 +172,7 @@ def sample_and_score(
                 missing[i] = missing[i][n:]
             if on_batch is not None:
                 on_batch(new)
-            bar.advance(len(indices))
+            bar.update(task, advance=len(indices))
     return [have[(key, j)] for key in keys for j in range(k)]
 
 
@@ -518,45 +518,14 @@ def _write_outputs(output: Path, results: Mapping[str, Any]) -> None:
     from hpt.eval.plots import plot_pass_at_k
     from hpt.eval.report import markdown_table
 
-    (output / RESULTS_FILE).write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
-    (output / MARKDOWN_FILE).write_text(markdown_table([results]))
+    text = json.dumps(results, indent=2, ensure_ascii=False) + "\n"
+    atomic_write_text(output / RESULTS_FILE, text)
+    atomic_write_text(output / MARKDOWN_FILE, markdown_table([results]))
     plot_pass_at_k(results["benchmarks"], output / PLOT_FILE, title=f"pass@k: {results['name']}")
 
 
 def _print(results: Mapping[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    from hpt.eval.report import benchmark_rows, print_rows, print_table
 
-    from hpt.eval.report import rich_table
-
-    console = Console(width=None if sys.stdout.isatty() else 160)
-    detail = Table(title=f"{results['name']}: per benchmark")
-    for column in (
-        "benchmark",
-        "questions",
-        "k",
-        "avg@k",
-        "maj@k",
-        "pass@k",
-        "tokens",
-        "no box",
-        "truncated",
-        "timeouts",
-    ):
-        detail.add_column(column, justify="left" if column == "benchmark" else "right")
-    for name, s in results["benchmarks"].items():
-        top = max(s["pass@k"], key=int, default=None)
-        detail.add_row(
-            name,
-            str(s["questions"]),
-            str(s["k"]),
-            f"{100 * s['avg@k']:.1f}",
-            f"{100 * s['maj@k']:.1f}",
-            "-" if top is None else f"{100 * s['pass@k'][top]:.1f} (@{top})",
-            f"{s['response_tokens']:.0f}",
-            f"{100 * s['no_boxed']:.0f}%",
-            f"{100 * s['truncated']:.0f}%",
-            str(s["timeouts"]),
-        )
-    console.print(detail)
-    console.print(rich_table([results], "avg@k"))
+    print_rows(*benchmark_rows(results), title=f"{results['name']}: per benchmark")
+    print_table([results], "avg@k")

@@ -13,8 +13,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from hpt.utils import atomic_write_json, atomic_write_text, to_jsonable
-from hpt.utils import progress as progress_bar
+from hpt.utils import atomic_write_json, atomic_write_text, progress_bar, to_jsonable
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -106,7 +105,8 @@ class RunLogger:
         self.metrics_path = self.run_dir / METRICS_FILE
         self._warned_missing = False
         self._writer: Any = None
-        self._bar: Any = None
+        self._bar: Any = None  # a rich Progress
+        self._task: Any = None
         self._stack = ExitStack()
         self._file: Any = None
         if not enabled:
@@ -116,19 +116,11 @@ class RunLogger:
         self._file = open(self.metrics_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
         if tensorboard:
             self._writer = self._open_tensorboard(config)
-        start = resume_step or 0
         self._bar = self._stack.enter_context(
-            progress_bar(
-                "train",
-                total_steps,
-                enabled=progress,
-                columns=_BAR_COLUMNS,
-                transient=False,
-                completed=start,
-                reward="-",
-                sft="-",
-                rl="-",
-            )
+            progress_bar(*_BAR_COLUMNS, enabled=progress, transient=False)
+        )
+        self._task = self._bar.add_task(
+            "train", total=total_steps, completed=resume_step or 0, reward="-", sft="-", rl="-"
         )
 
     # -- setup ---------------------------------------------------------------------------------
@@ -201,6 +193,7 @@ class RunLogger:
                 ):
                     self._writer.add_scalar(key, value, int(step))
         self._bar.update(
+            self._task,
             completed=int(step),
             reward=_format(record.get("reward_mean")),
             sft=_format(record.get("route_sft"), ".2f"),
@@ -217,7 +210,7 @@ class RunLogger:
         """Print a line above the progress bar (stderr)."""
         if not self.enabled:
             return
-        self._bar.print(text)
+        self._bar.console.print(text)
 
     def write_summary(self, summary: dict[str, Any]) -> Path:
         """Write ``summary.json`` atomically (strict JSON; nan and inf become null)."""

@@ -90,23 +90,11 @@ def _summary_records(run_dir: Path, records: list[dict[str, Any]]) -> list[dict[
 
 
 def _draw(spec: PlotSpec, records: list[dict[str, Any]], keys: list[str], path: Path) -> None:
-    from matplotlib.figure import Figure
+    from hpt.eval.plots import draw_panels
 
-    figure = Figure(figsize=(6.4, 4.0), layout="constrained")
-    axes = figure.add_subplot()
-    for key in keys:
-        steps, values = series(records, key)
-        marker = "o" if len(steps) <= 30 else None
-        axes.plot(steps, values, label=key.removeprefix("eval/"), marker=marker, markersize=3)
-    axes.set_title(spec.title)
-    axes.set_xlabel("step")
-    axes.set_ylabel(spec.ylabel)
-    axes.grid(alpha=0.3)
-    if spec.ylim is not None:
-        axes.set_ylim(*spec.ylim)
-    if len(keys) > 1 or spec.keys is _accuracy_keys:
-        axes.legend()
-    figure.savefig(path, dpi=120)
+    lines = {key.removeprefix("eval/"): series(records, key) for key in keys}
+    legend = len(keys) > 1 or spec.keys is _accuracy_keys
+    draw_panels(path, {spec.title: lines}, ylabel=spec.ylabel, ylim=spec.ylim, legend=legend)
 
 
 def plot_run(run_dir: str | Path, output_dir: str | Path | None = None) -> list[Path]:
