@@ -318,7 +318,6 @@ def _overrides_of(section: type) -> Any:
     }
     partial = TypedDict(f"{section.__name__}Overrides", keys, total=False)  # type: ignore[misc]
     partial.__pydantic_config__ = _SCHEMA  # type: ignore[attr-defined]
-    partial.__section__ = section  # type: ignore[attr-defined]
     return Annotated[partial, BeforeValidator(lambda value: {} if value is None else value)]
 
 
