@@ -651,6 +651,20 @@ def test_filter_truncate_marks_and_cuts(chatml):
     assert again["over_limit"] == 2
 
 
+def test_filter_measures_in_chunks_under_a_progress_bar(chatml, monkeypatch, capsys):
+    builder = PromptBuilder(chatml)
+    questions = _questions_with_demos()
+    quiet = filter_demonstrations(questions, builder, 10, policy="truncate")
+    monkeypatch.setenv("HPT_PROGRESS", "1")  # drawn although pytest's stderr is no terminal,
+    monkeypatch.setenv("FORCE_COLOR", "1")  # and as on one (a transient bar is drawn, then erased)
+    shown = filter_demonstrations(
+        questions, builder, 10, policy="truncate", progress=True, chunk_size=2
+    )
+    assert shown == quiet  # chunks and the bar change nothing
+    err = capsys.readouterr().err
+    assert "measuring demonstrations" in err and "3/3" in err
+
+
 def test_filter_error_and_bad_policy(chatml):
     builder = PromptBuilder(chatml)
     questions = _questions_with_demos()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 from fractions import Fraction
 
 import pytest
@@ -309,3 +310,48 @@ def test_report_cli_merges_results_as_rows(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("hpt report: error:") for line in err)
     assert load_results(tmp_path / "sft")["name"] == "sft"
+
+
+def test_cell_formats_mean_spread_and_missing_values():
+    from hpt.eval.report import cell
+
+    assert cell(0.85, math.sqrt(0.005)) == "85.0 ± 7.1"
+    assert cell(0.5) == "50.0" and cell(0.5, 0.0) == "50.0" and cell(0.5, math.nan) == "50.0"
+    assert cell(None) == "-" and cell(math.nan, 0.1) == "-"
+    assert cell(2000.0, 1000.0, scale=1e-3, fmt=".0f") == "2 ± 1"
+
+
+def test_rich_and_markdown_render_the_same_rows(capsys):
+    from rich.console import Console
+
+    from hpt.eval.report import print_rows, results_rows, to_markdown
+
+    runs = [_run("base", aime24=0.1, gpqa=0.25), _run("hpt", aime24=0.3, arc_c=0.8)]
+    header, rows = results_rows(runs)
+    assert to_markdown(header, rows) == markdown_table(runs)
+    console = Console(record=True, width=200)
+    print_rows(header, rows, "accuracy", bold=["avg"], console=console)
+    screen = console.export_text().splitlines()
+
+    def cells(line: str) -> list[str]:
+        return [c.strip() for c in re.split("[│┃]", line)[1:-1]]
+
+    assert screen[0].strip() == "accuracy" and cells(screen[2]) == header
+    assert [cells(line) for line in screen[4:6]] == rows and len(screen) == 7
+    assert "│ hpt    │   30.0 │" in screen[5]  # names left-aligned, numbers right-aligned
+
+
+def test_draw_panels_writes_one_png_a_row_of_panels(tmp_path):
+    import struct
+
+    from hpt.eval.plots import draw_panels, plot_pass_at_k
+
+    panels = {"a": {"x": ([1, 2, 3], [0.1, 0.2, 0.3]), "empty": ([], [])}, "b": {}}
+    path = draw_panels(tmp_path / "deep" / "f.png", panels, ylabel="y", panel_size=(4.0, 3.0))
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", data[16:24])  # the IHDR chunk: pixels at 120 dpi
+    assert (width, height) == (2 * 4 * 120, 3 * 120)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["f.png"]  # no temporary left
+    one = plot_pass_at_k({"m": {"pass@k": {"2": 0.5, "1": 0.25}}}, tmp_path / "p.png")
+    assert struct.unpack(">II", one.read_bytes()[16:24]) == (int(6.4 * 120), 4 * 120)

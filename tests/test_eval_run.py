@@ -22,6 +22,7 @@ from hpt.cli import main
 from hpt.data import Question
 from hpt.eval import evaluate, evaluate_questions, make_builder, read_samples
 from hpt.eval.prompts import CHOICE_INSTRUCTION, MATH_INSTRUCTION, template_adds_instruction
+from hpt.eval.report import results_rows, to_markdown
 from hpt.rollout import Rollout, SamplingParams
 
 MATH_ROWS = [  # a custom file with its own field names: --field prompt=question --field answer=final
@@ -312,6 +313,9 @@ def test_cli_on_the_tiny_model_with_the_real_engine(tiny_dir, tmp_path, capsys):
     assert "tiny-run" in printed and "GPQA" in printed
     results = assert_outputs_agree(out, 2)
     assert results["name"] == "tiny-run" and results["settings"]["k"] == 2
+    header, rows = results_rows([results])  # the file and the terminal show the same rows
+    assert (out / "results.md").read_text() == to_markdown(header, rows)
+    assert all(cell in printed for cell in header[1:4] + rows[0][:2])
     samples = read_samples(out / "samples.jsonl")
     assert len(samples) == 2 * 2 * 2 and all(0 < s["response_tokens"] <= 8 for s in samples)
 

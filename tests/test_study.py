@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -445,3 +447,57 @@ def test_missing_recipe_folder_is_one_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(study, "RECIPE_DIR", tmp_path / "nowhere")
     with pytest.raises(ConfigError, match="lacks: run it from a clone"):
         study.recipe_path("hpt")
+
+
+# ------------------------------------------------------------------ one table writer
+
+
+def _screen_cells(text: str) -> list[list[str]]:
+    """The cells of every header and body line of rich tables printed in ``text``."""
+    lines = [line for line in text.splitlines() if line[:1] in ("│", "┃")]
+    return [[cell.strip() for cell in re.split("[│┃]", line)[1:-1]] for line in lines]
+
+
+def test_hpt_demo_and_hpt_eval_print_and_write_tables_with_one_writer(
+    tmp_path, monkeypatch, capsys
+):
+    """The study's table (results.md, the terminal) and hpt eval's (results.md, the terminal)
+    are the same rows rendered by hpt.eval.report: markdown for the file, rich on stdout."""
+    from hpt.eval.benchmarks import BENCHMARKS
+    from hpt.eval.evaluate import _print, _write_outputs
+    from hpt.eval.report import results_rows
+
+    _fake_run(tmp_path, monkeypatch)
+    monkeypatch.setattr(study, "QUICK", replace(study.QUICK, k=2))  # the fakes draw 2 samples
+    argv = ["--quick", "--methods", "sft,hpt", "--seeds", "0,1", "--jobs", "1", "--no-progress"]
+    assert study.main([*argv, "--output", str(tmp_path / "demo")]) == 0
+    printed = capsys.readouterr().out
+    header, rows = json.loads((tmp_path / "demo" / "results.json").read_text())["table"]
+    assert header[:3] == ["method", "seeds", "ID easy"] and [r[0] for r in rows] == [
+        "base", "SFT", "HPT",
+    ]  # fmt: skip
+    assert rows[2][:6] == ["HPT", "2", "75.0", "25.0", "50.0", "0.0"]
+    assert _screen_cells(printed) == [header, *rows]  # the terminal shows the same rows
+    study_md = (tmp_path / "demo" / "results.md").read_text()
+    assert to_markdown(header, rows) in study_md
+    assert "| HPT | 2 | 75.0 | 25.0 | 50.0 | 0.0 | 75.0 | 0.0 | 3e-05 |" in study_md
+
+    summary = {"kind": BENCHMARKS["aime24"].kind, "questions": 2, "k": 2, "avg@k": 0.75,
+               "maj@k": 0.5, "pass@k": {"1": 0.75, "2": 1.0}, "response_tokens": 5.0,
+               "no_boxed": 0.0, "truncated": 0.25, "timeouts": 0}  # fmt: skip
+    results = {"name": "tiny", "benchmarks": {"aime24": summary}}
+    _write_outputs(tmp_path / "eval", results)
+    _print(results)
+    eval_header, eval_rows = results_rows([results])
+    assert eval_header[:2] == ["method", "AIME24"] and eval_rows[0][:3] == ["tiny", "75.0", "-"]
+    eval_md = (tmp_path / "eval" / "results.md").read_text()
+    assert eval_md == to_markdown(eval_header, eval_rows)
+    detail = ["aime24", "2", "2", "75.0", "50.0", "100.0 (@2)", "5", "0%", "25%", "0"]
+    assert _screen_cells(capsys.readouterr().out) == [
+        ["benchmark", "questions", "k", "avg@k", "maj@k", "pass@k", "tokens", "no box",
+         "truncated", "timeouts"], detail, eval_header, *eval_rows,
+    ]  # fmt: skip
+    for text in (study_md, eval_md):  # one markdown format: | a | b |, then |---|---|
+        lines = [line for line in text.splitlines() if line.startswith("|")]
+        assert lines[0].startswith("| method | ") and set(lines[1]) == {"|", "-"}
+        assert lines[1] == "|" + "---|" * (lines[0].count("|") - 1)
