@@ -1,11 +1,12 @@
-"""The default rollout engine: batched Hugging Face ``generate`` with a KV cache.
+"""The default rollout engine: a lean prefill-then-decode loop over Hugging Face causal LMs.
 
-Prompts are sorted by length and generated in left-padded batches (the attention mask gives
-``generate`` the right position ids). Sampling (temperature, top-k, top-p) is applied by our own
-logits processors, so that the log-probability of each sampled token can be recorded under the
-exact distribution it was drawn from, one ``[batch, vocab]`` step at a time (never the whole
-``[batch, steps, vocab]`` score tensor). The sampling seed forks the RNG, so the same seed gives the
-same rollouts whatever the global RNG state, and leaves that state untouched.
+Prompts are sorted by length and generated in left-padded batches by :class:`~hpt.rollout.decode.Decoder`:
+a static KV cache, temperature / top-k / top-p as tensor operations, the log-probability of each
+sampled token under the exact distribution it was drawn from (from the same forward pass), and
+finished rows leaving the batch. Models whose forward does not take ``input_ids``,
+``attention_mask``, ``position_ids`` and a cache fall back to ``model.generate`` with our own
+logits processors (same semantics, slower). The sampling seed forks the RNG, so the same seed gives
+the same rollouts whatever the global RNG state, and leaves that state untouched.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import (
+    MinNewTokensLengthLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -24,7 +26,8 @@ from transformers.generation.logits_process import (
 
 from hpt.errors import ConfigError, ModelError
 from hpt.rollout.base import Rollout, SamplingParams
-from hpt.utils import progress
+from hpt.rollout.decode import Decoder, forward_signature, synced_ranks
+from hpt.utils import progress_bar
 
 
 class SampledLogprobRecorder(LogitsProcessor):
@@ -98,20 +101,32 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
     return input_ids, attention_mask
 
 
+def max_over_ranks(value: int, device: torch.device) -> int:
+    """The largest ``value`` over all ranks of the default process group."""
+    import torch.distributed as dist
+
+    tensor = torch.tensor([value], dtype=torch.long, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
 @contextmanager
-def generation_mode(model: Any, generation_config: GenerationConfig) -> Iterator[None]:
-    """Eval mode and our generation config for the duration; the model's own are restored after.
+def generation_mode(model: Any, generation_config: GenerationConfig | None) -> Iterator[None]:
+    """Eval mode (and our generation config, if given) for the duration; the model's own after.
 
     Swapping ``model.generation_config`` keeps a checkpoint's defaults (a repetition penalty, a
     top-p) from being merged into ours by ``generate``.
     """
-    was_training, saved_config = model.training, model.generation_config
+    was_training = model.training
+    saved_config = getattr(model, "generation_config", None)
     model.eval()
-    model.generation_config = generation_config
+    if generation_config is not None:
+        model.generation_config = generation_config
     try:
         yield
     finally:
-        model.generation_config = saved_config
+        if generation_config is not None:
+            model.generation_config = saved_config
         model.train(was_training)
 
 
@@ -128,14 +143,18 @@ def seeded(seed: int | None, device: torch.device) -> Iterator[None]:
 
 
 class HFEngine:
-    """Sample rollouts with Hugging Face ``generate``: batched, left-padded, KV-cached.
+    """Sample rollouts from a Hugging Face causal LM: batched, left-padded, static KV cache.
 
     Args:
-        model: a causal LM (``PreTrainedModel`` with ``generate``).
+        model: a causal LM (``PreTrainedModel``, a PEFT wrapper of one, or an FSDP2-sharded one).
         tokenizer: its tokenizer; gives the EOS (stop) and pad ids and decodes responses.
         batch_size: the most sequences (prompts times samples) generated together.
-        progress: show a progress bar over the batches.
+        progress: show a progress bar over the rows.
         stop_token_ids: extra token ids that end a response, besides ``tokenizer.eos_token_id``.
+        compile: ``torch.compile`` the one-token decode step (see benchmarks/README.md for when
+            it pays).
+        min_new_tokens: stop tokens get probability 0 before this many response tokens (0: off);
+            the benchmarks use it to force full-length responses.
 
     Example:
         >>> engine = HFEngine(model, tokenizer)
@@ -152,9 +171,13 @@ class HFEngine:
         batch_size: int = 64,
         progress: bool = False,
         stop_token_ids: Iterable[int] = (),
+        compile: bool = False,
+        min_new_tokens: int = 0,
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"rollout batch_size must be >= 1, got {batch_size}")
+        if min_new_tokens < 0:
+            raise ConfigError(f"rollout min_new_tokens must be >= 0, got {min_new_tokens}")
         stop = [tokenizer.eos_token_id, *stop_token_ids]
         if stop[0] is None:
             raise ModelError(f"tokenizer {type(tokenizer).__name__} has no eos_token_id to stop on")
@@ -162,9 +185,17 @@ class HFEngine:
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.progress = progress
+        self.min_new_tokens = min_new_tokens
         self.stop_token_ids = list(dict.fromkeys(int(t) for t in stop))
         pad = tokenizer.pad_token_id
         self.pad_token_id = int(self.stop_token_ids[0] if pad is None else pad)
+        signature = forward_signature(model)
+        # None: the model's forward cannot be driven step by step; model.generate does it instead
+        self.decoder = (
+            None
+            if signature is None
+            else Decoder(model, signature, self.stop_token_ids, self.pad_token_id, compile=compile)
+        )
 
     def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams) -> list[Rollout]:
         """Sample ``n`` responses for each prompt.
@@ -188,27 +219,45 @@ class HFEngine:
         results: list[tuple[list[int], list[float]] | None] = [None] * len(jobs)
         batches = list(length_sorted_batches([len(prompts[i]) for i in jobs], self.batch_size))
         device = next(self.model.parameters()).device
+        synced = self.decoder is not None and synced_ranks(self.model)
+        if synced:  # forward is collective: every rank runs as many batches (some empty)
+            batches += [[]] * (max_over_ranks(len(batches), device) - len(batches))
         with (
-            generation_mode(self.model, self._generation_config(sampling)),
+            generation_mode(
+                self.model, self._generation_config(sampling) if self.decoder is None else None
+            ),
             seeded(sampling.seed, device),
-            progress(
-                "generating",
-                len(jobs),
-                enabled=self.progress,
-                columns=("{task.fields[tokens]} tokens",),
-                tokens=0,
-            ) as bar,
+            progress_bar("{task.fields[tokens]} tokens", enabled=self.progress) as bar,
         ):
+            task = bar.add_task("generating", total=len(jobs), tokens=0)
             tokens = 0
             for batch in batches:
-                outputs = self._generate_batch(
-                    [prompts[jobs[row]] for row in batch], sampling, device
-                )
+                batch_prompts = [prompts[jobs[row]] for row in batch]
+                if self.decoder is None:
+                    outputs = self._generate_batch(batch_prompts, sampling, device)
+                else:
+                    outputs = self._decode_batch(batch_prompts, sampling, device, synced)
                 for row, output in zip(batch, outputs):
                     results[row] = output
                     tokens += len(output[0])
-                bar.advance(len(batch), tokens=tokens)
+                bar.update(task, advance=len(batch), tokens=tokens)
         return self._assemble(prompts, jobs, results, n, copies)
+
+    def _decode_batch(
+        self,
+        batch_prompts: list[list[int]],
+        sampling: SamplingParams,
+        device: torch.device,
+        synced: bool,
+    ) -> list[tuple[list[int], list[float]]]:
+        """Decode one batch with the lean loop: ``(response_ids, logprobs)`` per row, up to its stop."""
+        assert self.decoder is not None
+        decoded = self.decoder.decode(
+            batch_prompts, sampling, device, min_new_tokens=self.min_new_tokens, synced=synced
+        )
+        lengths = decoded.lengths.tolist()
+        tokens, logprobs = decoded.tokens.tolist(), decoded.logprobs.tolist()
+        return [(t[:k], lp[:k]) for t, lp, k in zip(tokens, logprobs, lengths)]
 
     def _generation_config(self, sampling: SamplingParams) -> GenerationConfig:
         """A generation config with every knob neutral except ours (sampling is done by processors)."""
@@ -235,6 +284,13 @@ class HFEngine:
         input_ids, attention_mask = left_pad(batch_prompts, self.pad_token_id)
         recorder = SampledLogprobRecorder()
         processors = LogitsProcessorList([*sampling_processors(sampling), recorder])
+        if self.min_new_tokens:
+            processors.insert(
+                0,
+                MinNewTokensLengthLogitsProcessor(
+                    input_ids.shape[1], self.min_new_tokens, self.stop_token_ids
+                ),
+            )
         output = self.model.generate(
             input_ids=input_ids.to(device),
             attention_mask=attention_mask.to(device),
