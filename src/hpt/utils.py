@@ -11,7 +11,7 @@ import math
 import os
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,44 +22,6 @@ T = TypeVar("T")
 # --------------------------------------------------------------------------------------------
 # Progress bars
 # --------------------------------------------------------------------------------------------
-
-
-class ProgressBar:
-    """One task of a rich progress display; every method is a no-op when the bar is disabled.
-
-    Made by :func:`progress`; do not build it directly.
-    """
-
-    def __init__(self, rich_progress: Any = None, task_id: Any = None) -> None:
-        self._progress = rich_progress
-        self._task = task_id
-
-    @property
-    def enabled(self) -> bool:
-        """Whether anything is drawn."""
-        return self._progress is not None
-
-    def advance(self, n: float = 1, **fields: Any) -> None:
-        """Move forward by ``n`` and update the extra fields shown by the bar's columns."""
-        if self._progress is not None:
-            self._progress.update(self._task, advance=n, **fields)
-
-    def update(self, completed: float | None = None, **fields: Any) -> None:
-        """Set the position (``completed``) and/or the extra fields shown by the bar's columns."""
-        if self._progress is not None:
-            self._progress.update(self._task, completed=completed, **fields)
-
-    def print(self, text: str) -> None:
-        """Print a line above the bar (or to stderr when the bar is disabled)."""
-        if self._progress is not None:
-            self._progress.console.print(text, markup=False, highlight=False)
-        else:
-            print(text, file=sys.stderr, flush=True)
-
-    def set_total(self, total: float | None) -> None:
-        """Change the total (None: an indeterminate bar)."""
-        if self._progress is not None:
-            self._progress.update(self._task, total=total)
 
 
 def progress_enabled(enabled: bool = True) -> bool:
@@ -123,65 +85,6 @@ def progress_bar(*extra_columns: Any, enabled: bool = True, transient: bool = Tr
     return Progress(
         *columns, console=console, transient=transient, disable=not progress_enabled(enabled)
     )
-
-
-@contextmanager
-def progress(
-    description: str,
-    total: float | None = None,
-    *,
-    enabled: bool = True,
-    columns: Sequence[str] = (),
-    transient: bool = True,
-    completed: float = 0,
-    **fields: Any,
-) -> Iterator[ProgressBar]:
-    """Deprecated: use :func:`progress_bar` (rich's own ``Progress``). Kept until its last caller moves.
-
-    A rich progress bar for a long loop, drawn on stderr and removed when the loop ends.
-
-    The bar is disabled (a no-op :class:`ProgressBar`) when ``enabled`` is False or stderr is not
-    a terminal, so library code can always wrap its loops with it.
-
-    Args:
-        description: Text left of the bar.
-        total: Number of steps (None: indeterminate).
-        enabled: False turns the bar off.
-        columns: Extra rich ``TextColumn`` templates drawn after the bar, e.g.
-            ``"reward {task.fields[reward]:.3f}"``; give the fields' first values as ``**fields``.
-        transient: Remove the bar from the terminal when done.
-        completed: Starting position (a resumed run starts past 0).
-        **fields: Initial values of the fields used by ``columns``.
-
-    Yields:
-        The bar: call ``advance(n, **fields)`` or ``update(completed, **fields)``.
-    """
-    if not progress_enabled(enabled):
-        yield ProgressBar()
-        return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    parts = [
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn() if total is not None else TextColumn("{task.completed:.0f}"),
-        *(TextColumn(template) for template in columns),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-    ]
-    console = Console(stderr=True)
-    with Progress(*parts, console=console, transient=transient) as rich_progress:
-        task = rich_progress.add_task(description, total=total, completed=completed, **fields)
-        yield ProgressBar(rich_progress, task)
 
 
 # --------------------------------------------------------------------------------------------
