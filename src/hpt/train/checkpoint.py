@@ -294,3 +294,96 @@ def load_checkpoint(
     if restore_rng:
         set_rng_state(torch.load(path / "rng.pt", weights_only=True))
     return state
+
+
+# --------------------------------------------------------------------------------------------
+# Sharded (FSDP2) checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+def save_sharded_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    policy: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any = None,
+    extra_state: dict[str, Any] | None = None,
+    *,
+    keep: int | None = None,
+    tokenizer: Any = None,
+) -> Path:
+    """``step-<step>/`` of an FSDP2 run: every rank writes its own shards (all ranks call it).
+
+    The model and optimiser go through ``torch.distributed.checkpoint`` (``dcp/``), each rank's
+    random generators to ``rng-<rank>.pt``; rank 0 writes the scheduler, the tokenizer and
+    ``state.json`` (with the world size), then renames the folder into place. Resuming needs the
+    same number of processes.
+    """
+    import torch.distributed as torch_dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from hpt.utils import fsync_dir, fsync_tree
+
+    rank, world = torch_dist.get_rank(), torch_dist.get_world_size()
+    target = checkpoint_path(run_dir, step)
+    tmp = target.parent / f".{target.name}.tmp-sharded"
+    if rank == 0:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(target.parent)
+        tmp.mkdir()
+    torch_dist.barrier()
+    model_state, optim_state = get_state_dict(policy, optimizer)
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp / "dcp"))
+    torch.save(rng_state(), tmp / f"rng-{rank}.pt")
+    torch_dist.barrier()
+    if rank == 0:
+        if scheduler is not None:
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        state = {**(extra_state or {}), "step": int(step), "sharded": True, "world_size": world}
+        atomic_write_json(tmp / STATE_FILE, state)  # last: marks it complete
+        fsync_tree(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.replace(target)
+        fsync_dir(target.parent)
+        prune_checkpoints(run_dir, keep)
+    torch_dist.barrier()
+    return target
+
+
+def load_sharded_checkpoint(
+    path: str | Path,
+    policy: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any = None,
+) -> dict[str, Any]:
+    """Restore :func:`save_sharded_checkpoint` into a sharded policy and its optimiser."""
+    import torch.distributed as torch_dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    path = Path(path)
+    state = read_state(path)
+    world = torch_dist.get_world_size()
+    if not state.get("sharded"):
+        raise ConfigError(
+            f"checkpoint {path} is not sharded: resume it with distributed.strategy ddp"
+        )
+    if int(state.get("world_size", world)) != world:
+        raise ConfigError(
+            f"checkpoint {path} was written by {state['world_size']} processes; resume it with "
+            f"the same number (this run has {world})"
+        )
+    model_state, optim_state = get_state_dict(policy, optimizer)
+    loaded = {"model": model_state, "optimizer": optim_state}
+    dcp.load(loaded, checkpoint_id=str(path / "dcp"))
+    set_state_dict(
+        policy, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"]
+    )
+    if scheduler is not None and (path / "scheduler.pt").is_file():
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    set_rng_state(torch.load(path / f"rng-{torch_dist.get_rank()}.pt", weights_only=True))
+    return state

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from typing import Any
 
 from hpt.algorithms import get_algorithm, table_row
@@ -54,6 +55,8 @@ def main(argv: list[str]) -> int:
     from hpt.train.recipe import train
 
     summary = train(config)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
+        return 0
     before, after = summary.get("eval_before", {}), summary.get("eval_after", {})
     for name in after:
         if "/" not in name:

@@ -63,4 +63,6 @@ class Policy(nn.Module):
         values = (
             self.value_head(hidden.float()).squeeze(-1) if self.value_head is not None else None
         )
-        return logprobs, entropy, values
+        # fresh tensors, not views: FSDP2 hooks a module's outputs for backward, and an in-place
+        # op on a returned view would drop that hook
+        return logprobs.clone(), entropy.clone(), values

@@ -57,6 +57,8 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> dict[str, 
     """
     dist.init_from_env()
     try:
+        for stage in config.resolved_stages():
+            dist.check_world(stage)  # before anything is loaded or written
         return _train(config, list(callbacks))
     finally:
         dist.shutdown()
@@ -83,9 +85,10 @@ def _train(config: TrainConfig, callbacks: list[Callback]) -> dict[str, Any]:
                 continue
             if index > 0:
                 data = load_train_data(stage, tokenizer, _algorithm(stage), log=run.log)
-            history += train_stage(
+            model, metrics = train_stage(
                 stage, index, offset, model, tokenizer, data, run, heldout, callbacks
             )
+            history += metrics
             offset += stage.max_steps
 
         after = heldout.evaluate(model, tokenizer, final=True, log=run.log)
@@ -113,10 +116,11 @@ def train_stage(
     run: Run,
     heldout: HeldOut,
     callbacks: list[Callback] = (),  # type: ignore[assignment]
-) -> list[dict[str, Any]]:
-    """One stage: ``config.max_steps`` steps of its algorithm on ``model`` (trained in place).
+) -> tuple[Any, list[dict[str, Any]]]:
+    """One stage: ``config.max_steps`` steps of its algorithm on ``model``.
 
-    ``offset`` is the global step at which the stage starts. Returns the stage's step metrics.
+    ``offset`` is the global step at which the stage starts. Returns the trained model (``model``
+    itself, or under FSDP2 its gathered copy) and the stage's step metrics.
     """
     from hpt.rollout import make_engine
 
@@ -138,6 +142,8 @@ def train_stage(
             chunk_size=config.optim.logits_chunk_size,
             temperature=temperature,
         )
+    # ddp: a wrapper to train through; fsdp2: shards `policy` in place (before the optimiser)
+    wrapped = dist.wrap(policy, config.distributed.strategy, config.distributed.mixed_precision)
     optimizer = build_optimizer(policy, config.optim)
     scheduler = build_scheduler(optimizer, config.optim, config.max_steps)
     sampler = QuestionSampler(
@@ -152,7 +158,6 @@ def train_stage(
         max_model_len=config.data.max_prompt_tokens + config.rollout.max_new_tokens,
     )
     start = run.restore(index, policy, optimizer, scheduler, sampler)
-    wrapped = dist.wrap(policy)
     multiple_updates = config.optim.ppo_epochs > 1 or (
         config.data.questions_per_step > config.optim.mini_batch_questions
     )
@@ -173,7 +178,8 @@ def train_stage(
         model.train()
         questions = sampler.next(config.data.questions_per_step)
         seed = config.seed * 1_000_003 + (local_step - 1) * 1009 + dist.rank()
-        collected = collect_rows(questions, data, algorithm, engine, config, seed)
+        with dist.gathered(policy):  # generation needs whole layers (FSDP2; else a no-op)
+            collected = collect_rows(questions, data, algorithm, engine, config, seed)
         if not collected.rows:
             run.log(f"step {step}: no trainable rows (no demonstrations and no rollouts); skipped")
             scheduler.step()
@@ -194,9 +200,10 @@ def train_stage(
         # -- log, evaluate, checkpoint
         metrics = {"step": step, "stage": index, **metrics}
         if config.eval.every and step % config.eval.every == 0 and local_step < config.max_steps:
-            metrics.update(
-                heldout.evaluate(model, tokenizer, quick=True, prefix="eval/", log=run.log)
-            )
+            with dist.gathered(policy):
+                metrics.update(
+                    heldout.evaluate(model, tokenizer, quick=True, prefix="eval/", log=run.log)
+                )
         run.log_step(step, metrics)
         history.append(metrics)
         last = local_step == config.max_steps
@@ -206,7 +213,9 @@ def train_stage(
             )
         for callback in callbacks:
             callback.on_step_end(step, metrics, model, tokenizer)
-    return history
+    if dist.is_sharded(policy):
+        model = dist.full_model(policy)  # the next stage, the evaluation and final/ need it whole
+    return model, history
 
 
 def _algorithm(config: TrainConfig) -> Any:

@@ -29,6 +29,7 @@ class ResumePoint:
     stage: int  # the stage the checkpoint belongs to
     step: int  # global step (across stages)
     local_step: int  # step within its stage
+    world_size: int | None = None  # the processes that wrote a sharded (FSDP2) checkpoint
 
 
 class Run:
@@ -138,20 +139,28 @@ class Run:
             return None
         state = read_state(path)
         step = int(state["step"])
-        return ResumePoint(
-            path, int(state.get("stage", 0)), step, int(state.get("local_step", step))
-        )
+        local = int(state.get("local_step", step))
+        world = state.get("world_size") if state.get("sharded") else None
+        return ResumePoint(path, int(state.get("stage", 0)), step, local, world)
 
     def restore(self, stage: int, policy: Any, optimizer: Any, scheduler: Any, sampler: Any) -> int:
         """Load the checkpoint to resume from if it belongs to ``stage``; return its local step."""
         point = self.resume
         if point is None or point.stage != stage:
             return 0
-        from hpt.train.checkpoint import load_checkpoint
+        from hpt.train.checkpoint import load_checkpoint, load_sharded_checkpoint
 
-        extra = load_checkpoint(
-            point.path, policy.model, optimizer, scheduler, value_head=policy.value_head
-        )
+        if dist.is_sharded(policy):
+            extra = load_sharded_checkpoint(point.path, policy, optimizer, scheduler)
+        elif point.world_size:
+            raise ConfigError(
+                f"checkpoint {point.path} was written by {point.world_size} processes with "
+                f"distributed.strategy fsdp2: resume it the same way"
+            )
+        else:
+            extra = load_checkpoint(
+                point.path, policy.model, optimizer, scheduler, value_head=policy.value_head
+            )
         sampler.load_state_dict(extra["sampler"])
         self.log(f"resumed from {point.path} (step {point.step})")
         self.resume = None
@@ -169,26 +178,27 @@ class Run:
         tokenizer: Any,
     ) -> None:
         """``checkpoints/step-<step>/``, written atomically (all ranks call it)."""
-        from hpt.train.checkpoint import save_checkpoint
+        from hpt.train.checkpoint import save_checkpoint, save_sharded_checkpoint
 
-        if not dist.is_main():
-            return
-        save_checkpoint(
-            self.dir,
-            step,
-            policy.model,
-            optimizer,
-            scheduler,
-            extra_state={
-                "stage": stage,
-                "local_step": local_step,
-                "step": step,
-                "sampler": sampler.state_dict(),
-            },
-            keep=self.config.keep_checkpoints,
-            value_head=policy.value_head,
-            tokenizer=tokenizer,
-        )
+        extra = {"stage": stage, "local_step": local_step, "step": step}
+        extra["sampler"] = sampler.state_dict()
+        keep = self.config.keep_checkpoints
+        if dist.is_sharded(policy):
+            save_sharded_checkpoint(
+                self.dir, step, policy, optimizer, scheduler, extra, keep=keep, tokenizer=tokenizer
+            )
+        elif dist.is_main():
+            save_checkpoint(
+                self.dir,
+                step,
+                policy.model,
+                optimizer,
+                scheduler,
+                extra_state=extra,
+                keep=keep,
+                value_head=policy.value_head,
+                tokenizer=tokenizer,
+            )
 
     def save_final(self, model: Any, tokenizer: Any) -> None:
         """The trained model as a plain Hugging Face folder, ``final/`` (all ranks call it)."""

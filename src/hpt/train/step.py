@@ -118,8 +118,11 @@ def collect_rows(
             demo_tokens += len(demo)
             rows.append(Row(data.prompt_ids[q], demo, demo_kind, i, 1.0, assigned.demo_weight))
     routes = [assigned.route for assigned in plan]
+    total = dist.all_reduce_sum(len(routes))  # the routes of the whole step, over all ranks
     for name in ("sft", "rl", "off_policy"):
-        metrics[f"route_{name}"] = sum(r == name for r in routes) / max(len(routes), 1)
+        metrics[f"route_{name}"] = dist.all_reduce_sum(sum(r == name for r in routes)) / max(
+            total, 1
+        )
     metrics["tokens/demonstration"] = float(demo_tokens)
     return StepData(rows=rows, metrics=metrics)
 
@@ -154,11 +157,14 @@ def prepare(
         return metrics
     old, ref, values = [], [], []
     device = next(policy.parameters()).device
-    for part in micro_batches(len(batch), config.optim.micro_batch_size):
-        micro = batch.select(part).to(device)
+    parts = micro_batches(len(batch), config.optim.micro_batch_size)
+    for k in range(dist.same_count(policy, len(parts))):
+        micro = batch.select(parts[min(k, len(parts) - 1)]).to(device)
         width = batch.labels.shape[1]
         args = (micro.input_ids, micro.attention_mask, micro.response_index, micro.labels)
         logprobs, _, value = policy(*args)
+        if k >= len(parts):
+            continue  # a pass only to keep step with the ranks that have more micro-batches
         old.append(_pad(logprobs, width))
         if value is not None:
             values.append(_pad(value, width))
@@ -239,9 +245,11 @@ def update(
             counts = dist.all_reduce_counts(counts)  # normalise over every rank's rows
             optimizer.zero_grad(set_to_none=True)
             parts = micro_batches(len(rows), config.optim.micro_batch_size)
-            for k, part in enumerate(parts):
-                micro = batch.select(rows[part]).to(device)
-                with dist.no_sync_unless_last(policy, k == len(parts) - 1):
+            passes = dist.same_count(policy, len(parts))
+            for k in range(passes):
+                real = k < len(parts)  # else: a zero-loss pass keeping step with other ranks
+                micro = batch.select(rows[parts[min(k, len(parts) - 1)]]).to(device)
+                with dist.no_sync_unless_last(policy, k == passes - 1):
                     logprobs, entropy, values = policy(
                         micro.input_ids, micro.attention_mask, micro.response_index, micro.labels
                     )
@@ -263,8 +271,10 @@ def update(
                     loss = out.loss
                     if values is not None:
                         loss = loss + config.optim.value_coef * value_loss(values, micro, counts)
-                    # DDP averages gradients over ranks; the loss is already a global sum
-                    (loss * world).backward()
+                    # DDP and FSDP average gradients over ranks; the loss is already a global sum
+                    (loss * (world if real else 0.0)).backward()
+                if not real:
+                    continue
                 totals["loss"] += float(out.loss.detach())
                 mask = micro.response_mask
                 entropy_sum += float((entropy.detach() * mask).sum())
@@ -272,7 +282,7 @@ def update(
                 for key, value in out.metrics.items():
                     loss_metrics[key] = loss_metrics.get(key, 0.0) + float(value) / len(parts)
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), config.optim.grad_clip)
-            grad_norm = float(grad_norm)
+            grad_norm = dist.full_norm(grad_norm)
             totals["grad_norm"] = max(
                 totals["grad_norm"], grad_norm if math.isfinite(grad_norm) else float("inf")
             )
