@@ -36,9 +36,12 @@ from hpt.errors import ConfigError, ModelError
 from hpt.rollout.base import Rollout, SamplingParams
 from hpt.rollout.hf import truncate_at_stop
 
-# the share of the accelerator's memory vLLM takes when none is given; on CPU vLLM reserves this
-# share of the NUMA node's RAM for weights and KV cache, and refuses to start if it is not free
+# the share of the accelerator's memory vLLM takes when none is given
 DEFAULT_MEMORY_SHARE = {"gpu": 0.3, "cpu": 0.1}
+# On CPU, vLLM's KV cache is "share x the NUMA node's RAM - this process's resident memory", which
+# in a training process (model, optimiser, data) is small or negative: the engine asks for a fixed
+# KV cache instead, unless VLLM_CPU_KVCACHE_SPACE (GiB) says otherwise
+DEFAULT_CPU_KV_CACHE_BYTES = 512 << 20
 
 
 def _import_vllm() -> Any:
@@ -115,6 +118,9 @@ class VLLMEngine:
         gpu_memory_utilization: the share of the accelerator's memory vLLM may take (colocated
             with training); on CPU, of the RAM. None: 0.3 on an accelerator, 0.1 on CPU.
         max_model_len: the longest prompt + response (None: the model's).
+        kv_cache_memory_bytes: the KV cache's size, overriding ``gpu_memory_utilization``'s
+            share; None: vLLM's own sizing on an accelerator, 512 MiB on CPU (or
+            ``VLLM_CPU_KVCACHE_SPACE``).
         stop_token_ids: extra token ids that end a response, besides ``tokenizer.eos_token_id``.
         sleep: sleep between generations to give training the memory; None: where the platform
             supports it (not on CPU). True where it does not is a ConfigError.
@@ -130,6 +136,7 @@ class VLLMEngine:
         model_path: str | None,
         gpu_memory_utilization: float | None = None,
         max_model_len: int | None = None,
+        kv_cache_memory_bytes: int | None = None,
         stop_token_ids: Iterable[int] = (),
         sleep: bool | None = None,
         enforce_eager: bool = False,
@@ -158,6 +165,8 @@ class VLLMEngine:
         share = gpu_memory_utilization
         if share is None:
             share = DEFAULT_MEMORY_SHARE["cpu" if on_cpu else "gpu"]
+        if kv_cache_memory_bytes is None and on_cpu and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+            kv_cache_memory_bytes = DEFAULT_CPU_KV_CACHE_BYTES
         threads = torch.get_num_threads()
         try:
             with _global_rng_kept():
@@ -166,6 +175,7 @@ class VLLMEngine:
                     dtype=_dtype_name(model),
                     gpu_memory_utilization=share,
                     max_model_len=max_model_len,
+                    kv_cache_memory_bytes=kv_cache_memory_bytes,
                     enable_prefix_caching=True,
                     logprobs_mode="processed_logprobs",
                     skip_tokenizer_init=True,
