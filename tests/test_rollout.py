@@ -274,3 +274,175 @@ def test_training_logprobs_equal_engine_logprobs(tiny, prompts, temperature):
     gap = (at_one[mask] - engine[mask]).abs().max()
     if temperature != 1.0:  # training at T = 1 on T = 0.7 samples is the bug this guards against
         assert gap > 1e-2
+
+
+# ---------------------------------------------------------------------------------------------
+# the lean decode loop (hpt.rollout.decode) against model.generate and the distribution it samples
+
+
+def common_token(model, tokenizer, prompts, steps=12):
+    """A token that greedy decoding produces early in some responses and not in others."""
+    engine = HFEngine(model, tokenizer)
+    greedy = engine.generate(prompts, 1, SamplingParams(0.0, max_new_tokens=steps))
+    counts: dict[int, int] = {}
+    for r in greedy:
+        for token in set(r.response_ids[: steps // 2]):
+            counts[token] = counts.get(token, 0) + 1
+    return max((c, t) for t, c in counts.items() if c < len(prompts))[1]
+
+
+def test_greedy_equals_generate_and_the_generate_engine_with_early_stops(tiny, prompts):
+    """Rows of different lengths, some stopping early (so the batch is compacted), as generate."""
+    model, tokenizer = tiny
+    stop = common_token(model, tokenizer, prompts)
+    fake = SimpleNamespace(
+        eos_token_id=stop, pad_token_id=tokenizer.pad_token_id, decode=tokenizer.decode
+    )
+    engine = HFEngine(model, fake, batch_size=8)
+    assert engine.decoder is not None  # the lean loop, not generate
+    sampling = SamplingParams(0.0, max_new_tokens=14)
+    lean = engine.generate(prompts, 1, sampling)
+    assert {r.finish_reason for r in lean} == {"stop", "length"}
+    old = HFEngine(model, fake, batch_size=8)
+    old.decoder = None  # today's path: model.generate with logits processors
+    for a, b in zip(lean, old.generate(prompts, 1, sampling)):
+        assert a.response_ids == b.response_ids and a.finish_reason == b.finish_reason
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+    for r in lean:  # and model.generate itself, one prompt at a time
+        out = model.generate(
+            torch.tensor([r.prompt_ids]),
+            do_sample=False,
+            max_new_tokens=14,
+            eos_token_id=stop,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        assert out[0, len(r.prompt_ids) :].tolist()[: len(r.response_ids)] == r.response_ids
+
+
+def test_sampled_logprobs_stay_aligned_when_rows_leave_the_batch(tiny, prompts):
+    model, tokenizer = tiny
+    sampling = SamplingParams(temperature=0.8, max_new_tokens=16, seed=4)
+    free = HFEngine(model, tokenizer, batch_size=16).generate(prompts, 4, sampling)
+    counts = torch.bincount(torch.tensor([t for r in free for t in r.response_ids[2:]]))
+    stops = counts.topk(2).indices.tolist()  # frequent tokens: many rows stop early on them
+    rollouts = HFEngine(model, tokenizer, batch_size=16, stop_token_ids=stops).generate(
+        prompts, 4, sampling
+    )
+    early = [r for r in rollouts if r.finish_reason == "stop" and len(r.response_ids) < 16]
+    assert len(early) >= 4  # a quarter of the batch: it was compacted
+    assert any(r.finish_reason == "length" for r in rollouts)
+    for r in rollouts:
+        assert not set(stops) & set(r.response_ids[:-1])
+        expected = teacher_forced_logprobs(model, r, temperature=0.8)
+        assert torch.allclose(torch.tensor(r.logprobs), expected, atol=1e-4)
+
+
+def test_first_token_frequencies_match_the_softmax_at_t(tiny, prompts):
+    """Chi-square: 3000 first tokens at T = 0.1 against softmax(logits / T); T = 0.13 fails it."""
+    model, tokenizer = tiny
+    temperature, draws = 0.1, 3000  # the random model is near uniform; 0.1 gives it a shape
+    sampling = SamplingParams(temperature=temperature, max_new_tokens=1, seed=9)
+    engine = HFEngine(model, tokenizer, batch_size=1000)
+    first = [r.response_ids[0] for r in engine.generate(prompts[:1], draws, sampling)]
+    with torch.no_grad():
+        logits = model(torch.tensor([prompts[0]])).logits[0, -1].float()
+    observed = torch.bincount(torch.tensor(first), minlength=logits.numel()).double()
+
+    def chi_square(probs: torch.Tensor) -> tuple[float, float]:
+        expected = probs.double() * draws
+        big = expected >= 5  # pool the rare tokens into one cell
+        cells_obs = torch.cat([observed[big], observed[~big].sum()[None]])
+        cells_exp = torch.cat([expected[big], expected[~big].sum()[None]])
+        stat = float(((cells_obs - cells_exp) ** 2 / cells_exp.clamp(min=1e-9)).sum())
+        df = int(big.sum())  # cells - 1
+        return stat, df + 4 * (2 * df) ** 0.5  # about the 0.999 quantile of chi2(df)
+
+    stat, limit = chi_square(torch.softmax(logits / temperature, -1))
+    assert stat < limit
+    wrong, wrong_limit = chi_square(torch.softmax(logits / 0.13, -1))  # it tells T apart
+    assert wrong > wrong_limit
+
+
+def test_top_k_samples_stay_in_the_top_k(tiny, prompts):
+    model, tokenizer = tiny
+    sampling = SamplingParams(temperature=1.5, top_k=3, max_new_tokens=8, seed=6)
+    for r in HFEngine(model, tokenizer).generate(prompts, 3, sampling):
+        ids = torch.tensor([r.prompt_ids + r.response_ids])
+        with torch.no_grad():
+            logits = model(ids).logits[0, len(r.prompt_ids) - 1 : -1].float()
+        top = logits.topk(3, dim=-1).indices
+        assert all(token in top[step].tolist() for step, token in enumerate(r.response_ids))
+        # the log-prob is that of the renormalised top-3 at T = 1.5
+        kept = (logits / 1.5).gather(1, top).log_softmax(-1)
+        position = (top == torch.tensor(r.response_ids)[:, None]).float().argmax(-1)
+        expected = kept.gather(1, position[:, None]).squeeze(1)
+        assert torch.allclose(torch.tensor(r.logprobs), expected, atol=1e-4)
+
+
+def test_min_new_tokens_forces_full_length(tiny, prompts):
+    model, tokenizer = tiny
+    stop = common_token(model, tokenizer, prompts)
+    fake = SimpleNamespace(
+        eos_token_id=stop, pad_token_id=tokenizer.pad_token_id, decode=tokenizer.decode
+    )
+    sampling = SamplingParams(0.0, max_new_tokens=10)
+    for r in HFEngine(model, fake, min_new_tokens=10).generate(prompts, 1, sampling):
+        assert len(r.response_ids) == 10 and stop not in r.response_ids
+        assert r.finish_reason == "length"
+
+
+def test_peft_wrapped_model_decodes_like_its_generate(tiny, prompts):
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = tiny
+    torch.manual_seed(0)
+    lora = get_peft_model(
+        copy.deepcopy(model),
+        LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
+    engine = HFEngine(lora, tokenizer)
+    assert engine.decoder is not None
+    rollouts = engine.generate(prompts, 1, SamplingParams(0.0, max_new_tokens=8))
+    base = HFEngine(model, tokenizer).generate(prompts, 1, SamplingParams(0.0, max_new_tokens=8))
+    assert [r.response_ids for r in rollouts] != [r.response_ids for r in base]  # LoRA is live
+    for r in rollouts:
+        out = lora.generate(
+            input_ids=torch.tensor([r.prompt_ids]),
+            do_sample=False,
+            max_new_tokens=8,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        assert out[0, len(r.prompt_ids) :].tolist()[: len(r.response_ids)] == r.response_ids
+
+
+def test_models_without_a_steppable_forward_fall_back_to_generate(tiny, prompts):
+    from hpt.rollout.decode import forward_signature
+
+    model, tokenizer = tiny
+
+    class NoPositions(torch.nn.Module):  # forward without position_ids or a cache
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config, self.generation_config = (
+                inner,
+                inner.config,
+                inner.generation_config,
+            )
+
+        def forward(self, input_ids, attention_mask=None):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+        def generate(self, **kwargs):  # with the config the engine set on the wrapper
+            return self.inner.generate(**kwargs, generation_config=self.generation_config)
+
+    wrapped = NoPositions(model)
+    assert forward_signature(wrapped) is None
+    engine = HFEngine(wrapped, tokenizer)
+    assert engine.decoder is None
+    sampling = SamplingParams(0.0, max_new_tokens=6)
+    lean = HFEngine(model, tokenizer).generate(prompts, 1, sampling)
+    assert [r.response_ids for r in engine.generate(prompts, 1, sampling)] == [
+        r.response_ids for r in lean
+    ]
