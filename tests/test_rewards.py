@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -52,10 +52,16 @@ def sleeping(responses, answers):
 
 
 def unstoppable(responses, answers):
-    """A hang the worker's own alarm cannot interrupt (as in C code): only a kill stops it."""
-    signal.signal(signal.SIGALRM, signal.SIG_IGN)
-    while True:
-        pass
+    """Write this worker's pid to the file named by the answer, then hang inside C code that
+    never checks for signals (minutes of OpenSSL key stretching): only a kill stops it."""
+    with open(answers[0], "w") as file:
+        file.write(str(os.getpid()))
+    return [float(bool(hashlib.pbkdf2_hmac("sha256", b"x", b"y", 2**31 - 1)))]
+
+
+def pid_after(seconds):
+    time.sleep(seconds)
+    return os.getpid()
 
 
 def exiting(responses, answers):
@@ -241,18 +247,27 @@ def test_user_function_that_sleeps_forever_times_out():
     assert result.scores == [0.0] and result.timeouts == 1
 
 
-def test_hang_inside_c_kills_the_worker_and_the_pool_recovers():
+def test_hang_inside_c_kills_the_worker_and_the_pool_recovers(tmp_path):
     pool = get_pool()
-    pids, killed = set(pool.pids()), pool.killed
+    killed = pool.killed
     started = time.perf_counter()
-    result = score(["a"], ["a"], "test_rewards:unstoppable", timeout=0.5)
+    result = score(["a"], [str(tmp_path / "pid")], "test_rewards:unstoppable", timeout=0.5)
     assert time.perf_counter() - started < 0.5 + SLACK
     assert result.scores == [0.0] and result.timeouts == 1
     assert pool.killed == killed + 1
-    gone = pids - set(pool.pids())
-    assert len(gone) == 1
-    assert not _running(gone.pop())  # killed and reaped: no process left spinning
+    hung = int((tmp_path / "pid").read_text())
+    assert not _running(hung)  # killed and reaped: no process left spinning
     assert score([r"\boxed{x+x}"], ["2x"], timeout=30.0).scores == [1.0]
+
+
+def test_one_hung_item_costs_one_timeout_not_one_per_item():
+    responses = [HANG] + [rf"\boxed{{x(x+{i})}}" for i in range(1, 21)]
+    answers = ["5"] + [f"x^2+{i}x" for i in range(1, 21)]
+    started = time.perf_counter()
+    result = score(responses, answers, timeout=1.0)
+    assert time.perf_counter() - started < 1.0 + SLACK
+    assert result.scores == [0.0] + [1.0] * 20
+    assert result.timeouts == 1 and result.errors == 0
 
 
 def test_raising_user_function_scores_zero_and_warns_once(caplog):
@@ -321,10 +336,10 @@ def test_stats_count_every_call():
 
 def test_string_decided_items_do_not_touch_the_pool():
     pool = get_pool()
-    spawned = pool.spawned
+    submitted = pool.submitted
     result = score([r"\boxed{\dfrac{1}{2}}", "none", r"\boxed{7}"], ["1/2", "1", "8"])
     assert result.scores == [1.0, 0.0, 0.0] and result.checked == 0
-    assert pool.spawned == spawned
+    assert pool.submitted == submitted
 
 
 def _running(pid: int) -> bool:
@@ -342,14 +357,17 @@ def _running(pid: int) -> bool:
         return True
 
 
-def test_private_pool_runs_tasks_in_order_and_closes():
-    pool = VerifierPool(2, warm_up=())
-    tasks = [Task("test_rewards:length_match", ([str(i)], ["x" * (i % 3)]), 30.0) for i in range(9)]
-    outcomes = pool.run(tasks)
-    assert [o.value for o in outcomes] == [[float(i % 3 == 1)] for i in range(9)]
-    pids = pool.pids()
+def test_private_pool_runs_many_tasks_in_order_and_closes():
+    pool = VerifierPool(2)
+    tasks = [
+        Task("hpt.rewards.normalize:normalize_answer", (f"x = {i}",), 30.0) for i in range(300)
+    ]
+    assert [o.value for o in pool.run(tasks)] == [str(i) for i in range(300)]
+    outcomes = pool.run([Task("test_rewards:pid_after", (0.2,), 30.0)] * 2)
+    pids = {o.value for o in outcomes}
+    assert len(pids) == 2  # two workers, one task each
     pool.close()
-    assert pids and not any(_running(pid) for pid in pids)
+    assert not any(_running(pid) for pid in pids)
 
 
 def test_user_function_that_exits_fails_its_items_only():
@@ -359,19 +377,21 @@ def test_user_function_that_exits_fails_its_items_only():
 
 
 def test_interrupted_run_leaves_no_task_behind(monkeypatch):
-    """Ctrl-C during a run: the next run must not receive the interrupted task's result."""
-    pool = VerifierPool(1, warm_up=())
+    """Ctrl-C during a run: its task is stopped, and the next run gets its own result soon."""
+    pool = VerifierPool(1)
     assert pool.run([Task("hpt.rewards.normalize:normalize_answer", ("1",), 30.0)])[0].value == "1"
 
-    def interrupt(*args):
+    def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("hpt.rewards.pool.select.select", interrupt)
+    monkeypatch.setattr("hpt.rewards.pool.wait", interrupt)
     with pytest.raises(KeyboardInterrupt):
-        pool.run([Task("time:sleep", (0.3,), 30.0)])
+        pool.run([Task("time:sleep", (60.0,), 120.0)])
     monkeypatch.undo()
+    started = time.perf_counter()
     outcomes = pool.run([Task("hpt.rewards.normalize:normalize_answer", ("x = 3",), 30.0)])
     assert outcomes[0].status == "ok" and outcomes[0].value == "3"
+    assert time.perf_counter() - started < 10.0  # not behind the interrupted 60 s sleep
     pool.close()
 
 
@@ -394,9 +414,8 @@ def test_import_is_light_and_fast_path_starts_no_process():
 _ORPHAN = """
 import os
 from hpt.rewards.pool import VerifierPool, Task
-pool = VerifierPool(1, warm_up=())
-pool.run([Task("hpt.rewards.normalize:normalize_answer", ("1",), 30.0)])
-print(pool.pids()[0], flush=True)
+pool = VerifierPool(1)
+print(pool.run([Task("os:getpid", (), 30.0)])[0].value, flush=True)
 os._exit(0)  # no atexit: the worker must notice on its own
 """
 
@@ -431,20 +450,20 @@ def test_throughput_of_math_on_typical_responses():
 
 
 def test_pool_resizes_in_place():
-    pool = get_pool()
-    size = pool.size
+    pool = get_pool(2)
     try:
         assert get_pool(1) is pool
         assert score([r"\boxed{2x}"], ["x+x"], workers=1, timeout=30.0).scores == [1.0]
-        assert len(pool.pids()) == 1
+        outcomes = pool.run([Task("test_rewards:pid_after", (0.2,), 30.0)] * 2)
+        assert len({o.value for o in outcomes}) == 1  # one worker ran both
     finally:
-        get_pool(size)
-    assert pool.size == size
+        get_pool(2)
+    assert pool.size == 2
 
 
 def test_empty_batches_start_nothing():
     pool = get_pool()
-    spawned = pool.spawned
+    submitted = pool.submitted
     assert score([], [], "test_length_match").scores == []
     assert score([], []).scores == []
-    assert pool.spawned == spawned
+    assert pool.submitted == submitted

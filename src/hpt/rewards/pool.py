@@ -1,44 +1,50 @@
-"""A pool of verifier processes with a timeout per task that is enforced by killing.
+"""Verifier processes with a timeout per task, on pebble's ``ProcessPool``.
 
 A symbolic check can hang (``9^{9^{9^{9}}}`` makes sympy build an integer with billions of
-digits) or crash; a user's reward function can loop forever. Neither may stall or kill a training
-run, and a hung computation must not keep a CPU busy afterwards. So every task runs in a worker
-process (``python -m hpt.rewards._worker``):
+digits, inside C code) or crash; a user's reward function can loop forever. Neither may stall or
+kill a training run, and a hung computation must not keep a CPU busy afterwards. So every task
+runs in a worker process of a `pebble <https://pebble.readthedocs.io>`_ pool, which kills the
+worker of a task that runs past its timeout and starts a replacement, while the other workers
+keep serving. What this module adds to pebble:
 
-- a task gets ``budget`` seconds from the moment its worker has imported the function; the worker
-  interrupts Python-level hangs itself (SIGALRM, in its own main thread), and the pool kills the
-  worker with SIGKILL when it has not answered ``grace`` seconds later (a hang inside C code),
-  then starts a replacement;
-- a worker that dies (segfault, ``os._exit``) fails only its current task;
-- workers are plain subprocesses, not ``multiprocessing`` children: they neither fork a process
-  that holds torch threads nor re-import the user's ``__main__``, and the pool works from any
-  thread (no signals in the calling process) and inside pytest;
-- the pool is persistent (:func:`get_pool`), so the start-up cost (a Python interpreter plus
-  math-verify and sympy, about a second, paid in parallel) is paid once per process.
+- workers come from a *forkserver*: a clean interpreter, started once, that has imported
+  math-verify and run its warm-up (``hpt.rewards._worker``); each worker is a fork of it, so a
+  replacement is ready in milliseconds, and no worker is a fork of a process holding torch
+  threads or a CUDA context (safe inside a ``torchrun`` rank). As with any multiprocessing
+  start method but ``fork``, a script that scores must guard its top level with
+  ``if __name__ == "__main__":`` (multiprocessing imports the main module in the workers);
+- a worker dies at once on pebble's SIGTERM, even inside C code (pebble would wait 3 s for its
+  Python handler, then SIGKILL), and exits when its parent process has gone;
+- a broken pool (a worker that died at a moment pebble cannot attribute, workers that do not
+  start) is replaced and its unfinished tasks are run once more; nothing waits forever;
+- the pool is persistent (:func:`get_pool`): created on first use, reused by every call, shut
+  down at interpreter exit.
 """
 
 from __future__ import annotations
 
 import atexit
 import logging
+import multiprocessing
 import os
-import pickle
-import select
-import struct
-import subprocess
-import sys
+import pkgutil
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from concurrent.futures import CancelledError, Future, wait
+from concurrent.futures import TimeoutError as TaskTimeout
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from typing import Any
+
+import pebble
+
+from hpt.errors import RewardError
 
 logger = logging.getLogger(__name__)
 
-_HEADER = struct.Struct("!I")
-_STARTUP_FAILURES_BEFORE_GIVING_UP = 3
-MATH_WARM_UP = "hpt.rewards.math:warm_up"
+WORKER_MODULE = "hpt.rewards._worker"
+"""Imported by the forkserver (and by each worker): loads math-verify and warms it up."""
 
 
 @dataclass(frozen=True)
@@ -48,7 +54,7 @@ class Task:
     Attributes:
         function: import path ``"module:function"`` of a function importable in a fresh process.
         args: positional arguments (picklable).
-        budget: seconds the call may run once the function is imported.
+        budget: seconds the call may run once a worker has taken it.
     """
 
     function: str
@@ -67,155 +73,100 @@ class Outcome:
     value: Any = None
 
 
-def read_message(stream: BinaryIO) -> Any:
-    """One length-prefixed pickle from a blocking ``stream``; EOFError at end of stream."""
-    header = stream.read(_HEADER.size)
-    if len(header) < _HEADER.size:
-        raise EOFError
-    (length,) = _HEADER.unpack(header)
-    payload = stream.read(length)
-    if len(payload) < length:
-        raise EOFError
-    return pickle.loads(payload)
+def _one_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:300]}"
 
 
-def encode_message(message: Any) -> bytes:
-    """A message as bytes: 4-byte big-endian length, then the pickle."""
-    payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    return _HEADER.pack(len(payload)) + payload
+_FUNCTIONS: dict[str, Callable[..., Any]] = {}
 
 
-def _worker_environment() -> dict[str, str]:
-    """The parent's environment, with its ``sys.path`` (user modules import the same way)."""
-    environment = dict(os.environ)
-    paths = [os.path.abspath(p) if p else os.getcwd() for p in sys.path if isinstance(p, str)]
-    environment["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
-    environment.setdefault("OMP_NUM_THREADS", "1")
-    environment.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return environment
-
-
-@dataclass
-class _Worker:
-    """The parent's view of one worker process."""
-
-    process: subprocess.Popen
-    spawned_at: float
-    ready: bool = False
-    task: int | None = None
-    deadline: float = float("inf")
-    inbox: bytearray = field(default_factory=bytearray)
-
-    @property
-    def fd(self) -> int:
-        return self.process.stdout.fileno()  # type: ignore[union-attr]
-
-    def messages(self) -> list[Any] | None:
-        """Read what is available; the complete messages, or None once the worker's pipe closed."""
+def call(reference: str, args: tuple) -> Any:
+    """Worker side: call the function named ``"module:function"`` (imported once per worker)."""
+    function = _FUNCTIONS.get(reference)
+    if function is None:
         try:
-            chunk = os.read(self.fd, 1 << 16)
-        except BlockingIOError:  # nothing to read after all
-            return []
-        except OSError:
-            return None
-        if not chunk:
-            return None
-        self.inbox += chunk
-        found = []
-        while len(self.inbox) >= _HEADER.size:
-            (length,) = _HEADER.unpack_from(self.inbox)
-            if len(self.inbox) < _HEADER.size + length:
-                break
-            found.append(pickle.loads(bytes(self.inbox[_HEADER.size : _HEADER.size + length])))
-            del self.inbox[: _HEADER.size + length]
-        return found
+            function = _FUNCTIONS[reference] = pkgutil.resolve_name(reference)
+        except Exception as error:
+            raise ImportError(f"cannot import {reference}: {_one_line(error)}") from None
+    return function(*args)
 
-    def kill(self) -> bool:
-        """SIGKILL and reap (a hung worker may ignore anything gentler); True if it was alive."""
-        alive = self.process.poll() is None
-        if alive:
-            self.process.kill()
-        for stream in (self.process.stdin, self.process.stdout):
-            try:
-                stream.close()  # type: ignore[union-attr]
-            except OSError:
-                pass
-        try:
-            self.process.wait(timeout=5)
-        except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL is not ignorable
-            logger.warning("hpt.rewards: worker %d did not exit after SIGKILL", self.process.pid)
-        return alive
+
+def _exit_with_parent(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(0.5)
+    os._exit(0)
+
+
+def _initialize_worker() -> None:
+    """Worker side, once at start (pebble's ``initializer``; it must not raise)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # pebble's kill is final, even inside C code
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    try:
+        __import__(WORKER_MODULE)  # a no-op when the forkserver preloaded it
+    except BaseException as error:  # still serve; the verifier reports its own errors
+        logger.warning("hpt.rewards worker: warm-up failed: %s", _one_line(error))
+
+
+def _context(start_method: str) -> Any:
+    if start_method not in multiprocessing.get_all_start_methods():
+        start_method = "spawn"
+    context = multiprocessing.get_context(start_method)
+    if start_method == "forkserver":  # takes effect if the forkserver has not started yet
+        context.set_forkserver_preload(["__main__", WORKER_MODULE])
+    return context
 
 
 class VerifierPool:
-    """Worker processes that run :class:`Task` s, each under its own deadline.
+    """Worker processes that run :class:`Task` s, each under its own timeout.
 
     Args:
         size: number of worker processes (at most this many tasks run at once).
-        grace: seconds past a task's budget before its worker is killed.
-        startup_timeout: seconds a new worker may take to import its modules, and a task may take
-            to import its function, before the worker counts as failed.
-        warm_up: ``module:function`` paths each worker calls before it takes work (default:
-            math-verify's warm-up, about 2.5 s, so that no item pays sympy's first-use cost).
+        start_method: ``"forkserver"`` (default, where available) or ``"spawn"``; ``"fork"`` also
+            works but forks the calling process, torch threads and all.
+        startup_timeout: seconds the pool may take to start a task before the task fails.
     """
 
     def __init__(
-        self,
-        size: int,
-        *,
-        grace: float = 0.5,
-        startup_timeout: float = 60.0,
-        warm_up: Sequence[str] = (MATH_WARM_UP,),
+        self, size: int, *, start_method: str = "forkserver", startup_timeout: float = 60.0
     ) -> None:
         if size < 1:
             raise ValueError(f"VerifierPool size must be >= 1, got {size}")
         self.size = size
-        self.grace = grace
+        self.start_method = start_method
         self.startup_timeout = startup_timeout
-        self.warm_up = tuple(warm_up)
         self.owner_pid = os.getpid()
-        self.spawned = 0  # worker processes started
-        self.killed = 0  # workers killed while still running (hung tasks)
-        self._workers: list[_Worker] = []
+        self.submitted = 0  # tasks handed to workers
+        self.killed = 0  # workers killed because their task ran past its timeout
+        self._pool: pebble.ProcessPool | None = None
+        self._pool_size = 0  # workers of ``_pool``
         self._lock = threading.Lock()
 
-    def _spawn(self) -> _Worker:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "hpt.rewards._worker", *self.warm_up],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            env=_worker_environment(),
-            start_new_session=True,  # a terminal's Ctrl-C reaches the parent only
-        )
-        self.spawned += 1
-        os.set_blocking(process.stdout.fileno(), False)  # type: ignore[union-attr]
-        worker = _Worker(process, time.monotonic())
-        worker.deadline = worker.spawned_at + self.startup_timeout
-        return worker
-
-    def _replace(self, worker: _Worker) -> None:
-        self.killed += worker.kill()
-        self._workers[self._workers.index(worker)] = self._spawn()
+    def _current(self) -> pebble.ProcessPool:
+        """The pebble pool, (re)created when missing, broken or of another size."""
+        with self._lock:
+            pool = self._pool
+            if pool is not None and (not pool.active or self._pool_size != self.size):
+                self._pool = None
+                _stop(pool)
+            if self._pool is None:
+                self._pool = pebble.ProcessPool(
+                    max_workers=self.size,
+                    initializer=_initialize_worker,
+                    context=_context(self.start_method),
+                )
+                self._pool_size = self.size
+            return self._pool
 
     def start(self) -> None:
-        """Start the missing workers now (they warm up in the background)."""
-        with self._lock:
-            self._fill()
-
-    def _fill(self) -> None:
-        """Bring the workers to ``size``: drop dead ones, retire idle extras, start missing ones."""
-        alive = []
-        for worker in self._workers:
-            if worker.process.poll() is None and len(alive) < self.size:
-                alive.append(worker)
-            else:
-                worker.kill()
-        self._workers = alive
-        while len(self._workers) < self.size:
-            self._workers.append(self._spawn())
+        """Start the workers now (``active`` makes pebble start its pool)."""
+        _ = self._current().active
 
     def resize(self, size: int) -> None:
-        """Use ``size`` workers from the next :meth:`run` on (started or retired then)."""
+        """Use ``size`` workers from the next :meth:`run` on (the pool is restarted then)."""
         if size < 1:
             raise ValueError(f"VerifierPool size must be >= 1, got {size}")
         self.size = size
@@ -229,115 +180,83 @@ class VerifierPool:
         Returns:
             One :class:`Outcome` per task, in the order of ``tasks``.
         """
-        if not tasks:
-            return []
-        with self._lock:
-            try:
-                return self._run(tasks)
-            except BaseException:  # Ctrl-C mid-run: no worker may keep a task of this run
-                for worker in [w for w in self._workers if w.task is not None]:
-                    worker.task = None
-                    self._replace(worker)
-                raise
+        outcomes: list[Outcome | None] = [None] * len(tasks)
+        for _ in (1, 2):  # a broken pool's unfinished tasks run once more, on a new one
+            reason = self._run_once(tasks, outcomes)
+            if reason is None:
+                break
+            logger.warning("hpt.rewards: the verifier pool broke (%s); restarting it", reason)
+        failed = Outcome("error", f"verifier pool broke twice: {reason}")
+        return [failed if outcome is None else outcome for outcome in outcomes]
 
-    def _run(self, tasks: Sequence[Task]) -> list[Outcome]:
-        results: list[Outcome | None] = [None] * len(tasks)
-        queue = deque(range(len(tasks)))
-        self._fill()
-        startup_failures = 0
-        while queue or any(w.task is not None for w in self._workers):
-            if startup_failures >= _STARTUP_FAILURES_BEFORE_GIVING_UP and queue:
-                self._give_up(queue, results)
-            self._dispatch(tasks, queue, results)
-            now = time.monotonic()
-            wait = min(1.0, max(0.0, min(w.deadline for w in self._workers) - now))
-            readable, _, _ = select.select([w.fd for w in self._workers], [], [], wait)
-            for worker in [w for w in self._workers if w.fd in readable]:
-                startup_failures += self._receive(worker, tasks, results)
-            now = time.monotonic()
-            for worker in [w for w in self._workers if w.deadline <= now]:
-                if worker.task is not None:
-                    results[worker.task] = Outcome("timeout")
-                    worker.task = None
-                else:
-                    startup_failures += 1
-                    logger.warning("hpt.rewards: a verifier worker did not start in time")
-                self._replace(worker)
-        return [r if r is not None else Outcome("error", "not run") for r in results]
+    def _run_once(self, tasks: Sequence[Task], outcomes: list[Outcome | None]) -> str | None:
+        """Run the tasks that have no outcome yet; None, or why some still have none."""
+        todo = [index for index, outcome in enumerate(outcomes) if outcome is None]
+        if not todo:
+            return None
+        pool = self._current()
+        futures: dict[Future, int] = {}
+        reason = None
+        try:
+            for index in todo:
+                task = tasks[index]
+                future = pool.schedule(call, args=(task.function, task.args), timeout=task.budget)
+                futures[future] = index
+            self.submitted += len(todo)
+            waves = -(-len(todo) // self.size)
+            longest = max(tasks[index].budget for index in todo)
+            deadline = time.monotonic() + self.startup_timeout + waves * (longest + 1.0)
+            pending = set(futures)
+            while pending and pool.active and time.monotonic() < deadline:
+                _, pending = wait(pending, timeout=0.5)
+        except RuntimeError as error:  # schedule() on a pool that broke meanwhile
+            reason = _one_line(error)
+        finally:  # also on Ctrl-C: pebble stops the worker of a cancelled running task
+            for future in futures:
+                future.cancel()
+        for future, index in futures.items():
+            outcomes[index] = self._outcome(future)
+        if all(outcomes[index] is not None for index in todo):
+            return None
+        with self._lock:  # the next run starts a new pebble pool
+            if self._pool is pool:
+                self._pool = None
+                _stop(pool)
+        return reason or ("tasks did not start in time" if pool.active else "broken process pool")
 
-    def _dispatch(self, tasks: Sequence[Task], queue: deque[int], results: list) -> None:
-        for worker in self._workers:
-            if not queue:
-                return
-            if not worker.ready or worker.task is not None:
-                continue
-            index = queue.popleft()
-            task = tasks[index]
-            try:
-                worker.process.stdin.write(  # type: ignore[union-attr]
-                    encode_message(("call", index, task.function, task.args, task.budget))
-                )
-                worker.process.stdin.flush()  # type: ignore[union-attr]
-            except (BrokenPipeError, OSError):
-                queue.appendleft(index)  # never started: another worker takes it
-                self._replace(worker)
-                continue
-            except Exception as error:  # unpicklable arguments
-                results[index] = Outcome("error", f"cannot send task: {error}")
-                continue
-            worker.task = index
-            worker.deadline = time.monotonic() + self.startup_timeout
-
-    def _receive(self, worker: _Worker, tasks: Sequence[Task], results: list) -> int:
-        """Handle a readable worker; returns 1 when it died before it was ready, else 0."""
-        messages = worker.messages()
-        if messages is None:
-            code = worker.process.poll()
-            if worker.task is not None:
-                results[worker.task] = Outcome("error", f"verifier process died (exit code {code})")
-                worker.task = None
-            failed_start = 0 if worker.ready else 1
-            if failed_start:
-                logger.warning("hpt.rewards: a verifier worker exited at start (code %s)", code)
-            self._replace(worker)
-            return failed_start
-        for message in messages:
-            kind = message[0]
-            if kind == "ready":
-                worker.ready = True
-                worker.deadline = float("inf")
-            elif kind == "started" and message[1] == worker.task:
-                worker.deadline = time.monotonic() + tasks[message[1]].budget + self.grace
-            elif kind in ("ok", "error", "timeout") and message[1] == worker.task:
-                value = message[2] if len(message) > 2 else None
-                results[message[1]] = Outcome(kind, value)
-                worker.task = None
-                worker.deadline = float("inf")
-        return 0
-
-    def _give_up(self, queue: deque[int], results: list) -> None:
-        logger.warning(
-            "hpt.rewards: verifier workers fail to start (is %s able to import hpt?); "
-            "%d items score 0",
-            sys.executable,
-            len(queue),
-        )
-        while queue:
-            results[queue.popleft()] = Outcome("error", "verifier workers fail to start")
+    def _outcome(self, future: Future) -> Outcome | None:
+        """The outcome of a task; None when it did not run to an end (the pool broke)."""
+        try:
+            error = future.exception(timeout=0)
+        except (CancelledError, TaskTimeout):
+            return None
+        if error is None:
+            return Outcome("ok", future.result())
+        if isinstance(error, TaskTimeout):
+            self.killed += 1
+            return Outcome("timeout")
+        if isinstance(error, pebble.ProcessExpired):
+            return Outcome("error", f"verifier process died (exit code {error.exitcode})")
+        if isinstance(error, BrokenProcessPool):
+            return None
+        return Outcome("error", _one_line(error))
 
     def close(self) -> None:
-        """Kill every worker (only in the process that started them; waits for a running
-        :meth:`run` in another thread to finish)."""
+        """Stop every worker (only in the process that started them)."""
         if os.getpid() != self.owner_pid:
             return
         with self._lock:
-            for worker in self._workers:
-                worker.kill()
-            self._workers = []
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            _stop(pool)
 
-    def pids(self) -> list[int]:
-        """Process ids of the current workers (for tests and monitoring)."""
-        return [w.process.pid for w in self._workers]
+
+def _stop(pool: pebble.ProcessPool) -> None:
+    pool.stop()
+    try:
+        pool.join(timeout=10)
+    except (RuntimeError, TimeoutError):  # pragma: no cover - pebble kills its workers anyway
+        logger.warning("hpt.rewards: the verifier pool did not stop within 10 s")
 
 
 _POOL: VerifierPool | None = None
@@ -357,6 +276,11 @@ def get_pool(workers: int | None = None) -> VerifierPool:
     """The process-wide pool: created on first use, resized when ``workers`` changes, created
     anew in a forked child (the parent's workers stay the parent's)."""
     global _POOL
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        raise RewardError(
+            "hpt.rewards: a verifier process started scoring while it imported the main script; "
+            "guard the script's top level with `if __name__ == '__main__':`"
+        )
     size = workers or default_workers()
     with _POOL_LOCK:
         if _POOL is None or _POOL.owner_pid != os.getpid():
@@ -367,13 +291,14 @@ def get_pool(workers: int | None = None) -> VerifierPool:
 
 
 def start_pool(workers: int | None = None) -> None:
-    """Start the process-wide pool's workers now, in the background (about 3 s of start-up,
-    overlapped with whatever the caller does next, such as loading a model)."""
-    get_pool(workers).start()
+    """Start the process-wide pool's workers now, in a background thread (the forkserver's
+    warm-up, about a second, overlaps with whatever the caller does next, such as loading a
+    model)."""
+    threading.Thread(target=get_pool(workers).start, daemon=True, name="hpt-pool").start()
 
 
 def shutdown() -> None:
-    """Kill the process-wide pool's workers (registered with atexit)."""
+    """Stop the process-wide pool's workers (registered with atexit)."""
     global _POOL
     with _POOL_LOCK:
         if _POOL is not None:
@@ -396,7 +321,7 @@ def run_in_thread(function: Callable[..., Any], args: tuple, budget: float) -> O
         try:
             box["outcome"] = Outcome("ok", function(*args))
         except Exception as error:
-            box["outcome"] = Outcome("error", f"{type(error).__name__}: {error}".splitlines()[0])
+            box["outcome"] = Outcome("error", _one_line(error))
 
     thread = threading.Thread(target=target, daemon=True, name="hpt-reward")
     thread.start()
