@@ -142,6 +142,9 @@ def _load_weights(model: torch.nn.Module, directory: Path) -> None:
     """
     from safetensors.torch import load_file
 
+    if hasattr(model, "peft_config"):  # LoRA: the checkpoint holds the adapters only
+        _load_adapter(model, directory)
+        return
     files = sorted(directory.glob("model*.safetensors"))
     if not files:
         raise ModelError(f"checkpoint {directory} holds no model*.safetensors weights")
@@ -164,6 +167,43 @@ def _load_weights(model: torch.nn.Module, directory: Path) -> None:
         raise ModelError(
             f"checkpoint {directory} does not fit the model: missing keys {sorted(untied)[:5]}"
         )
+
+
+def _load_adapter(model: torch.nn.Module, directory: Path) -> None:
+    """Copy the LoRA adapters saved by ``PeftModel.save_pretrained`` into ``model`` in place."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    file = directory / "adapter_model.safetensors"
+    if not file.is_file():
+        raise ModelError(
+            f"checkpoint {directory} holds no LoRA adapter (adapter_model.safetensors)"
+        )
+    result = set_peft_model_state_dict(model, load_file(str(file)))
+    unexpected = getattr(result, "unexpected_keys", None) or []
+    if unexpected:
+        raise ModelError(
+            f"checkpoint {directory} does not fit the adapters: unexpected keys {unexpected[:5]}"
+        )
+
+
+def save_final(
+    directory: str | Path, model: torch.nn.Module, tokenizer: Any, *, merge: bool
+) -> None:
+    """The trained model as a Hugging Face folder, written atomically.
+
+    A LoRA model writes its peft adapter (``adapter_config.json`` + ``adapter_model.safetensors``,
+    loadable by ``AutoModelForCausalLM.from_pretrained`` with peft installed) and, with
+    ``merge``, the merged model in ``merged/``.
+    """
+    lora = hasattr(model, "peft_config")
+    with atomic_dir(directory) as tmp:
+        _save_weights(model, tmp)
+        tokenizer.save_pretrained(tmp)
+        if lora and merge:
+            merged = model.merge_and_unload()  # in place (no second copy): training is over
+            _save_weights(merged, tmp / "merged")
+            tokenizer.save_pretrained(tmp / "merged")
 
 
 # --------------------------------------------------------------------------------------------

@@ -30,8 +30,11 @@ class Policy(nn.Module):
         value_head: bool = False,
         chunk_size: int = 4096,
         temperature: float = 1.0,
+        adapter_disabled: bool = False,
     ):
         super().__init__()
+        # LoRA: the reference policy is the same model with its adapters switched off
+        self.adapter_disabled = adapter_disabled
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         # log-probs and entropy of softmax(logits / T), the distribution the rollouts were sampled
@@ -53,7 +56,12 @@ class Policy(nn.Module):
         labels: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         decoder = self.model.get_decoder()
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.adapter_disabled:
+            with self.model.disable_adapter():
+                hidden = decoder(input_ids=input_ids, attention_mask=attention_mask)
+        else:
+            hidden = decoder(input_ids=input_ids, attention_mask=attention_mask)
+        hidden = hidden.last_hidden_state
         index = response_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
         hidden = hidden.gather(1, index)  # [N, T, H]
         head = self.model.get_output_embeddings()

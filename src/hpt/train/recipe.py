@@ -27,8 +27,10 @@ from hpt.train.run import Run
 from hpt.train.setup import (
     QuestionSampler,
     TrainData,
+    apply_lora,
     build_optimizer,
     build_scheduler,
+    is_lora,
     load_model_and_tokenizer,
     load_tokenizer,
     load_train_data,
@@ -72,6 +74,7 @@ def _train(config: TrainConfig, callbacks: list[Callback]) -> dict[str, Any]:
         data = load_train_data(stages[0], tokenizer, _algorithm(stages[0]), log=run.log)
         heldout = HeldOut(stages[0])
         model, tokenizer = load_model_and_tokenizer(config.model, tokenizer)
+        model = apply_lora(model, config.lora)  # r = 0: the model itself
 
         before = run.eval_before()
         if before is None:
@@ -135,7 +138,14 @@ def train_stage(
         temperature=temperature,
     )
     reference = None
-    if algorithm.needs_reference_model:
+    if algorithm.needs_reference_model and is_lora(model):  # no second copy: adapters off
+        reference = Policy(
+            model,
+            chunk_size=config.optim.logits_chunk_size,
+            temperature=temperature,
+            adapter_disabled=True,
+        )
+    elif algorithm.needs_reference_model:
         ref_model, _ = load_model_and_tokenizer(config.model, tokenizer)
         reference = Policy(
             ref_model.eval().requires_grad_(False),

@@ -201,11 +201,10 @@ class Run:
             )
 
     def save_final(self, model: Any, tokenizer: Any) -> None:
-        """The trained model as a plain Hugging Face folder, ``final/`` (all ranks call it)."""
+        """The trained model as a Hugging Face folder, ``final/`` (LoRA: the adapter, and with
+        ``lora.merge`` the merged model in ``final/merged``); all ranks call it."""
         if not dist.is_main():
             return
-        from hpt.utils import atomic_dir
+        from hpt.train.checkpoint import save_final
 
-        with atomic_dir(self.dir / "final") as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
+        save_final(self.dir / "final", model, tokenizer, merge=self.config.lora.merge)

@@ -86,6 +86,46 @@ def load_model_and_tokenizer(model_config: Any, tokenizer: Any = None) -> tuple[
     return model, tokenizer
 
 
+def apply_lora(model: Any, lora: Any) -> Any:
+    """``model`` with LoRA adapters (peft) on ``lora.target_modules``; ``model`` when ``lora.r`` is 0.
+
+    Only the adapters train: peft freezes every other weight, and the optimiser sees only
+    parameters that require gradients.
+    """
+    if not lora.r:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    wanted = list(lora.target_modules)
+    found = [name for name in wanted if name in present]
+    if not found:
+        linear = sorted(
+            {
+                n.rsplit(".", 1)[-1]
+                for n, m in model.named_modules()
+                if isinstance(m, torch.nn.Linear)
+            }
+        )
+        raise ConfigError(
+            f"lora.target_modules {wanted} names no module of {type(model).__name__}; "
+            f"its linear layers: {', '.join(linear)}"
+        )
+    config = LoraConfig(
+        r=int(lora.r),
+        lora_alpha=float(lora.alpha),
+        lora_dropout=float(lora.dropout),
+        target_modules=found,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def is_lora(model: Any) -> bool:
+    """Whether ``model`` carries peft adapters."""
+    return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
+
+
 @dataclass
 class TrainData:
     """A stage's questions with their prompts and demonstrations tokenised once."""
