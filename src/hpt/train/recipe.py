@@ -164,6 +164,7 @@ def train_stage(
         model,
         tokenizer,
         batch_size=config.rollout.batch_size,
+        compile=config.rollout.compile,
         model_path=config.model.path,
         max_model_len=config.data.max_prompt_tokens + config.rollout.max_new_tokens,
     )
