@@ -162,6 +162,7 @@ def test_world_size_must_divide_the_batch(tmp_path, tiny_dir, task_file):
     # each rank exits 2 with one line; torchrun itself then exits 1
     assert result.returncode != 0 and "exitcode  : 2" in result.stderr
     lines = [x for x in result.stderr.splitlines() if x.startswith("hpt train: error:")]
-    assert len(lines) == 2, result.stderr[-2000:]
-    assert "data.questions_per_step=3 is not divisible by the world size 2" in lines[0]
+    # (torchrun may stop the second rank before it prints its line)
+    assert lines, result.stderr[-2000:]
+    assert all("data.questions_per_step=3 is not divisible by the world size 2" in x for x in lines)
     assert not (tmp_path / "t").exists()
