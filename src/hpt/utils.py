@@ -14,10 +14,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
-
-T = TypeVar("T")
-
+from typing import Any
 
 # --------------------------------------------------------------------------------------------
 # Progress bars
