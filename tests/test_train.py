@@ -430,3 +430,13 @@ def test_callbacks_see_every_step(tmp_path, tiny_dir, task_file):
     ]  # fmt: skip
     train(load_config(None, overrides), callbacks=[Record()])
     assert seen == [("stage", 0), ("step", 1), ("stage", 1), ("step", 2), ("step", 3)]
+
+
+def test_each_step_logs_its_stage_times_and_throughput(tmp_path, tiny_dir, task_file):
+    _, _, lines = run(tmp_path, tiny_dir, task_file, algorithm="grpo")
+    for line in lines:
+        stages = [line[k] for k in ("time/generate", "time/score", "time/prepare", "time/update")]
+        assert all(t >= 0 for t in stages) and sum(stages) <= line["time/step"]
+        # one process: the step's tokens / its time, the generated ones included
+        assert line["perf/tokens_per_s"] == pytest.approx(line["tokens_per_s"], rel=1e-9)
+        assert line["perf/tokens_per_s"] > line["tokens/generated"] / line["time/step"] > 0

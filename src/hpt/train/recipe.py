@@ -196,8 +196,12 @@ def train_stage(
             scheduler.step()
             continue
         batch = collate(collected.rows, data.pad_id, KIND_ID)
+        clock = time.perf_counter()
         prepared = prepare(batch, policy, reference, algorithm, config, need_old)
+        prepared["time/prepare"] = time.perf_counter() - clock
+        clock = time.perf_counter()
         metrics = update(batch, wrapped, optimizer, algorithm, config, need_old)
+        metrics["time/update"] = time.perf_counter() - clock
         metrics.update(prepared)
         metrics["lr"] = scheduler.get_last_lr()[0]
         scheduler.step()
@@ -206,6 +210,10 @@ def train_stage(
         metrics.update(collected.metrics)
         metrics.setdefault("reward_mean", float("nan"))
         metrics["tokens_per_s"] = tokens / max(seconds, 1e-9)
+        # verl's definition: the step's tokens (trained + generated) / (step time x devices)
+        metrics["perf/tokens_per_s"] = dist.all_reduce_sum(tokens) / max(
+            seconds * dist.world_size(), 1e-9
+        )
         metrics["time/step"] = seconds
 
         # -- log, evaluate, checkpoint
