@@ -10,13 +10,15 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-from importlib import resources
+from importlib import metadata
 from pathlib import Path
 
 
 def champ_rows() -> list[dict]:
     """The 270 CHAMP problems as prompt / answer / demonstration rows, shortest first."""
-    data = json.loads((resources.files("champ_dataset") / "dataset_files" / "v0.json").read_text())
+    # located via metadata: importing champ_dataset needs natsort, which --no-deps skips
+    (file,) = [f for f in metadata.files("champ-dataset") or [] if f.name == "v0.json"]
+    data = json.loads(Path(file.locate()).read_text())
     rows = []
     for problem in data["problems"].values():
         steps = [step["_text"] for step in problem["solution"]["steps"]]
