@@ -28,3 +28,19 @@ def tiny(tiny_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_dir)
     return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def task_file(tmp_path_factory):
+    """16 easy arithmetic questions with demonstrations, as JSONL."""
+    import json
+
+    from hpt.demo.task import make_questions
+
+    path = tmp_path_factory.mktemp("task") / "train.jsonl"
+    rows = [
+        {"id": q.id, "prompt": q.prompt, "answer": q.answer, "demonstration": q.demonstration}
+        for q in make_questions("easy", 16, seed=3)
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path

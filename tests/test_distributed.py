@@ -20,40 +20,11 @@ import torch
 from safetensors.torch import load_file
 
 from hpt.cli import main as cli
-from hpt.demo.task import make_questions
-
-
-@pytest.fixture(scope="module")
-def task_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("task") / "train.jsonl"
-    rows = [
-        {"id": q.id, "prompt": q.prompt, "answer": q.answer, "demonstration": q.demonstration}
-        for q in make_questions("easy", 16, seed=3)
-    ]
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return path
+from run_settings import settings as run_settings
 
 
 def settings(out: Path, tiny_dir: Path, task_file: Path, **extra: object) -> list[str]:
-    values = {
-        "name": "t",
-        "output_dir": str(out),
-        "model.path": str(tiny_dir),
-        "data.train": str(task_file),
-        "max_steps": 2,
-        "save_every": 0,
-        "data.questions_per_step": 4,
-        "data.max_response_tokens": 48,
-        "data.max_prompt_tokens": 128,
-        "rollout.n": 4,
-        "rollout.max_new_tokens": 12,
-        "optim.lr": 1e-3,
-        "optim.micro_batch_size": 3,
-        "logging.progress": False,
-        "logging.plots": False,
-        **extra,
-    }
-    return [f"{key}={value}" for key, value in values.items()]
+    return run_settings(out, tiny_dir, task_file, **{"optim.micro_batch_size": 3, **extra})
 
 
 def torchrun(overrides: list[str], processes: int = 2) -> subprocess.CompletedProcess:

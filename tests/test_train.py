@@ -14,6 +14,7 @@ from hpt.cli import main as cli
 from hpt.train.config import load_config
 from hpt.train.logger import STEP_KEYS
 from hpt.train.recipe import train
+from run_settings import settings
 
 PROMISED = (
     "step",
@@ -28,40 +29,8 @@ PROMISED = (
 )
 
 
-@pytest.fixture(scope="module")
-def task_file(tmp_path_factory) -> Path:
-    """16 easy arithmetic questions with demonstrations, as JSONL."""
-    from hpt.demo.task import make_questions
-
-    path = tmp_path_factory.mktemp("task") / "train.jsonl"
-    rows = [
-        {"id": q.id, "prompt": q.prompt, "answer": q.answer, "demonstration": q.demonstration}
-        for q in make_questions("easy", 16, seed=3)
-    ]
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return path
-
-
 def overrides(tmp_path: Path, tiny_dir: Path, task_file: Path, **extra) -> list[str]:
-    settings = {
-        "name": "t",
-        "output_dir": str(tmp_path / "runs"),
-        "model.path": str(tiny_dir),
-        "data.train": str(task_file),
-        "max_steps": 2,
-        "save_every": 0,
-        "data.questions_per_step": 4,
-        "data.max_response_tokens": 48,
-        "data.max_prompt_tokens": 128,
-        "rollout.n": 4,
-        "rollout.max_new_tokens": 12,
-        "optim.lr": 1e-3,
-        "optim.micro_batch_size": 8,
-        "logging.progress": False,
-        "logging.plots": False,
-    }
-    settings.update(extra)
-    return [f"{key}={value}" for key, value in settings.items()]
+    return settings(tmp_path / "runs", tiny_dir, task_file, **extra)
 
 
 def run(tmp_path, tiny_dir, task_file, **extra):

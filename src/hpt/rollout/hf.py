@@ -26,7 +26,7 @@ from transformers.generation.logits_process import (
 
 from hpt.errors import ConfigError, ModelError
 from hpt.rollout.base import Rollout, SamplingParams
-from hpt.rollout.decode import Decoder, forward_signature, synced_ranks
+from hpt.rollout.decode import Decoder, forward_signature, left_pad_tensors, synced_ranks
 from hpt.utils import progress_bar
 
 
@@ -87,18 +87,6 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> Iterator[l
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     for start in range(0, len(order), batch_size):
         yield order[start : start + batch_size]
-
-
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad prompts into ``(input_ids [B, L], attention_mask [B, L])``."""
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        if prompt:
-            input_ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-            attention_mask[row, width - len(prompt) :] = 1
-    return input_ids, attention_mask
 
 
 def max_over_ranks(value: int, device: torch.device) -> int:
@@ -281,7 +269,7 @@ class HFEngine:
         self, batch_prompts: list[list[int]], sampling: SamplingParams, device: torch.device
     ) -> list[tuple[list[int], list[float]]]:
         """Generate one left-padded batch: ``(response_ids, logprobs)`` per row, untruncated."""
-        input_ids, attention_mask = left_pad(batch_prompts, self.pad_token_id)
+        input_ids, attention_mask = left_pad_tensors(batch_prompts, self.pad_token_id)
         recorder = SampledLogprobRecorder()
         processors = LogitsProcessorList([*sampling_processors(sampling), recorder])
         if self.min_new_tokens:

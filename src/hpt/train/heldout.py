@@ -37,18 +37,12 @@ class HeldOut:
         """avg@k of ``model`` on every set (``<prefix><name>``); pass@k / maj@k too unless quick."""
         if not self.sets:
             return {}
-        from hpt.data import PromptBuilder
         from hpt.eval import evaluate_questions
         from hpt.rollout import SamplingParams
+        from hpt.train.setup import prompt_builder
 
         cfg, data = self.config.eval, self.config.data
-        builder = PromptBuilder(
-            tokenizer,
-            system_prompt=data.system_prompt,
-            instruction=data.instruction,
-            template=data.template,
-            drop_system=data.drop_system,
-        )
+        builder = prompt_builder(tokenizer, data)
         sampling = SamplingParams(
             temperature=cfg.temperature,
             top_p=cfg.top_p,

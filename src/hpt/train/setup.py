@@ -138,11 +138,24 @@ class TrainData:
     report: dict[str, Any] = field(default_factory=dict)
 
 
+def prompt_builder(tokenizer: Any, data: Any) -> Any:
+    """The prompts of a config's ``data`` section (system prompt, instruction, template)."""
+    from hpt.data import PromptBuilder
+
+    return PromptBuilder(
+        tokenizer,
+        system_prompt=data.system_prompt,
+        instruction=data.instruction,
+        template=data.template,
+        drop_system=data.drop_system,
+    )
+
+
 def load_train_data(
     config: Any, tokenizer: Any, algorithm: Any, log: Callable[[str], None]
 ) -> TrainData:
     """Load, validate and tokenise the training questions of ``config.data``."""
-    from hpt.data import PromptBuilder, filter_demonstrations, load_questions
+    from hpt.data import filter_demonstrations, load_questions
 
     data = config.data
     if not data.train:
@@ -150,13 +163,7 @@ def load_train_data(
     questions = load_questions(data.train, fields=data.fields or None, split=data.split)
     if not questions:
         raise DataError(f"{data.train}: the dataset is empty")
-    builder = PromptBuilder(
-        tokenizer,
-        system_prompt=data.system_prompt,
-        instruction=data.instruction,
-        template=data.template,
-        drop_system=data.drop_system,
-    )
+    builder = prompt_builder(tokenizer, data)
     report: dict[str, Any] = {"questions": len(questions)}
     if algorithm.needs_demonstrations:
         with_demo = sum(q.demonstration is not None for q in questions)
