@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-slow lint format bench learning-curve demo clean
+.PHONY: run test test-slow lint format bench learning-curve demo clean vllm-check
 
 # --no-compile: Python compiles only the modules it imports, on first use (halves the install)
 $(STAMP): pyproject.toml
@@ -59,3 +59,8 @@ learning-curve: $(BENCH_VENV)/bin/python
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# the vLLM engine end to end on CPU (vLLM's CPU build in its own venv: see DEVELOPERS.md)
+VLLM_VENV ?= ../vllm-venv
+vllm-check:
+	$(VLLM_VENV)/bin/python benchmarks/vllm_check.py $(ARGS)
