@@ -401,7 +401,8 @@ def test_callbacks_see_every_step(tmp_path, tiny_dir, task_file):
     assert seen == [("stage", 0), ("step", 1), ("stage", 1), ("step", 2), ("step", 3)]
 
 
-def test_each_step_logs_its_stage_times_and_throughput(tmp_path, tiny_dir, task_file):
+def test_each_step_logs_its_stage_times_and_throughput(tmp_path, tiny, tiny_dir, task_file):
+    model, _ = tiny
     _, _, lines = run(tmp_path, tiny_dir, task_file, algorithm="grpo")
     for line in lines:
         stages = [line[k] for k in ("time/generate", "time/score", "time/prepare", "time/update")]
@@ -409,3 +410,7 @@ def test_each_step_logs_its_stage_times_and_throughput(tmp_path, tiny_dir, task_
         # one process: the step's tokens / its time, the generated ones included
         assert line["perf/tokens_per_s"] == pytest.approx(line["tokens_per_s"], rel=1e-9)
         assert line["perf/tokens_per_s"] > line["tokens/generated"] / line["time/step"] > 0
+        # FLOPs at least those of generating the step's tokens: 2 x matmul weights x tokens
+        weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+        assert line["perf/flops"] > 2 * weights * line["tokens/generated"]
+        assert 0 < line["perf/mfu"] <= 1

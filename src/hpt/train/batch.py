@@ -1,4 +1,5 @@
-"""Batch assembly: from routed questions to tagged rows, and from rows to padded tensors.
+"""Batch assembly: from routed questions to tagged rows, from rows to padded tensors, and from
+those to the micro-batches a forward pass sees (padded, or packed padding-free).
 
 A *row* is one sequence the loss sees: a prompt and a response (a rollout the model generated, or
 a question's demonstration), tagged with its kind (``rollout``, ``sft`` or ``off_policy``), its
@@ -7,7 +8,7 @@ question (the advantage group), its reward and its weight (the soft gate's alpha
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -44,6 +45,8 @@ class Batch:
     rewards: torch.Tensor
     row_weights: torch.Tensor
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    # packed micro-batches only (see :meth:`pack`): [1, S] positions restarting at 0 in each row
+    position_ids: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -51,7 +54,38 @@ class Batch:
     def to(self, device: torch.device | str) -> Batch:
         """The same rows on ``device``."""
         moved = {name: getattr(self, name).to(device) for name in _TENSOR_FIELDS}
-        return Batch(**moved, extras={k: v.to(device) for k, v in self.extras.items()})
+        positions = None if self.position_ids is None else self.position_ids.to(device)
+        extras = {k: v.to(device) for k, v in self.extras.items()}
+        return Batch(**moved, extras=extras, position_ids=positions)
+
+    def lengths(self) -> torch.Tensor:
+        """[N] tokens of each row (prompt + response)."""
+        return self.attention_mask.sum(1)
+
+    def pack(self, index: torch.Tensor | slice) -> Batch:
+        """Rows ``index`` concatenated into one padding-free sequence.
+
+        ``input_ids``/``attention_mask``/``position_ids`` become [1, S] with S the rows' total
+        length and positions restarting at 0 in each row: the model's attention (transformers'
+        packed-sequence mask, or flash-attention's varlen path) then keeps each row to itself, and
+        no compute is spent on padding. ``response_index`` points into the packed sequence; the
+        per-row tensors (labels, masks, extras) are those of :meth:`select`.
+        """
+        rows = self.select(index)
+        lengths = rows.lengths()
+        keep = rows.attention_mask.bool()  # right padded: each row's tokens come first
+        starts = torch.cumsum(lengths, 0) - lengths
+        total = int(lengths.sum())
+        positions = torch.cat([torch.arange(int(n), device=lengths.device) for n in lengths])
+        # padding positions of a row may point past its end: they are masked, keep them in range
+        index_in_pack = (rows.response_index + starts[:, None]).clamp(max=max(total - 1, 0))
+        return replace(
+            rows,
+            input_ids=rows.input_ids[keep][None],
+            attention_mask=torch.ones((1, total), dtype=rows.attention_mask.dtype),
+            response_index=index_in_pack,
+            position_ids=positions[None],
+        )
 
     def select(self, index: torch.Tensor | slice) -> Batch:
         """Rows ``index`` (a micro-batch), trimmed to their own longest sequence."""
@@ -132,3 +166,29 @@ def micro_batches(n: int, size: int) -> list[slice]:
     """Consecutive slices of at most ``size`` rows covering ``range(n)``."""
     size = max(1, size)
     return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def token_micro_batches(lengths: torch.Tensor, max_tokens: int, packed: bool) -> list[torch.Tensor]:
+    """Rows grouped into passes of at most ``max_tokens`` tokens (verl's dynamic batch size).
+
+    First-fit decreasing: rows, longest first, go into the first pass with room. A pass costs the
+    rows' total length when ``packed``, else rows x its longest row (the padded width). A row
+    longer than ``max_tokens`` gets a pass of its own. Returns each pass's row indices, ascending.
+    The loss is normalised over the whole mini-batch, so how rows are grouped does not change it.
+    """
+    order = torch.argsort(lengths, descending=True, stable=True).tolist()
+    passes: list[list[int]] = []
+    costs: list[tuple[int, int]] = []  # (rows, tokens) of each pass; its longest row comes first
+    for i in order:
+        n = int(lengths[i])
+        for k, (count, tokens) in enumerate(costs):
+            longest = int(lengths[passes[k][0]])
+            cost = tokens + n if packed else (count + 1) * longest
+            if cost <= max_tokens:
+                passes[k].append(i)
+                costs[k] = (count + 1, tokens + n)
+                break
+        else:
+            passes.append([i])
+            costs.append((1, n))
+    return [torch.tensor(sorted(p), dtype=torch.long) for p in passes]

@@ -223,6 +223,17 @@ class OptimConfig:
     micro_batch_size: Int = Field(
         8, description="rows per forward/backward pass (gradient accumulation)", gt=0
     )
+    micro_batch_tokens: Int = Field(
+        0,
+        description="tokens per forward/backward pass, rows grouped to fill it (dynamic batch "
+        "size, as verl's use_dynamic_bsz); 0: micro_batch_size rows a pass",
+        ge=0,
+    )
+    packing: bool = Field(
+        True,
+        description="concatenate a pass's rows into one padding-free sequence (position ids "
+        "restart per row); false: right-padded rows",
+    )
     ppo_epochs: Int = Field(1, description="passes over each step's batch", gt=0)
     value_coef: Float = Field(0.5, description="weight of the value loss (PPO with GAE only)", ge=0)
     logits_chunk_size: Int = Field(

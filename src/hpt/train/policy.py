@@ -19,6 +19,8 @@ class Policy(nn.Module):
 
     Shapes: inputs [N, L]; ``response_index``/``labels`` [N, T]; outputs [N, T] (``values`` is None
     without a value head). The hidden state at ``response_index[i, t]`` predicts ``labels[i, t]``.
+    Packed (padding-free) rows: inputs [1, S] with ``position_ids`` [1, S] restarting at 0 in each
+    row (:meth:`hpt.train.batch.Batch.pack`); ``response_index`` then points into the S tokens.
     Log-probs and entropy are those of ``softmax(logits / temperature)``: the trainer passes the
     rollouts' sampling temperature, so the ratio pi_theta / pi_old compares the sampling policy.
     """
@@ -54,16 +56,25 @@ class Policy(nn.Module):
         attention_mask: torch.Tensor,
         response_index: torch.Tensor,
         labels: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         decoder = self.model.get_decoder()
+        if position_ids is None:
+            inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        else:  # packed: no 2-D mask, so transformers builds the block-diagonal one from positions
+            inputs = {"input_ids": input_ids, "position_ids": position_ids}
+        inputs["use_cache"] = False  # a cache would also turn off the packed-sequence detection
         if self.adapter_disabled:
             with self.model.disable_adapter():
-                hidden = decoder(input_ids=input_ids, attention_mask=attention_mask)
+                hidden = decoder(**inputs)
         else:
-            hidden = decoder(input_ids=input_ids, attention_mask=attention_mask)
+            hidden = decoder(**inputs)
         hidden = hidden.last_hidden_state
-        index = response_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
-        hidden = hidden.gather(1, index)  # [N, T, H]
+        if position_ids is None:
+            index = response_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+            hidden = hidden.gather(1, index)  # [N, T, H]
+        else:
+            hidden = hidden[0][response_index]  # [N, T, H] from the one packed sequence
         head = self.model.get_output_embeddings()
         logprobs, entropy = token_logprobs_and_entropy(
             hidden, head.weight, labels, chunk_size=self.chunk_size, temperature=self.temperature

@@ -35,7 +35,7 @@ from hpt.train.setup import (
     load_tokenizer,
     load_train_data,
 )
-from hpt.train.step import collect_rows, prepare, update
+from hpt.train.step import collect_rows, prepare, throughput, update
 
 
 class Callback:
@@ -206,14 +206,9 @@ def train_stage(
         metrics["lr"] = scheduler.get_last_lr()[0]
         scheduler.step()
         seconds = time.perf_counter() - started
-        tokens = float(batch.response_mask.sum()) + collected.metrics.get("tokens/generated", 0.0)
         metrics.update(collected.metrics)
         metrics.setdefault("reward_mean", float("nan"))
-        metrics["tokens_per_s"] = tokens / max(seconds, 1e-9)
-        # verl's definition: the step's tokens (trained + generated) / (step time x devices)
-        metrics["perf/tokens_per_s"] = dist.all_reduce_sum(tokens) / max(
-            seconds * dist.world_size(), 1e-9
-        )
+        metrics.update(throughput(model, batch, collected, prepared, config, seconds))
         metrics["time/step"] = seconds
 
         # -- log, evaluate, checkpoint

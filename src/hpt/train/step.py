@@ -20,7 +20,7 @@ from hpt.estimator.advantage import ADVANTAGES, gae
 from hpt.estimator.unified import KIND_ID, batch_counts, unified_loss
 from hpt.gate import assignments
 from hpt.train import distributed as dist
-from hpt.train.batch import Batch, Row, micro_batches
+from hpt.train.batch import Batch, Row, micro_batches, token_micro_batches
 from hpt.train.config import TrainConfig
 from hpt.train.policy import Policy
 from hpt.train.setup import TrainData
@@ -32,6 +32,7 @@ class StepData:
 
     rows: list[Row]
     metrics: dict[str, float]
+    generated: list[int]  # prompt + response length of every rollout generated (for FLOPs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,7 +125,8 @@ def collect_rows(
             total, 1
         )
     metrics["tokens/demonstration"] = float(demo_tokens)
-    return StepData(rows=rows, metrics=metrics)
+    generated = [len(r.prompt_ids) + len(r.response_ids) for r in rollouts]
+    return StepData(rows=rows, metrics=metrics, generated=generated)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -153,32 +155,33 @@ def prepare(
         )
     batch.extras["advantages"] = group_advantages.float()
     passes = need_old or reference is not None or algorithm.needs_values
+    # forward-only passes over the batch (the policy's, the reference's): for the step's FLOPs
+    metrics["passes/forward"] = float(passes) + float(reference is not None)
     if not passes:
         return metrics
-    old, ref, values = [], [], []
+    shape = tuple(batch.labels.shape)
+    old, ref, values_t = torch.zeros(shape), torch.zeros(shape), torch.zeros(shape)
     device = next(policy.parameters()).device
-    parts = micro_batches(len(batch), config.optim.micro_batch_size)
+    parts = plan_passes(batch, torch.arange(len(batch)), config)
     for k in range(dist.same_count(policy, len(parts))):
-        micro = batch.select(parts[min(k, len(parts) - 1)]).to(device)
-        width = batch.labels.shape[1]
-        args = (micro.input_ids, micro.attention_mask, micro.response_index, micro.labels)
-        logprobs, _, value = policy(*args)
+        part = parts[min(k, len(parts) - 1)]
+        micro = micro_batch(batch, part, config).to(device)
+        logprobs, _, value = forward(policy, micro)
         if k >= len(parts):
             continue  # a pass only to keep step with the ranks that have more micro-batches
-        old.append(_pad(logprobs, width))
+        old[part] = _pad(logprobs, shape[1]).cpu()
         if value is not None:
-            values.append(_pad(value, width))
+            values_t[part] = _pad(value, shape[1]).cpu()
         if reference is not None:
-            ref.append(_pad(reference(*args)[0], width))
+            ref[part] = _pad(forward(reference, micro)[0], shape[1]).cpu()
     if need_old:
-        batch.extras["old_logprobs"] = torch.cat(old).cpu()
+        batch.extras["old_logprobs"] = old
         gap = _sampling_gap(batch)
         if gap is not None:
             metrics["rollout/logprob_gap"] = gap
     if reference is not None:
-        batch.extras["ref_logprobs"] = torch.cat(ref).cpu()
+        batch.extras["ref_logprobs"] = ref
     if algorithm.needs_values:
-        values_t = torch.cat(values).cpu()
         advantages, returns = gae(
             values_t, batch.rewards, batch.response_mask, algorithm.gae_gamma, algorithm.gae_lambda
         )
@@ -218,6 +221,80 @@ def _pad(t: torch.Tensor, width: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
+# forward passes: which rows go together, padded or packed
+
+
+def plan_passes(batch: Batch, rows: torch.Tensor, config: TrainConfig) -> list[torch.Tensor]:
+    """The row indices (into ``batch``) of each forward pass over ``rows``.
+
+    ``optim.micro_batch_tokens`` > 0: passes of at most that many tokens (dynamic batch size);
+    else ``optim.micro_batch_size`` rows a pass, in order.
+    """
+    optim = config.optim
+    if optim.micro_batch_tokens:
+        lengths = batch.lengths()[rows]
+        return [
+            rows[g] for g in token_micro_batches(lengths, optim.micro_batch_tokens, optim.packing)
+        ]
+    return [rows[part] for part in micro_batches(len(rows), optim.micro_batch_size)]
+
+
+def micro_batch(batch: Batch, rows: torch.Tensor, config: TrainConfig) -> Batch:
+    """Rows ``rows`` of ``batch`` as one forward pass: packed padding-free, or padded."""
+    return batch.pack(rows) if config.optim.packing else batch.select(rows)
+
+
+def forward(policy: torch.nn.Module, micro: Batch) -> Any:
+    """``policy``'s (logprobs, entropy, values) on a micro-batch, packed or padded."""
+    return policy(
+        micro.input_ids,
+        micro.attention_mask,
+        micro.response_index,
+        micro.labels,
+        position_ids=micro.position_ids,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# throughput: tokens/s and model FLOP utilisation (verl's definitions)
+
+
+def throughput(
+    model: Any,
+    batch: Batch,
+    collected: StepData,
+    prepared: dict[str, float],
+    config: TrainConfig,
+    seconds: float,
+) -> dict[str, float]:
+    """``perf/tokens_per_s``, ``perf/flops`` and ``perf/mfu`` of one step (global over ranks).
+
+    Tokens are the step's trained response tokens plus its generated tokens, over step time x
+    devices. FLOPs (:mod:`hpt.train.flops`, from the model's config): generation, the
+    forward-only passes of :func:`prepare`, and forward + backward of every update epoch.
+    """
+    from hpt.train.flops import mfu, step_flops
+
+    lengths = batch.lengths().tolist()
+    flops = step_flops(
+        model.config,
+        trained=lengths * config.optim.ppo_epochs,
+        generated=collected.generated,
+        forward_only=lengths * int(prepared.get("passes/forward", 0)),
+    )
+    tokens = float(batch.response_mask.sum()) + collected.metrics.get("tokens/generated", 0.0)
+    world = dist.world_size()
+    parameter = next(model.parameters())
+    total_flops = dist.all_reduce_sum(flops)
+    return {
+        "tokens_per_s": tokens / max(seconds, 1e-9),  # this rank's
+        "perf/tokens_per_s": dist.all_reduce_sum(tokens) / max(seconds * world, 1e-9),
+        "perf/flops": total_flops,
+        "perf/mfu": mfu(total_flops, max(seconds, 1e-9), parameter.device, parameter.dtype, world),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
 # 3. the update: mini-batches of questions, micro-batches of rows
 
 
@@ -244,15 +321,13 @@ def update(
             counts = batch_counts(algorithm, batch.kinds[rows], batch.response_mask[rows])
             counts = dist.all_reduce_counts(counts)  # normalise over every rank's rows
             optimizer.zero_grad(set_to_none=True)
-            parts = micro_batches(len(rows), config.optim.micro_batch_size)
+            parts = plan_passes(batch, rows, config)
             passes = dist.same_count(policy, len(parts))
             for k in range(passes):
                 real = k < len(parts)  # else: a zero-loss pass keeping step with other ranks
-                micro = batch.select(rows[parts[min(k, len(parts) - 1)]]).to(device)
+                micro = micro_batch(batch, parts[min(k, len(parts) - 1)], config).to(device)
                 with dist.no_sync_unless_last(policy, k == passes - 1):
-                    logprobs, entropy, values = policy(
-                        micro.input_ids, micro.attention_mask, micro.response_index, micro.labels
-                    )
+                    logprobs, entropy, values = forward(policy, micro)
                     # one update per batch: pi_old == pi_theta, so the ratio is sg(pi)/sg(pi) = 1
                     old = micro.extras.get("old_logprobs")
                     old = logprobs.detach() if old is None else old

@@ -1,0 +1,176 @@
+"""Padding-free (packed) passes and token-sized micro-batches give the padded path's losses and
+gradients."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from hpt.algorithms import get_algorithm
+from hpt.estimator.unified import KIND_ID
+from hpt.train.batch import Row, collate, token_micro_batches
+from hpt.train.config import TrainConfig
+from hpt.train.policy import Policy
+from hpt.train.step import plan_passes, prepare, update
+
+
+def make_rows(vocab: int, seed: int = 0) -> list[Row]:
+    """Rollout and demonstration rows of uneven prompt and response lengths (two questions)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(7):
+        prompt = torch.randint(
+            5, vocab, (int(torch.randint(3, 12, (1,), generator=g)),), generator=g
+        )
+        response = torch.randint(
+            5, vocab, (int(torch.randint(1, 15, (1,), generator=g)),), generator=g
+        )
+        kind = "sft" if i == 6 else "rollout"
+        rows.append(
+            Row(prompt.tolist(), response.tolist(), kind, i % 2, float(i % 3 == 0), 0.5 + 0.1 * i)
+        )
+    return rows
+
+
+def settings(**optim) -> TrainConfig:
+    (config,) = TrainConfig().resolved_stages()
+    optim = {"grad_clip": float("inf"), "mini_batch_questions": 1, **optim}  # two updates
+    return dataclasses.replace(config, optim=dataclasses.replace(config.optim, **optim))
+
+
+def gradients_after_update(model, rows, pad_id, config, algorithm):
+    """The loss and the parameters' gradients after :func:`hpt.train.step.update` (lr 0)."""
+    model = copy.deepcopy(model)
+    policy = Policy(model)
+    batch = collate(rows, pad_id, KIND_ID)
+    need_old = algorithm.needs_old_logprobs
+    prepare(batch, policy, None, algorithm, config, need_old)
+    optimizer = torch.optim.SGD(policy.parameters(), lr=0.0)
+    metrics = update(batch, policy, optimizer, algorithm, config, need_old)
+    grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+    return metrics["loss"], grads, batch
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_logprobs_equal_padded(tiny, attention):
+    model, tokenizer = tiny
+    model = copy.deepcopy(model).eval()
+    model.config._attn_implementation = attention
+    rows = make_rows(model.config.vocab_size)
+    batch = collate(rows, tokenizer.pad_token_id, KIND_ID)
+    policy = Policy(model)
+    everything = torch.arange(len(batch))
+    padded, packed = batch.select(everything), batch.pack(everything)
+    assert packed.input_ids.shape == (1, int(batch.attention_mask.sum()))  # no padding at all
+    with torch.no_grad():
+        lp_pad, ent_pad, _ = policy(
+            padded.input_ids, padded.attention_mask, padded.response_index, padded.labels
+        )
+        lp_pack, ent_pack, _ = policy(
+            packed.input_ids,
+            packed.attention_mask,
+            packed.response_index,
+            packed.labels,
+            position_ids=packed.position_ids,
+        )
+        # an independent reference: each row alone, unpadded
+        for i, row in enumerate(rows):
+            ids = torch.tensor([row.prompt_ids + row.response_ids])
+            logits = model(input_ids=ids).logits[0, len(row.prompt_ids) - 1 : -1]
+            alone = torch.log_softmax(logits.float(), -1)
+            alone = alone.gather(1, torch.tensor(row.response_ids)[:, None]).squeeze(1)
+            r = len(row.response_ids)
+            torch.testing.assert_close(lp_pack[i, :r], alone, atol=1e-5, rtol=1e-5)
+    mask = batch.response_mask
+    torch.testing.assert_close(lp_pack[mask], lp_pad[mask], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent_pack[mask], ent_pad[mask], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "optim",
+    [
+        {"packing": True, "micro_batch_size": 3},
+        {"packing": True, "micro_batch_tokens": 40},
+        {"packing": False, "micro_batch_tokens": 40},
+        {"packing": True, "micro_batch_tokens": 1},  # every row alone, over budget
+    ],
+    ids=["packed-rows", "packed-tokens", "padded-tokens", "one-row-a-pass"],
+)
+@pytest.mark.parametrize("algorithm_name", ["hpt", "ppo"])
+def test_update_gradients_equal_the_padded_path(tiny, optim, algorithm_name):
+    model, tokenizer = tiny
+    algorithm = get_algorithm(algorithm_name)
+    rows = make_rows(model.config.vocab_size, seed=1)
+    pad = tokenizer.pad_token_id
+    # the padded, fixed-rows path as it was before packing: the reference
+    loss_ref, grads_ref, _ = gradients_after_update(
+        model, rows, pad, settings(packing=False, micro_batch_size=8), algorithm
+    )
+    loss, grads, batch = gradients_after_update(model, rows, pad, settings(**optim), algorithm)
+    if optim.get("micro_batch_tokens"):
+        assert len(plan_passes(batch, torch.arange(len(batch)), settings(**optim))) > 1
+    assert abs(loss - loss_ref) <= 1e-5 * max(1.0, abs(loss_ref))
+    assert grads.keys() == grads_ref.keys() and grads_ref
+    for name, g in grads_ref.items():
+        torch.testing.assert_close(grads[name], g, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_packing_changes_gradients_when_rows_leak():
+    """The equality above is not vacuous: one sequence without restarting positions (rows that
+    attend to each other) gives different log-probs."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    model = Qwen2ForCausalLM(config).eval()
+    rows = make_rows(50, seed=2)
+    batch = collate(rows, 0, KIND_ID)
+    packed = batch.pack(torch.arange(len(batch)))
+    policy = Policy(model)
+    with torch.no_grad():
+        right = policy(
+            packed.input_ids,
+            packed.attention_mask,
+            packed.response_index,
+            packed.labels,
+            position_ids=packed.position_ids,
+        )[0]
+        one_sequence = torch.arange(packed.input_ids.shape[1])[None]  # positions never restart
+        leaked = policy(
+            packed.input_ids,
+            packed.attention_mask,
+            packed.response_index,
+            packed.labels,
+            position_ids=one_sequence,
+        )[0]
+    mask = batch.response_mask
+    assert (right[mask] - leaked[mask]).abs().max() > 1e-3
+
+
+def test_token_micro_batches_respect_the_budget():
+    lengths = torch.tensor([5, 9, 3, 12, 7, 7, 2, 20])
+    for packed in (True, False):
+        passes = token_micro_batches(lengths, 16, packed)
+        seen = torch.cat(passes).sort().values
+        assert seen.tolist() == list(range(len(lengths)))  # every row exactly once
+        for rows in passes:
+            size = lengths[rows]
+            cost = int(size.sum()) if packed else len(rows) * int(size.max())
+            assert cost <= 16 or len(rows) == 1
+    # first-fit decreasing: 20 alone (over budget), 12 with 3, 9 with 7, 7 with 5 and 2 ...
+    assert [sorted(lengths[p].tolist()) for p in token_micro_batches(lengths, 16, True)] == [
+        [20],
+        [3, 12],
+        [7, 9],
+        [2, 5, 7],
+    ]
