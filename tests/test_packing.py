@@ -174,3 +174,65 @@ def test_token_micro_batches_respect_the_budget():
         [7, 9],
         [2, 5, 7],
     ]
+
+
+def test_old_logprobs_from_the_engine_equal_a_recomputed_pass(tiny):
+    """Several updates a step: pi_old of rollout tokens is the hf engine's sampling log-probs
+    (no forward pass), and equals what the trainer's own pass would compute."""
+    from hpt.rollout import HFEngine, SamplingParams
+    from hpt.train.step import old_logprobs_from_engine
+
+    model, tokenizer = tiny
+    model = copy.deepcopy(model).eval()
+    engine = HFEngine(model, tokenizer)
+    prompts = [tokenizer.encode("1+2="), tokenizer.encode("7+5=")]
+    rollouts = engine.generate(
+        prompts, 3, SamplingParams(temperature=1.0, max_new_tokens=12, seed=0)
+    )
+    rows = [
+        Row(r.prompt_ids, r.response_ids, "rollout", r.prompt_index, 1.0, 1.0, r.logprobs)
+        for r in rollouts
+    ] + [Row(prompts[0], tokenizer.encode(" 3"), "sft", 0, 1.0, 1.0)]
+    algorithm = get_algorithm("hpt")
+    config = settings(packing=True)
+    assert old_logprobs_from_engine(config, engine, algorithm)
+    policy = Policy(model)
+    from_engine = collate(rows, tokenizer.pad_token_id, KIND_ID)
+    metrics = prepare(from_engine, policy, None, algorithm, config, True, old_from_engine=True)
+    assert metrics["passes/forward"] == 0  # no pass was run for pi_old
+    recomputed = collate(rows, tokenizer.pad_token_id, KIND_ID)
+    metrics = prepare(recomputed, policy, None, algorithm, config, True)
+    assert metrics["passes/forward"] == 1 and metrics["rollout/logprob_gap"] < 1e-5
+    rollout_tokens = recomputed.response_mask & (recomputed.kinds == KIND_ID["rollout"])[:, None]
+    torch.testing.assert_close(
+        from_engine.extras["old_logprobs"][rollout_tokens],
+        recomputed.extras["old_logprobs"][rollout_tokens],
+        atol=1e-5,
+        rtol=1e-5,
+    )
+    # where the engine's numbers are not the trainer's, auto recomputes; engine is still allowed
+    nucleus = dataclasses.replace(config, rollout=dataclasses.replace(config.rollout, top_p=0.9))
+    assert not old_logprobs_from_engine(nucleus, engine, algorithm)
+    forced = dataclasses.replace(
+        nucleus, rollout=dataclasses.replace(nucleus.rollout, old_logprobs="engine")
+    )
+    assert old_logprobs_from_engine(forced, engine, algorithm)
+
+
+def test_engine_old_logprobs_refused_when_demonstrations_need_them():
+    from hpt.errors import ConfigError
+    from hpt.train.step import old_logprobs_from_engine
+
+    algorithm = get_algorithm("hpt")
+    sft_with_ratio = dataclasses.replace(algorithm.terms[0], reference="old")
+    custom = dataclasses.replace(algorithm, terms=(sft_with_ratio, *algorithm.terms[1:]))
+    config = settings()
+    config = dataclasses.replace(
+        config, rollout=dataclasses.replace(config.rollout, old_logprobs="engine")
+    )
+    with pytest.raises(ConfigError, match="sft"):
+        old_logprobs_from_engine(config, object(), custom)
+    auto = dataclasses.replace(
+        config, rollout=dataclasses.replace(config.rollout, old_logprobs="auto")
+    )
+    assert not old_logprobs_from_engine(auto, object(), custom)

@@ -143,12 +143,18 @@ class Algorithm:
         return any(kind != "rollout" for kind in self.kinds)
 
     @property
+    def old_logprob_kinds(self) -> set[str]:
+        """The row kinds of the terms that divide by pi_old (their reference or mask needs it)."""
+        return {
+            t.kind
+            for t in self.terms
+            if REFERENCES.trait(t.reference, "needs_old") or MASKS.trait(t.mask, "needs_old")
+        }
+
+    @property
     def needs_old_logprobs(self) -> bool:
         """Whether a term divides by pi_old (its reference or its mask needs the ratio)."""
-        return any(
-            REFERENCES.trait(t.reference, "needs_old") or MASKS.trait(t.mask, "needs_old")
-            for t in self.terms
-        )
+        return bool(self.old_logprob_kinds)
 
     @property
     def needs_values(self) -> bool:

@@ -185,6 +185,12 @@ class HFEngine:
             else Decoder(model, signature, self.stop_token_ids, self.pad_token_id, compile=compile)
         )
 
+    def exact_logprobs(self, sampling: SamplingParams) -> bool:
+        """Whether the returned log-probs are the trainer's ``log softmax(logits / T)`` of the same
+        weights: true unless top-k, top-p or ``min_new_tokens`` reshape the sampling distribution
+        (the trainer can then take them as pi_old instead of recomputing them)."""
+        return sampling.top_k == 0 and sampling.top_p >= 1.0 and not self.min_new_tokens
+
     def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams) -> list[Rollout]:
         """Sample ``n`` responses for each prompt.
 

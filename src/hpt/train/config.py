@@ -191,6 +191,13 @@ class RolloutConfig:
     )
     batch_size: Int = Field(64, description="sequences generated together by the hf engine", gt=0)
     compile: bool = Field(False, description="torch.compile the hf engine's decode step")
+    old_logprobs: Literal["auto", "engine", "recompute"] = Field(
+        "auto",
+        description="pi_old of rollout tokens when a step makes several updates: engine (the "
+        "log-probs sampling returned, no extra forward pass), recompute (a forward pass of the "
+        "trainer), auto: engine where they are exact (hf engine, no top-k/top-p, ddp), else "
+        "recompute",
+    )
 
 
 @_section

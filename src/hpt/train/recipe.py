@@ -35,7 +35,13 @@ from hpt.train.setup import (
     load_tokenizer,
     load_train_data,
 )
-from hpt.train.step import collect_rows, prepare, throughput, update
+from hpt.train.step import (
+    collect_rows,
+    old_logprobs_from_engine,
+    prepare,
+    throughput,
+    update,
+)
 
 
 class Callback:
@@ -173,6 +179,7 @@ def train_stage(
         config.data.questions_per_step > config.optim.mini_batch_questions
     )
     need_old = algorithm.needs_old_logprobs and multiple_updates
+    old_from_engine = need_old and old_logprobs_from_engine(config, engine, algorithm)
     run.log(
         f"stage {index + 1}: {algorithm.name} on {len(data.questions)} questions "
         f"({data.report.get('with_demonstration', 0)} with demonstrations), "
@@ -197,7 +204,7 @@ def train_stage(
             continue
         batch = collate(collected.rows, data.pad_id, KIND_ID)
         clock = time.perf_counter()
-        prepared = prepare(batch, policy, reference, algorithm, config, need_old)
+        prepared = prepare(batch, policy, reference, algorithm, config, need_old, old_from_engine)
         prepared["time/prepare"] = time.perf_counter() - clock
         clock = time.perf_counter()
         metrics = update(batch, wrapped, optimizer, algorithm, config, need_old)

@@ -133,6 +133,40 @@ def collect_rows(
 # 2. advantages and the quantities of the sampling policy
 
 
+def old_logprobs_from_engine(config: TrainConfig, engine: Any, algorithm: Algorithm) -> bool:
+    """Whether pi_old comes from the rollout engine's log-probs (``rollout.old_logprobs``).
+
+    They can: only rollout rows have them, so every term that divides by pi_old must train
+    rollouts. ``auto`` takes them where they are the trainer's own numbers (an engine reporting
+    exact log-probs for these sampling settings, under DDP); ``engine`` takes them regardless.
+    """
+    from hpt.errors import ConfigError
+    from hpt.rollout import SamplingParams
+
+    choice = config.rollout.old_logprobs
+    kinds = algorithm.old_logprob_kinds
+    possible = kinds <= {"rollout"}
+    if choice == "engine" and not possible:
+        raise ConfigError(
+            f"rollout.old_logprobs=engine: {algorithm.name} divides {sorted(kinds - {'rollout'})} "
+            "rows by pi_old, which the engine does not sample; use recompute or auto"
+        )
+    if choice != "auto":
+        return choice == "engine"
+    sampling = SamplingParams(
+        temperature=config.rollout.temperature,
+        top_p=config.rollout.top_p,
+        top_k=config.rollout.top_k,
+    )
+    exact = getattr(engine, "exact_logprobs", None)
+    return (
+        possible
+        and exact is not None
+        and bool(exact(sampling))
+        and config.distributed.strategy == "ddp"
+    )
+
+
 @torch.no_grad()
 def prepare(
     batch: Batch,
@@ -141,9 +175,12 @@ def prepare(
     algorithm: Algorithm,
     config: TrainConfig,
     need_old: bool,
+    old_from_engine: bool = False,
 ) -> dict[str, float]:
     """Fill ``batch.extras``: advantages, and old log-probs / reference log-probs / values where needed.
 
+    ``old_from_engine``: pi_old of rollout tokens is the engine's sampling log-probs (no forward
+    pass for it; demonstration rows, whose terms do not divide by pi_old, get zeros).
     Returns metrics (``rollout/logprob_gap`` when old log-probs were computed).
     """
     metrics: dict[str, float] = {}
@@ -154,6 +191,10 @@ def prepare(
             algorithm, batch.rewards, batch.group, kinds=batch.kinds
         )
     batch.extras["advantages"] = group_advantages.float()
+    sampled = batch.extras.get("sample_logprobs")
+    if need_old and old_from_engine and sampled is not None:
+        batch.extras["old_logprobs"] = sampled.clone()
+        need_old = False  # nothing left to compute for pi_old
     passes = need_old or reference is not None or algorithm.needs_values
     # forward-only passes over the batch (the policy's, the reference's): for the step's FLOPs
     metrics["passes/forward"] = float(passes) + float(reference is not None)
