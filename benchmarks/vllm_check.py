@@ -11,7 +11,11 @@ a fresh random one), it:
 3. trains the model (a few AdamW steps of hpt's SFT loss on one fixed target answer, so that
    the change is large), then shows that vLLM's samples come from the new weights only after
    the sync: the gap of the stale (pre-update) samples, the sync's time, the greedy responses
-   that changed, their agreement with the HF engine on the updated model, and the gap after.
+   that changed, their agreement with the HF engine on the updated model, and the gap after;
+4. sleep / wake: where vLLM supports sleep mode (CUDA, ROCm, XPU) the engine sleeps between
+   generations; the check times one wake (weights back, re-synced, KV cache back) and one sleep
+   and checks that greedy responses after the wake are still the trainer's. Where it does not
+   (CPU: ``is_sleep_mode_available()`` is False) it says so.
 
 Run from the repository root with the vLLM virtualenv's interpreter::
 
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -143,6 +148,17 @@ def sft_update(policy: Any, prompts: list[list[int]], target_ids: list[int], arg
     return float(loss.detach())
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux ``/proc/cpuinfo``), else ``platform.processor()``."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def agreement(a: list[Any], b: list[Any]) -> float:
     """The fraction of responses whose token ids are identical."""
     return sum(x.response_ids == y.response_ids for x, y in zip(a, b)) / max(len(a), 1)
@@ -197,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
         "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature,
         "vllm_start_s": round(start_s, 2),
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
     }
     # 1. before the update: greedy agreement, speed, log-prob gap
     greedy_before = engine.generate(prompts, 1, greedy)
@@ -208,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     numbers["vllm_tokens_per_s"] = round(vllm_tokens / vllm_s, 1)
     numbers["hf_tokens_per_s"] = round(hf_tokens / hf_s, 1)
     numbers["vllm_tokens"], numbers["hf_tokens"] = vllm_tokens, hf_tokens
+    numbers["vllm_generate_s"], numbers["hf_generate_s"] = round(vllm_s, 3), round(hf_s, 3)
     numbers["gap_before"] = logprob_gap(policy, vllm_rollouts, pad_id)
     numbers["hf_gap_before"] = logprob_gap(policy, hf_rollouts, pad_id)
 
@@ -228,12 +248,31 @@ def main(argv: list[str] | None = None) -> int:
     )
     numbers["gap_after"] = logprob_gap(policy, engine.generate(prompts, args.n, sampled), pad_id)
 
+    # 4. sleep / wake (the engine sleeps after each generation where the platform can)
+    from vllm.platforms import current_platform
+
+    numbers["platform"] = current_platform.device_name
+    numbers["sleep_mode"] = engine.sleeps
+    if engine.sleeps:
+        _, numbers["wake_s"] = timed(engine._wake)
+        _, numbers["sleep_s"] = timed(engine._sleep)
+        woken = engine.generate(prompts, 1, greedy)  # wakes, generates, sleeps again
+        numbers["greedy_agree_after_wake"] = agreement(woken, hf_after)
+
     print(f"vLLM {numbers['vllm']} (torch {numbers['torch']}), model {base}")
-    print(f"  {numbers['parameters']:,} parameters, {len(prompts)} prompts x n={args.n}")
+    print(f"  {numbers['parameters']:,} parameters, {len(prompts)} prompts x n={args.n}, "
+          f"max_new_tokens {args.max_new_tokens}, temperature {args.temperature}")  # fmt: skip
+    print(
+        f"  {numbers['cpu']}, {numbers['cpu_count']} CPUs, torch threads {numbers['torch_threads']}"
+    )
     print(f"  vLLM start: {start_s:.1f} s")
     print("speed (sampled, same prompts and settings, after a warm-up):")
-    print(f"  vLLM  {numbers['vllm_tokens_per_s']:>9.1f} tokens/s ({vllm_tokens} tokens)")
-    print(f"  HF    {numbers['hf_tokens_per_s']:>9.1f} tokens/s ({hf_tokens} tokens)")
+    print(
+        f"  vLLM  {numbers['vllm_tokens_per_s']:>9.1f} tokens/s ({vllm_tokens} tokens in {vllm_s:.2f} s)"
+    )
+    print(
+        f"  HF    {numbers['hf_tokens_per_s']:>9.1f} tokens/s ({hf_tokens} tokens in {hf_s:.2f} s)"
+    )
     print("greedy responses identical to the HF engine's, token for token:")
     print(f"  before the update {numbers['greedy_agree_before']:.0%}")
     print(f"  after the sync    {numbers['greedy_agree_after']:.0%}")
@@ -248,6 +287,17 @@ def main(argv: list[str] | None = None) -> int:
         f"weight sync: {numbers['sync_s'] * 1e3:.1f} ms; unchanged weights: "
         f"{numbers['sync_unchanged_s'] * 1e3:.2f} ms (copied: {numbers['second_sync_copied']})"
     )
+    if engine.sleeps:
+        print(
+            f"sleep mode: wake {numbers['wake_s']:.2f} s (with the weight sync), sleep "
+            f"{numbers['sleep_s']:.2f} s; greedy after a wake identical to HF: "
+            f"{numbers['greedy_agree_after_wake']:.0%}"
+        )
+    else:
+        print(
+            f"sleep mode: not available on {numbers['platform']} in vLLM {numbers['vllm']} "
+            "(the engine stays awake between generations)"
+        )
     if args.json:
         args.json.write_text(json.dumps(numbers, indent=2) + "\n")
     return 0

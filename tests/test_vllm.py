@@ -77,6 +77,20 @@ def test_vllm_matches_hf_engine_and_trainer_logprobs(colocated):
     assert gap(model, sampled, 1.0) > 1e-2  # the gap does see a temperature mismatch
 
 
+def test_seeded_batch_larger_than_one_step(colocated):
+    """More prompt tokens than one scheduler step takes (4096 on CPU), seeded: no chunked-prefill
+    generator rewind (vLLM 0.32 on CPU: "CPU Generator does not use offset"), reproducible."""
+    from hpt.rollout import SamplingParams
+
+    _, _, engine = colocated
+    prompts = [[5 + (i + k) % 50 for k in range(100)] for i in range(48)]  # 19,200 prompt tokens
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=4, seed=5)
+    rollouts = engine.generate(prompts, 4, sampling)
+    assert len(rollouts) == 192 and all(len(r.logprobs) == len(r.response_ids) for r in rollouts)
+    again = engine.generate(prompts, 4, sampling)
+    assert [r.response_ids for r in again] == [r.response_ids for r in rollouts]
+
+
 def test_sync_copies_changed_weights_only(colocated):
     """After an optimiser step vLLM samples from the new weights; unchanged weights copy nothing."""
     from hpt.rollout import HFEngine, SamplingParams

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import random
+import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -75,6 +76,31 @@ def _global_rng_kept() -> Iterator[None]:
         yield
     random.setstate(python_state)
     np.random.set_state(numpy_state)
+
+
+def _shutdown_quietly(core: Any) -> None:
+    """vLLM's engine-core teardown, without a traceback when its process group is already gone.
+
+    In one process vLLM joins a one-rank ``torch.distributed`` group of its own. A trainer that
+    destroys the default group before exit (hpt's ``distributed.shutdown`` does, at the end of
+    ``train``) leaves vLLM's teardown at exit ``ValueError: Invalid process group specified``:
+    the groups are gone with it, so there is nothing left to destroy.
+    """
+    import torch.distributed as torch_dist
+
+    try:
+        core.shutdown()
+    except ValueError:
+        if torch_dist.is_available() and torch_dist.is_initialized():
+            raise
+
+
+def _quiet_teardown(llm: Any) -> None:
+    """Replace the in-process engine client's finalizer by :func:`_shutdown_quietly`."""
+    client = getattr(llm.llm_engine, "engine_core", None)
+    finalizer, core = getattr(client, "_finalizer", None), getattr(client, "engine_core", None)
+    if isinstance(finalizer, weakref.finalize) and core is not None and finalizer.detach():
+        client._finalizer = weakref.finalize(client, _shutdown_quietly, core)
 
 
 def _dtype_name(model: Any) -> str:
@@ -181,6 +207,11 @@ class VLLMEngine:
                     skip_tokenizer_init=True,
                     enable_sleep_mode=self.sleeps,
                     enforce_eager=enforce_eager or on_cpu,
+                    # vLLM 0.32 on CPU: a seeded request whose prefill is split over steps
+                    # (chunked prefill: more prompt tokens than a step's budget, 4096) fails with
+                    # "CPU Generator does not use offset" (the rewind of its generator is
+                    # CUDA-only); whole prefills (max_num_batched_tokens >= max_model_len) avoid it
+                    enable_chunked_prefill=False if on_cpu else None,
                     seed=seed,
                 )
         except (OSError, ValueError, RuntimeError, KeyError, TypeError) as error:
@@ -190,6 +221,7 @@ class VLLMEngine:
             ) from error
         finally:
             torch.set_num_threads(threads)  # vLLM lowers it for serving; training wants its own
+        _quiet_teardown(self.llm)
         self._fingerprint: tuple | None = None
         self.syncs = 0  # weight copies made (a sync with unchanged weights copies nothing)
         self._asleep = False
