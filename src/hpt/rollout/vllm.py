@@ -274,6 +274,12 @@ class VLLMEngine:
         self.syncs += 1
         return True
 
+    def exact_logprobs(self, sampling: SamplingParams) -> bool:
+        """False: vLLM's kernels are not the trainer's, so its log-probs are close (a mean gap of
+        about 3e-7 on the CPU build) but not pi_old itself; the trainer recomputes pi_old (and logs
+        ``rollout/logprob_gap``) under ``rollout.old_logprobs: auto``."""
+        return False
+
     # -- sleep / wake (GPU) ------------------------------------------------------------------
 
     def _sleep(self) -> None:
