@@ -137,3 +137,21 @@ def test_world_size_must_divide_the_batch(tmp_path, tiny_dir, task_file):
     assert lines, result.stderr[-2000:]
     assert all("data.questions_per_step=3 is not divisible by the world size 2" in x for x in lines)
     assert not (tmp_path / "t").exists()
+
+
+def test_shutdown_leaves_a_process_group_it_did_not_create(tmp_path):
+    """An in-process vLLM engine creates a 1-rank group of its own: hpt must not destroy it."""
+    import torch.distributed as torch_dist
+
+    from hpt.train import distributed as dist
+
+    torch_dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        assert dist.init_from_env() is True  # joins nothing: a group exists
+        dist.shutdown()
+        assert torch_dist.is_initialized()  # still the owner's
+    finally:
+        torch_dist.destroy_process_group()
+    assert not torch_dist.is_initialized()

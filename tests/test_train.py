@@ -90,7 +90,11 @@ def test_training_logprobs_use_the_rollout_temperature(tmp_path, tiny_dir, task_
         task_file,
         algorithm="grpo",
         max_steps=1,
-        **{"rollout.temperature": temperature, "optim.mini_batch_questions": 2},
+        **{
+            "rollout.temperature": temperature,
+            "optim.mini_batch_questions": 2,
+            "rollout.old_logprobs": "recompute",
+        },
     )
     assert lines[0]["rollout/logprob_gap"] < 1e-4
 
@@ -307,8 +311,12 @@ def test_ddp_two_processes_match_one(tmp_path, tiny_dir, task_file):
     for one, two in zip(single_lines, lines):
         assert two["loss"] == pytest.approx(one["loss"], rel=1e-4)
     a, b = final_weights(single.run_dir), final_weights(tmp_path / "two" / "t")
+    assert a.keys() == b.keys()
     for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+        # per tensor ||a - b|| / ||a||: an element whose gradient is about zero gets Adam steps of
+        # rounding noise (the packed micro-batches of one and two processes sum in other orders)
+        difference = (a[name] - b[name]).norm() / a[name].norm().clamp_min(1e-6)
+        assert difference <= 1e-4, f"{name}: relative difference {difference:.2e}"
 
 
 @pytest.mark.slow

@@ -81,10 +81,11 @@ def _global_rng_kept() -> Iterator[None]:
 def _shutdown_quietly(core: Any) -> None:
     """vLLM's engine-core teardown, without a traceback when its process group is already gone.
 
-    In one process vLLM joins a one-rank ``torch.distributed`` group of its own. A trainer that
-    destroys the default group before exit (hpt's ``distributed.shutdown`` does, at the end of
-    ``train``) leaves vLLM's teardown at exit ``ValueError: Invalid process group specified``:
-    the groups are gone with it, so there is nothing left to destroy.
+    In one process vLLM joins a one-rank ``torch.distributed`` group of its own. Code that
+    destroys the default group before exit (hpt's ``distributed.shutdown`` leaves a group it did
+    not create alone, but a user's script may not) leaves vLLM's teardown at exit
+    ``ValueError: Invalid process group specified``: the groups are gone with it, so there is
+    nothing left to destroy.
     """
     import torch.distributed as torch_dist
 

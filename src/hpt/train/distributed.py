@@ -22,6 +22,10 @@ from hpt.errors import ConfigError
 
 STRATEGIES = ("ddp", "fsdp2")
 
+# whether init_from_env created the process group (an in-process vLLM engine creates a 1-rank group
+# of its own, which is vLLM's to destroy)
+_owned = False
+
 
 def initialized() -> bool:
     return torch_dist.is_available() and torch_dist.is_initialized()
@@ -43,18 +47,23 @@ def init_from_env() -> bool:
     """Join the process group that ``torchrun`` describes in the environment; False if none."""
     if initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return initialized()
+    global _owned
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     torch_dist.init_process_group(backend=backend)
+    _owned = True
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return True
 
 
 def shutdown() -> None:
-    """Destroy the process group (without it, rank 0 aborts at exit under gloo)."""
-    if initialized():
+    """Destroy the process group this module created (without it, rank 0 aborts at exit under
+    gloo); a group created by someone else (vLLM's, in process) is left to its owner."""
+    global _owned
+    if _owned and initialized():
         torch_dist.barrier()
         torch_dist.destroy_process_group()
+    _owned = False
 
 
 def _device() -> torch.device:
