@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import types
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from hpt.estimator.unified import KIND_ID
 from hpt.train.batch import Row, collate, token_micro_batches
 from hpt.train.config import TrainConfig
 from hpt.train.policy import Policy
-from hpt.train.step import plan_passes, prepare, update
+from hpt.train.step import packs, plan_passes, prepare, update
 
 
 def make_rows(vocab: int, seed: int = 0) -> list[Row]:
@@ -111,11 +112,30 @@ def test_update_gradients_equal_the_padded_path(tiny, optim, algorithm_name):
     )
     loss, grads, batch = gradients_after_update(model, rows, pad, settings(**optim), algorithm)
     if optim.get("micro_batch_tokens"):
-        assert len(plan_passes(batch, torch.arange(len(batch)), settings(**optim))) > 1
+        config = settings(**optim)
+        passes = plan_passes(batch, torch.arange(len(batch)), config, packs(config))
+        assert len(passes) > 1
     assert abs(loss - loss_ref) <= 1e-5 * max(1.0, abs(loss_ref))
     assert grads.keys() == grads_ref.keys() and grads_ref
     for name, g in grads_ref.items():
         torch.testing.assert_close(grads[name], g, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_auto_packs_only_with_a_varlen_attention_kernel(tiny):
+    model, _ = tiny
+    policy = Policy(model)
+    auto, on, off = settings(packing="auto"), settings(packing=True), settings(packing=False)
+    assert (packs(on, policy), packs(off, policy)) == (True, False)
+    implementation = model.config._attn_implementation
+    try:
+        model.config._attn_implementation = "sdpa"
+        assert not packs(auto, policy)  # one block-diagonal mask over all rows: slower than padding
+        model.config._attn_implementation = "flash_attention_2"
+        assert packs(auto, policy)
+        wrapped = types.SimpleNamespace(module=policy)  # as DDP holds the policy
+        assert packs(auto, wrapped)
+    finally:
+        model.config._attn_implementation = implementation
 
 
 def test_packing_changes_gradients_when_rows_leak():

@@ -236,10 +236,12 @@ class OptimConfig:
         "size, as verl's use_dynamic_bsz); 0: micro_batch_size rows a pass",
         ge=0,
     )
-    packing: bool = Field(
-        True,
+    packing: bool | Literal["auto"] = Field(
+        "auto",
         description="concatenate a pass's rows into one padding-free sequence (position ids "
-        "restart per row); false: right-padded rows",
+        "restart per row); false: right-padded rows; auto: packed where the model's attention "
+        "has a varlen kernel (flash-attention), padded otherwise (SDPA/eager attend over the "
+        "whole packed sequence with a block-diagonal mask, slower: 1.2-1.7x measured on CPU)",
     )
     ppo_epochs: Int = Field(1, description="passes over each step's batch", gt=0)
     value_coef: Float = Field(0.5, description="weight of the value loss (PPO with GAE only)", ge=0)

@@ -203,10 +203,11 @@ def prepare(
     shape = tuple(batch.labels.shape)
     old, ref, values_t = torch.zeros(shape), torch.zeros(shape), torch.zeros(shape)
     device = next(policy.parameters()).device
-    parts = plan_passes(batch, torch.arange(len(batch)), config)
+    packed = packs(config, policy)
+    parts = plan_passes(batch, torch.arange(len(batch)), config, packed)
     for k in range(dist.same_count(policy, len(parts))):
         part = parts[min(k, len(parts) - 1)]
-        micro = micro_batch(batch, part, config).to(device)
+        micro = micro_batch(batch, part, packed).to(device)
         logprobs, _, value = forward(policy, micro)
         if k >= len(parts):
             continue  # a pass only to keep step with the ranks that have more micro-batches
@@ -265,24 +266,42 @@ def _pad(t: torch.Tensor, width: int) -> torch.Tensor:
 # forward passes: which rows go together, padded or packed
 
 
-def plan_passes(batch: Batch, rows: torch.Tensor, config: TrainConfig) -> list[torch.Tensor]:
+# attention implementations with a varlen kernel: a packed sequence costs what its rows cost alone
+VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3", "kernels-community/flash-attn")
+
+
+def packs(config: TrainConfig, policy: torch.nn.Module | None = None) -> bool:
+    """Whether passes are packed: ``optim.packing``, or for ``auto`` whether ``policy``'s model
+    attends with a varlen kernel (SDPA and eager attention would run one block-diagonal mask over
+    the whole packed sequence: more work than the padded rows, measured in benchmarks/README.md)."""
+    setting = config.optim.packing
+    if setting != "auto":
+        return bool(setting)
+    module = getattr(policy, "module", policy)  # DDP wraps the policy
+    model = getattr(module, "model", None)
+    implementation = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    return implementation in VARLEN_ATTENTION
+
+
+def plan_passes(
+    batch: Batch, rows: torch.Tensor, config: TrainConfig, packed: bool = False
+) -> list[torch.Tensor]:
     """The row indices (into ``batch``) of each forward pass over ``rows``.
 
-    ``optim.micro_batch_tokens`` > 0: passes of at most that many tokens (dynamic batch size);
-    else ``optim.micro_batch_size`` rows a pass, in order.
+    ``optim.micro_batch_tokens`` > 0: passes of at most that many tokens (dynamic batch size;
+    a pass costs its tokens when ``packed``, else rows x its longest row); else
+    ``optim.micro_batch_size`` rows a pass, in order.
     """
     optim = config.optim
     if optim.micro_batch_tokens:
         lengths = batch.lengths()[rows]
-        return [
-            rows[g] for g in token_micro_batches(lengths, optim.micro_batch_tokens, optim.packing)
-        ]
+        return [rows[g] for g in token_micro_batches(lengths, optim.micro_batch_tokens, packed)]
     return [rows[part] for part in micro_batches(len(rows), optim.micro_batch_size)]
 
 
-def micro_batch(batch: Batch, rows: torch.Tensor, config: TrainConfig) -> Batch:
+def micro_batch(batch: Batch, rows: torch.Tensor, packed: bool) -> Batch:
     """Rows ``rows`` of ``batch`` as one forward pass: packed padding-free, or padded."""
-    return batch.pack(rows) if config.optim.packing else batch.select(rows)
+    return batch.pack(rows) if packed else batch.select(rows)
 
 
 def forward(policy: torch.nn.Module, micro: Batch) -> Any:
@@ -352,6 +371,7 @@ def update(
     device = next(policy.parameters()).device
     questions = torch.unique(batch.group)
     per_mini = max(1, math.ceil(config.optim.mini_batch_questions / world))
+    packed = packs(config, policy)
     totals: dict[str, float] = {"loss": 0.0, "grad_norm": 0.0, "updates": 0, "skipped_updates": 0}
     entropy_sum = entropy_tokens = 0.0
     loss_metrics: dict[str, float] = {}
@@ -362,11 +382,11 @@ def update(
             counts = batch_counts(algorithm, batch.kinds[rows], batch.response_mask[rows])
             counts = dist.all_reduce_counts(counts)  # normalise over every rank's rows
             optimizer.zero_grad(set_to_none=True)
-            parts = plan_passes(batch, rows, config)
+            parts = plan_passes(batch, rows, config, packed)
             passes = dist.same_count(policy, len(parts))
             for k in range(passes):
                 real = k < len(parts)  # else: a zero-loss pass keeping step with other ranks
-                micro = micro_batch(batch, parts[min(k, len(parts) - 1)], config).to(device)
+                micro = micro_batch(batch, parts[min(k, len(parts) - 1)], packed).to(device)
                 with dist.no_sync_unless_last(policy, k == passes - 1):
                     logprobs, entropy, values = forward(policy, micro)
                     # one update per batch: pi_old == pi_theta, so the ratio is sg(pi)/sg(pi) = 1
