@@ -281,6 +281,13 @@ def test_markdown_table_has_the_papers_layout_and_averages(tmp_path):
     assert names == ["base", "hpt"] and rows[0][0] == pytest.approx(0.2)
 
 
+def test_a_table_of_custom_sets_only_has_no_empty_paper_columns():
+    runs = [_run("base", held=0.25), _run("hpt", held=0.5, mine=1.0)]
+    lines = markdown_table(runs).strip().splitlines()
+    assert lines[0] == "| method | held | mine |"
+    assert lines[2:] == ["| base | 25.0 | - |", "| hpt | 50.0 | 100.0 |"]
+
+
 def test_report_cli_merges_results_as_rows(tmp_path, capsys):
     from hpt.cli import main
 

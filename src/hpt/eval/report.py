@@ -136,14 +136,16 @@ def table(
         metric: ``avg@k`` (the paper's), ``maj@k``, ``pass@k`` or ``pass@K``.
 
     Returns:
-        ``(columns, rows, names)``: column labels (the paper's, then any custom benchmark), one
-        row of fractions (``None`` where not measured) per run, and the row names.
+        ``(columns, rows, names)``: column labels (the paper's, then any custom benchmark; only
+        the custom ones when no run has a benchmark of the paper's), one row of fractions
+        (``None`` where not measured) per run, and the row names.
     """
     custom: list[str] = []
     known = {key for _, key in PAPER_COLUMNS}
     for run in runs:
         custom += [b for b in run["benchmarks"] if b not in known and b not in custom]
-    columns = [*PAPER_COLUMNS, *((name, name) for name in custom)]
+    papers = any(b in known for run in runs for b in run["benchmarks"])
+    columns = [*(PAPER_COLUMNS if papers else []), *((name, name) for name in custom)]
     rows = []
     for run in runs:
         per_benchmark = run["benchmarks"]
