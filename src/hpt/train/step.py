@@ -284,7 +284,7 @@ def packs(config: TrainConfig, policy: torch.nn.Module | None = None) -> bool:
 
 
 def plan_passes(
-    batch: Batch, rows: torch.Tensor, config: TrainConfig, packed: bool = False
+    batch: Batch, rows: torch.Tensor, config: TrainConfig, packed: bool
 ) -> list[torch.Tensor]:
     """The row indices (into ``batch``) of each forward pass over ``rows``.
 

@@ -89,7 +89,9 @@ def _type_name(tp: Any) -> str:
     if is_typeddict(tp):
         return "mapping"
     if dataclasses.is_dataclass(tp):
-        return "stage" if tp.__name__ == "StageConfig" else "section"
+        from hpt.train.config.schema import StageConfig
+
+        return "stage" if tp is StageConfig else "section"
     return getattr(tp, "__name__", str(tp))
 
 
