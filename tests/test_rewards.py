@@ -468,3 +468,51 @@ def test_empty_batches_start_nothing():
     assert score([], [], "test_length_match").scores == []
     assert score([], []).scores == []
     assert pool.submitted == submitted
+
+
+# --- scoring while generating -------------------------------------------------------------------
+
+
+def test_streaming_scorer_equals_one_score_call_whatever_the_pieces():
+    from types import SimpleNamespace
+
+    from hpt.rewards import StreamingScorer
+
+    texts = [r"\boxed{2}", r"\boxed{\dfrac{2}{4}}", "no box", HANG, r"\boxed{x(x+1)}", r"\boxed{7}"]
+    answers = ["2", "0.5", "3", "1", "x^2+x", "8"]
+    whole = score(texts, answers, timeout=1.0)
+    scorer = StreamingScorer(answers, "math", timeout=1.0)
+    item = [SimpleNamespace(text=t) for t in texts]
+    scorer.submit([(4, item[4]), (1, item[1])])  # out of order, in pieces
+    scorer.submit([(3, item[3])])
+    scorer.submit([(1, item[1])])  # reported twice: scored once
+    result = scorer.result(texts)  # 0, 2 and 5 were never submitted: scored now
+    assert result.scores == whole.scores == [1.0, 1.0, 0.0, 0.0, 1.0, 0.0]
+    assert result.timeouts == whole.timeouts == 1
+    assert (result.errors, result.unscored) == (whole.errors, whole.unscored)
+    assert scorer.busy_s > 0
+    with pytest.raises(IndexError):
+        StreamingScorer(answers).submit([(6, item[0])])
+
+
+def test_streaming_scorer_scores_in_the_background_and_checks_its_reward_first():
+    from types import SimpleNamespace
+
+    from hpt.rewards import StreamingScorer
+
+    started = threading.Event()
+    release = threading.Event()
+
+    @register_reward("test_local_gated")
+    def gated(responses, answers):
+        started.set()
+        release.wait(5.0)
+        return [1.0] * len(responses)
+
+    scorer = StreamingScorer(["a", "b"], "test_local_gated")
+    scorer.submit([(0, SimpleNamespace(text="a"))])  # returns while the reward is running
+    assert started.wait(5.0)
+    release.set()
+    assert scorer.result(["a", "b"]).scores == [1.0, 1.0]
+    with pytest.raises(RewardError):
+        StreamingScorer(["a"], "no_such_reward")

@@ -446,3 +446,64 @@ def test_models_without_a_steppable_forward_fall_back_to_generate(tiny, prompts)
     assert [r.response_ids for r in engine.generate(prompts, 1, sampling)] == [
         r.response_ids for r in lean
     ]
+
+
+def frequent_tokens(model, tokenizer, prompts, sampling, k=2):
+    """Tokens sampled often: as stop tokens, many rows stop early on them."""
+    free = HFEngine(model, tokenizer, batch_size=16).generate(prompts, 4, sampling)
+    counts = torch.bincount(torch.tensor([t for r in free for t in r.response_ids[2:]]))
+    return counts.topk(k).indices.tolist()
+
+
+@pytest.mark.parametrize("lean", [True, False])
+def test_on_finished_reports_each_rollout_once_and_early_ones_first(tiny, prompts, lean):
+    """Rows that stop early are handed on while the rest still decode; nothing is lost."""
+    model, tokenizer = tiny
+    sampling = SamplingParams(temperature=0.8, max_new_tokens=16, seed=4)
+    stops = frequent_tokens(model, tokenizer, prompts, sampling)
+    engine = HFEngine(model, tokenizer, batch_size=16, stop_token_ids=stops)
+    if not lean:
+        engine.decoder = None  # model.generate: a batch is reported when it ends
+    calls: list[list[tuple[int, Rollout]]] = []
+    rollouts = engine.generate(prompts, 4, sampling, on_finished=calls.append)
+    reported = [pair for call in calls for pair in call]
+    assert sorted(i for i, _ in reported) == list(range(len(rollouts)))  # each index once
+    for index, rollout in reported:
+        assert rollout == rollouts[index]
+    plain = HFEngine(model, tokenizer, batch_size=16, stop_token_ids=stops)
+    if not lean:
+        plain.decoder = None
+    assert plain.generate(prompts, 4, sampling) == rollouts  # reporting changes nothing
+    if lean:  # the first report came while longer rows were still decoding
+        assert len(calls) > 1
+        first = [r for _, r in calls[0]]
+        assert all(r.finish_reason == "stop" for r in first)
+        assert max(len(r.response_ids) for r in first) < max(len(r.response_ids) for r in rollouts)
+    else:  # one report per batch of 16 rows
+        assert [len(call) for call in calls] == [16] * (len(rollouts) // 16)
+
+
+def test_on_finished_with_greedy_copies(tiny, prompts):
+    model, tokenizer = tiny
+    calls: list[list[tuple[int, Rollout]]] = []
+    engine = HFEngine(model, tokenizer)
+    rollouts = engine.generate(
+        prompts, 3, SamplingParams(0.0, max_new_tokens=5), on_finished=calls.append
+    )
+    reported = dict(pair for call in calls for pair in call)
+    assert sorted(reported) == list(range(3 * len(prompts)))
+    assert [reported[i] for i in range(len(rollouts))] == rollouts
+
+
+def test_streams_finished_reads_the_engines_signature(tiny):
+    from hpt.rollout import streams_finished
+
+    model, tokenizer = tiny
+
+    class Plain:
+        def generate(self, prompts, n, sampling):
+            return []
+
+    assert streams_finished(HFEngine(model, tokenizer))
+    assert not streams_finished(Plain())
+    assert not streams_finished(object())

@@ -415,6 +415,7 @@ def test_each_step_logs_its_stage_times_and_throughput(tmp_path, tiny, tiny_dir,
     for line in lines:
         stages = [line[k] for k in ("time/generate", "time/score", "time/prepare", "time/update")]
         assert all(t >= 0 for t in stages) and sum(stages) <= line["time/step"]
+        assert 0 <= line["perf/score_overlapped_s"] <= line["time/generate"] + line["time/score"]
         # one process: the step's tokens / its time, the generated ones included
         assert line["perf/tokens_per_s"] == pytest.approx(line["tokens_per_s"], rel=1e-9)
         assert line["perf/tokens_per_s"] > line["tokens/generated"] / line["time/step"] > 0

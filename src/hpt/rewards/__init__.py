@@ -26,11 +26,13 @@ from hpt.rewards.registry import (
     stats,
 )
 from hpt.rewards.result import ScoreResult
+from hpt.rewards.stream import StreamingScorer
 
 __all__ = [
     "DEFAULT_TIMEOUT",
     "RewardFunction",
     "ScoreResult",
+    "StreamingScorer",
     "extract_all_boxed",
     "extract_boxed",
     "extract_choice",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from hpt.rollout.base import Rollout, RolloutEngine, SamplingParams
+from hpt.rollout.base import Rollout, RolloutEngine, SamplingParams, streams_finished
 
 __all__ = [
     "ENGINES",
@@ -18,6 +18,7 @@ __all__ = [
     "SamplingParams",
     "VLLMEngine",
     "make_engine",
+    "streams_finished",
 ]
 
 # engine name (config key rollout.engine) -> "module:class", imported only when asked for

@@ -7,8 +7,9 @@ vLLM engine are interchangeable.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from hpt.errors import ConfigError
 
@@ -87,3 +88,13 @@ class RolloutEngine(Protocol):
             ``[i * n, (i + 1) * n)``.
         """
         ...
+
+
+def streams_finished(engine: Any) -> bool:
+    """Whether ``engine.generate`` takes ``on_finished`` and reports rollouts as they finish
+    (:meth:`hpt.rollout.hf.HFEngine.generate`), so that scoring can overlap generation."""
+    try:
+        parameters = inspect.signature(engine.generate).parameters
+    except (AttributeError, TypeError, ValueError):
+        return False
+    return "on_finished" in parameters

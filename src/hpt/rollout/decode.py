@@ -220,6 +220,7 @@ class Decoder:
         *,
         min_new_tokens: int = 0,
         synced: bool = False,
+        on_finished: Callable[[list[int], Decoded], None] | None = None,
     ) -> Decoded:
         """Generate up to ``sampling.max_new_tokens`` tokens for each prompt (one batch).
 
@@ -230,6 +231,9 @@ class Decoder:
             device: where the model's parameters are.
             min_new_tokens: stop tokens are suppressed (probability 0) before this many tokens.
             synced: keep calling forward until every rank is done (FSDP2 over several ranks).
+            on_finished: called with finished rows (their indices into ``prompts``, and their
+                :class:`Decoded`) as they leave the batch, before the rest are done, and once
+                at the end with the rows not reported yet; every row is reported once.
 
         Returns:
             The tokens and log-probs of every row, as :class:`Decoded`.
@@ -250,8 +254,24 @@ class Decoder:
         lengths = torch.full((batch,), steps, dtype=torch.long, device=device)
         index = torch.arange(batch, device=device)  # original row of each live row
         done = torch.zeros(batch, dtype=torch.bool, device=device)
+        reported = torch.zeros(batch, dtype=torch.bool)  # rows handed to on_finished
         if not rows:
             done[:] = True
+
+        def report(finished: torch.Tensor) -> None:
+            """Hand the finished original rows ``finished`` (not reported before) to on_finished."""
+            if on_finished is None:
+                return
+            finished = finished.cpu()
+            finished = finished[(finished < rows) & ~reported[finished]]
+            if finished.numel() == 0:
+                return
+            reported[finished] = True
+            at = finished.to(tokens.device)
+            on_finished(
+                finished.tolist(),
+                Decoded(tokens[at].cpu(), logprobs[at].cpu(), lengths[at].cpu()),
+            )
 
         cache, prefix = self.new_cache(width + steps)
         logits = self._forward_last(
@@ -279,6 +299,7 @@ class Decoder:
             if done.numel() - live >= max(1.0, COMPACT_FRACTION * done.numel()) and (
                 live > 0 or done.numel() > 1
             ):
+                report(index[done])  # scored while the others decode
                 keep = (~done).nonzero().squeeze(1)
                 if keep.numel() == 0:  # synced: forward is collective, keep one (finished) row
                     keep = keep.new_zeros(1)
@@ -289,6 +310,7 @@ class Decoder:
             last_position = last_position + 1
             seen = mask[:, : width + t + 1] if prefix else mask
             logits = self.step(token[:, None], seen, last_position, cache)
+        report(torch.arange(batch))
         return Decoded(tokens[:rows].cpu(), logprobs[:rows].cpu(), lengths[:rows].cpu())
 
 

@@ -11,7 +11,7 @@ the same rollouts whatever the global RNG state, and leaves that state untouched
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -26,7 +26,13 @@ from transformers.generation.logits_process import (
 
 from hpt.errors import ConfigError, ModelError
 from hpt.rollout.base import Rollout, SamplingParams
-from hpt.rollout.decode import Decoder, forward_signature, left_pad_tensors, synced_ranks
+from hpt.rollout.decode import (
+    Decoded,
+    Decoder,
+    forward_signature,
+    left_pad_tensors,
+    synced_ranks,
+)
 from hpt.utils import progress_bar
 
 
@@ -191,13 +197,24 @@ class HFEngine:
         (the trainer can then take them as pi_old instead of recomputing them)."""
         return sampling.top_k == 0 and sampling.top_p >= 1.0 and not self.min_new_tokens
 
-    def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams) -> list[Rollout]:
+    def generate(
+        self,
+        prompts: list[list[int]],
+        n: int,
+        sampling: SamplingParams,
+        *,
+        on_finished: Callable[[list[tuple[int, Rollout]]], None] | None = None,
+    ) -> list[Rollout]:
         """Sample ``n`` responses for each prompt.
 
         Args:
             prompts: token ids of each prompt, unpadded.
             n: responses per prompt. Greedy decoding generates each prompt once and repeats it.
             sampling: temperature, top-p, top-k, max_new_tokens and seed.
+            on_finished: called with ``(index, rollout)`` pairs (``index`` into the returned list)
+                as rollouts finish, while others are still generating (rows that stop early leave
+                the batch together; the rest when their batch ends); each rollout once. The
+                trainer scores them meanwhile (:class:`hpt.rewards.StreamingScorer`).
 
         Returns:
             ``len(prompts) * n`` rollouts, prompt-major (those of prompt ``i`` are
@@ -210,12 +227,24 @@ class HFEngine:
             raise ConfigError(f"rollout prompt {empty} is empty")
         copies = 1 if sampling.greedy else n
         jobs = [index for index in range(len(prompts)) for _ in range(copies)]  # prompt of each row
-        results: list[tuple[list[int], list[float]] | None] = [None] * len(jobs)
+        results: list[list[Rollout] | None] = [None] * len(jobs)  # the rollouts of each row
         batches = list(length_sorted_batches([len(prompts[i]) for i in jobs], self.batch_size))
         device = next(self.model.parameters()).device
         synced = self.decoder is not None and synced_ranks(self.model)
         if synced:  # forward is collective: every rank runs as many batches (some empty)
             batches += [[]] * (max_over_ranks(len(batches), device) - len(batches))
+        repeats = n // copies  # returned rollouts per generated row
+
+        def finish(rows: list[int], outputs: list[tuple[list[int], list[float]]]) -> int:
+            """Record finished rows (indices into ``jobs``); hand them on; their token count."""
+            ready = []
+            for row, (generated, logprobs) in zip(rows, outputs):
+                results[row] = self._rollouts(prompts, jobs[row], generated, logprobs, repeats)
+                ready += [(row * repeats + k, r) for k, r in enumerate(results[row])]
+            if on_finished is not None and ready:
+                on_finished(ready)
+            return sum(len(generated) for generated, _ in outputs)
+
         with (
             generation_mode(
                 self.model, self._generation_config(sampling) if self.decoder is None else None
@@ -229,26 +258,29 @@ class HFEngine:
                 batch_prompts = [prompts[jobs[row]] for row in batch]
                 if self.decoder is None:
                     outputs = self._generate_batch(batch_prompts, sampling, device)
+                    tokens += finish(batch, outputs)
                 else:
-                    outputs = self._decode_batch(batch_prompts, sampling, device, synced)
-                for row, output in zip(batch, outputs):
-                    results[row] = output
-                    tokens += len(output[0])
-                bar.update(task, advance=len(batch), tokens=tokens)
-        return self._assemble(prompts, jobs, results, n, copies)
 
-    def _decode_batch(
-        self,
-        batch_prompts: list[list[int]],
-        sampling: SamplingParams,
-        device: torch.device,
-        synced: bool,
-    ) -> list[tuple[list[int], list[float]]]:
-        """Decode one batch with the lean loop: ``(response_ids, logprobs)`` per row, up to its stop."""
-        assert self.decoder is not None
-        decoded = self.decoder.decode(
-            batch_prompts, sampling, device, min_new_tokens=self.min_new_tokens, synced=synced
-        )
+                    def finished(
+                        local: list[int], decoded: Decoded, batch: list[int] = batch
+                    ) -> None:
+                        nonlocal tokens
+                        tokens += finish([batch[i] for i in local], self._outputs(decoded))
+
+                    self.decoder.decode(
+                        batch_prompts,
+                        sampling,
+                        device,
+                        min_new_tokens=self.min_new_tokens,
+                        synced=synced,
+                        on_finished=finished,
+                    )
+                bar.update(task, advance=len(batch), tokens=tokens)
+        return [rollout for rollouts in results for rollout in rollouts or ()]
+
+    @staticmethod
+    def _outputs(decoded: Decoded) -> list[tuple[list[int], list[float]]]:
+        """``(response_ids, logprobs)`` of each decoded row, up to its stop token."""
         lengths = decoded.lengths.tolist()
         tokens, logprobs = decoded.tokens.tolist(), decoded.logprobs.tolist()
         return [(t[:k], lp[:k]) for t, lp, k in zip(tokens, logprobs, lengths)]
@@ -295,30 +327,25 @@ class HFEngine:
         responses = sequences[:, input_ids.shape[1] :].cpu().tolist()
         return list(zip(responses, logprobs))
 
-    def _assemble(
+    def _rollouts(
         self,
         prompts: list[list[int]],
-        jobs: list[int],
-        results: list[tuple[list[int], list[float]] | None],
-        n: int,
-        copies: int,
+        prompt_index: int,
+        generated: list[int],
+        logprobs: list[float],
+        repeats: int,
     ) -> list[Rollout]:
-        """Truncate, decode and order the generated rows prompt-major."""
-        stop_ids = set(self.stop_token_ids)
-        rollouts = []
-        for row, prompt_index in enumerate(jobs):
-            generated, logprobs = results[row]  # type: ignore[misc]
-            response_ids, finish_reason = truncate_at_stop(generated, stop_ids)
-            text = self.tokenizer.decode(response_ids, skip_special_tokens=True)
-            for _ in range(n // copies):
-                rollouts.append(
-                    Rollout(
-                        prompt_index=prompt_index,
-                        prompt_ids=list(prompts[prompt_index]),
-                        response_ids=list(response_ids),
-                        text=text,
-                        finish_reason=finish_reason,
-                        logprobs=list(logprobs[: len(response_ids)]),
-                    )
-                )
-        return rollouts
+        """The ``repeats`` rollouts of one generated row: truncated at its stop, decoded."""
+        response_ids, finish_reason = truncate_at_stop(generated, set(self.stop_token_ids))
+        text = self.tokenizer.decode(response_ids, skip_special_tokens=True)
+        return [
+            Rollout(
+                prompt_index=prompt_index,
+                prompt_ids=list(prompts[prompt_index]),
+                response_ids=list(response_ids),
+                text=text,
+                finish_reason=finish_reason,
+                logprobs=list(logprobs[: len(response_ids)]),
+            )
+            for _ in range(repeats)
+        ]

@@ -48,8 +48,8 @@ def collect_rows(
     seed: int,
 ) -> StepData:
     """Generate, score and route this step's questions; return their tagged rows."""
-    from hpt.rewards import score
-    from hpt.rollout import SamplingParams
+    from hpt.rewards import StreamingScorer
+    from hpt.rollout import SamplingParams, streams_finished
 
     n = config.rollout.n
     metrics: dict[str, float] = {}
@@ -64,17 +64,26 @@ def collect_rows(
             max_new_tokens=config.rollout.max_new_tokens,
             seed=seed,
         )
-        started = time.perf_counter()
-        rollouts = engine.generate([data.prompt_ids[q] for q in questions], n, sampling)
-        metrics["time/generate"] = time.perf_counter() - started
-        started = time.perf_counter()
-        result = score(
-            [r.text for r in rollouts],
-            [data.questions[questions[r.prompt_index]].answer for r in rollouts],
+        # rollouts are scored as they finish, while the engine decodes the others
+        scorer = StreamingScorer(
+            [data.questions[q].answer for q in questions for _ in range(n)],
             config.data.reward,
             timeout=config.data.reward_timeout,
         )
-        metrics["time/score"] = time.perf_counter() - started
+        streaming = {"on_finished": scorer.submit} if streams_finished(engine) else {}
+        started = time.perf_counter()
+        try:
+            rollouts = engine.generate(
+                [data.prompt_ids[q] for q in questions], n, sampling, **streaming
+            )
+        except BaseException:
+            scorer.close()
+            raise
+        metrics["time/generate"] = time.perf_counter() - started
+        started = time.perf_counter()
+        result = scorer.result([r.text for r in rollouts])
+        metrics["time/score"] = time.perf_counter() - started  # what scoring added after generation
+        metrics["perf/score_overlapped_s"] = max(0.0, scorer.busy_s - metrics["time/score"])
         rewards = list(result.scores)
         correct = torch.tensor(
             [sum(rewards[i * n + j] > 0.5 for j in range(n)) for i in range(len(questions))],
