@@ -15,7 +15,7 @@ from hpt.estimator.unified import KIND_ID
 from hpt.train.batch import Row, collate, token_micro_batches
 from hpt.train.config import TrainConfig
 from hpt.train.policy import Policy
-from hpt.train.step import packs, plan_passes, prepare, update
+from hpt.train.step import packs, plan_passes, prepare, shares_prompts, update
 
 
 def make_rows(vocab: int, seed: int = 0) -> list[Row]:
@@ -108,7 +108,11 @@ def test_update_gradients_equal_the_padded_path(tiny, optim, algorithm_name):
     pad = tokenizer.pad_token_id
     # the padded, fixed-rows path as it was before packing: the reference
     loss_ref, grads_ref, _ = gradients_after_update(
-        model, rows, pad, settings(packing=False, micro_batch_size=8), algorithm
+        model,
+        rows,
+        pad,
+        settings(packing=False, micro_batch_size=8, share_prompts=False),
+        algorithm,
     )
     loss, grads, batch = gradients_after_update(model, rows, pad, settings(**optim), algorithm)
     if optim.get("micro_batch_tokens"):
@@ -256,3 +260,114 @@ def test_engine_old_logprobs_refused_when_demonstrations_need_them():
         config, rollout=dataclasses.replace(config.rollout, old_logprobs="auto")
     )
     assert not old_logprobs_from_engine(auto, object(), custom)
+
+
+# --- shared prompts: each distinct prompt runs once, the responses on its KV cache ---------------
+
+
+def make_shared_rows(vocab: int, seed: int = 0, longest: int = 15) -> list[Row]:
+    """Three questions (prompts of 4, 9 and 13 tokens), each with rollouts and a demonstration of
+    uneven response lengths (one of a single token), plus one question with a single row."""
+    g = torch.Generator().manual_seed(seed)
+
+    def tokens(n: int) -> list[int]:
+        return torch.randint(5, vocab, (n,), generator=g).tolist()
+
+    rows = []
+    for q, p in enumerate((9, 4, 13)):
+        prompt = tokens(p)
+        for j in range(4):
+            n = 1 if (q, j) == (1, 2) else int(torch.randint(2, longest + 1, (1,), generator=g))
+            kind = "sft" if j == 3 else "rollout"
+            rows.append(Row(prompt, tokens(n), kind, q, float(j % 2), 0.5 + 0.1 * j))
+    rows.append(Row(tokens(6), tokens(5), "rollout", 3, 1.0))
+    return rows
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_shared_prompt_logprobs_equal_each_row_alone(tiny, attention):
+    model, tokenizer = tiny
+    model = copy.deepcopy(model).eval()
+    model.config._attn_implementation = attention
+    rows = make_shared_rows(model.config.vocab_size)
+    batch = collate(rows, tokenizer.pad_token_id, KIND_ID)
+    policy = Policy(model, value_head=True, temperature=0.7)
+    torch.nn.init.normal_(policy.value_head.weight)
+    args = (batch.input_ids, batch.attention_mask, batch.response_index, batch.labels)
+    with torch.no_grad():
+        lp_pad, ent_pad, v_pad = policy(*args)
+        lp, ent, v = policy(*args, share_prompts=True)
+        for i, row in enumerate(rows):  # an independent reference: each row alone, unpadded
+            ids = torch.tensor([row.prompt_ids + row.response_ids])
+            logits = model(input_ids=ids).logits[0, len(row.prompt_ids) - 1 : -1] / 0.7
+            alone = torch.log_softmax(logits.float(), -1)
+            alone = alone.gather(1, torch.tensor(row.response_ids)[:, None]).squeeze(1)
+            torch.testing.assert_close(lp[i, : len(row.response_ids)], alone, atol=1e-5, rtol=1e-5)
+    mask = batch.response_mask
+    for shared, padded in ((lp, lp_pad), (ent, ent_pad), (v, v_pad)):
+        torch.testing.assert_close(shared[mask], padded[mask], atol=1e-5, rtol=1e-5)
+
+
+def test_share_prompts_splits_rows_by_prompt():
+    from hpt.train.batch import share_prompts
+
+    rows = make_shared_rows(50)
+    batch = collate(rows, 0, KIND_ID)
+    shared = share_prompts(batch.input_ids, batch.attention_mask, batch.response_index)
+    assert shared.prompt_of_row.tolist() == [0] * 4 + [1] * 4 + [2] * 4 + [3]
+    assert shared.prompt_mask.sum(1).tolist() == [9, 4, 13, 6]
+    for i, row in enumerate(rows):
+        g, r = int(shared.prompt_of_row[i]), len(row.response_ids)
+        assert shared.prompt_ids[g, : len(row.prompt_ids)].tolist() == row.prompt_ids
+        assert shared.response_ids[i, :r].tolist() == row.response_ids
+        assert shared.response_mask[i].sum() == r
+    alone = collate(rows[-1:] + rows[:1], 0, KIND_ID)  # two rows, two prompts: nothing to share
+    assert share_prompts(alone.input_ids, alone.attention_mask, alone.response_index) is None
+
+
+def test_shared_prompts_with_one_token_responses(tiny):
+    model, tokenizer = tiny
+    rows = [r for r in make_shared_rows(model.config.vocab_size) if r.group == 1]
+    rows = [dataclasses.replace(r, response_ids=r.response_ids[:1]) for r in rows]
+    batch = collate(rows, tokenizer.pad_token_id, KIND_ID)
+    policy = Policy(model)
+    args = (batch.input_ids, batch.attention_mask, batch.response_index, batch.labels)
+    with torch.no_grad():
+        torch.testing.assert_close(policy(*args, share_prompts=True)[0], policy(*args)[0])
+
+
+@pytest.mark.parametrize("micro_batch_size", [16, 3])
+@pytest.mark.parametrize("algorithm_name", ["hpt", "ppo"])
+def test_shared_prompt_update_gradients_equal_the_padded_path(
+    tiny, micro_batch_size, algorithm_name
+):
+    model, tokenizer = tiny
+    algorithm = get_algorithm(algorithm_name)
+    rows = make_shared_rows(model.config.vocab_size, seed=2)
+    pad = tokenizer.pad_token_id
+    off = settings(micro_batch_size=micro_batch_size, share_prompts=False)
+    on = settings(micro_batch_size=micro_batch_size, share_prompts=True)
+    loss_ref, grads_ref, _ = gradients_after_update(model, rows, pad, off, algorithm)
+    loss, grads, _ = gradients_after_update(model, rows, pad, on, algorithm)
+    assert abs(loss - loss_ref) <= 1e-5 * max(1.0, abs(loss_ref))
+    assert grads.keys() == grads_ref.keys() and grads_ref
+    for name, g in grads_ref.items():
+        torch.testing.assert_close(grads[name], g, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_auto_shares_prompts_only_where_it_applies(tiny):
+    model, _ = tiny
+    policy = Policy(model)
+    auto = settings(share_prompts="auto")
+    assert shares_prompts(auto, policy, packed=False)
+    assert shares_prompts(auto, types.SimpleNamespace(module=policy), packed=False)  # DDP
+    assert not shares_prompts(auto, policy, packed=True)
+    assert not shares_prompts(settings(share_prompts=False), policy, packed=False)
+    checkpointing = dataclasses.replace(
+        auto, model=dataclasses.replace(auto.model, gradient_checkpointing=True)
+    )
+    assert not shares_prompts(checkpointing, policy, packed=False)
+    fsdp = dataclasses.replace(
+        auto, distributed=dataclasses.replace(auto.distributed, strategy="fsdp2")
+    )
+    assert not shares_prompts(fsdp, policy, packed=False)

@@ -192,3 +192,64 @@ def token_micro_batches(lengths: torch.Tensor, max_tokens: int, packed: bool) ->
             passes.append([i])
             costs.append((1, n))
     return [torch.tensor(sorted(p), dtype=torch.long) for p in passes]
+
+
+@dataclass
+class SharedPrompts:
+    """A padded micro-batch split into its distinct prompts and each row's response.
+
+    Rows of one question share their prompt token for token (its rollouts, its demonstration); a
+    forward pass then runs each distinct prompt once and every response on top of its prompt's
+    KV cache, instead of every row's prompt again (:meth:`hpt.train.policy.Policy.forward`).
+
+    Shapes: ``prompt_ids``/``prompt_mask`` [G, P] (right padded); ``prompt_of_row`` and
+    ``prompt_lengths`` [N]; ``response_ids``/``response_mask`` [N, R] (right padded, response
+    tokens only).
+    """
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    prompt_of_row: torch.Tensor
+    prompt_lengths: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+
+
+def share_prompts(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, response_index: torch.Tensor
+) -> SharedPrompts | None:
+    """Split right-padded rows (:func:`collate`) into distinct prompts and responses.
+
+    A row's prompt is its first ``response_index[:, 0] + 1`` tokens (the hidden state of the
+    prompt's last token predicts the first response token). Returns None when every row's prompt
+    is its own (nothing to share).
+    """
+    lengths = attention_mask.sum(1)
+    prompt_lengths = response_index[:, 0] + 1
+    prompts: dict[tuple[int, ...], int] = {}
+    rows = input_ids.tolist()
+    prompt_of_row = [
+        prompts.setdefault(tuple(row[:p]), len(prompts))
+        for row, p in zip(rows, prompt_lengths.tolist())
+    ]
+    if len(prompts) == len(rows):
+        return None
+    width = max(len(p) for p in prompts)
+    prompt_ids = torch.zeros((len(prompts), width), dtype=input_ids.dtype)
+    prompt_mask = torch.zeros((len(prompts), width), dtype=attention_mask.dtype)
+    for tokens, g in prompts.items():
+        prompt_ids[g, : len(tokens)] = torch.tensor(tokens, dtype=input_ids.dtype)
+        prompt_mask[g, : len(tokens)] = 1
+    response_lengths = lengths - prompt_lengths
+    span = max(int(response_lengths.max()), 1)
+    steps = torch.arange(span, device=input_ids.device)
+    index = (prompt_lengths[:, None] + steps).clamp(max=input_ids.shape[1] - 1)
+    response_mask = (steps < response_lengths[:, None]).to(attention_mask.dtype)
+    return SharedPrompts(
+        prompt_ids=prompt_ids.to(input_ids.device),
+        prompt_mask=prompt_mask.to(attention_mask.device),
+        prompt_of_row=torch.tensor(prompt_of_row, dtype=torch.long, device=input_ids.device),
+        prompt_lengths=prompt_lengths,
+        response_ids=input_ids.gather(1, index) * response_mask,
+        response_mask=response_mask,
+    )

@@ -8,10 +8,15 @@ batch never exist at once.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+from typing import Any
+
 import torch
 from torch import nn
 
 from hpt.estimator.likelihood import token_logprobs_and_entropy
+from hpt.rollout.decode import forward_signature
+from hpt.train import batch
 
 
 class Policy(nn.Module):
@@ -57,24 +62,74 @@ class Policy(nn.Module):
         response_index: torch.Tensor,
         labels: torch.Tensor,
         position_ids: torch.Tensor | None = None,
+        share_prompts: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         decoder = self.model.get_decoder()
+        shared = (
+            batch.share_prompts(input_ids, attention_mask, response_index)
+            if share_prompts and position_ids is None
+            else None
+        )
+        if shared is not None:
+            with self._adapters():
+                hidden = self._shared_prompt_hidden(decoder, shared, labels.shape[1])
+            return self._head(hidden, labels)
         if position_ids is None:
             inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         else:  # packed: no 2-D mask, so transformers builds the block-diagonal one from positions
             inputs = {"input_ids": input_ids, "position_ids": position_ids}
         inputs["use_cache"] = False  # a cache would also turn off the packed-sequence detection
-        if self.adapter_disabled:
-            with self.model.disable_adapter():
-                hidden = decoder(**inputs)
-        else:
-            hidden = decoder(**inputs)
-        hidden = hidden.last_hidden_state
+        with self._adapters():
+            hidden = decoder(**inputs).last_hidden_state
         if position_ids is None:
             index = response_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
             hidden = hidden.gather(1, index)  # [N, T, H]
         else:
             hidden = hidden[0][response_index]  # [N, T, H] from the one packed sequence
+        return self._head(hidden, labels)
+
+    def _adapters(self) -> Any:
+        """LoRA adapters off for the reference policy; a no-op otherwise."""
+        return self.model.disable_adapter() if self.adapter_disabled else nullcontext()
+
+    def _shared_prompt_hidden(
+        self, decoder: nn.Module, shared: batch.SharedPrompts, width: int
+    ) -> torch.Tensor:
+        """[N, width, H] hidden states predicting each response token, each prompt run once.
+
+        The distinct prompts go through the decoder with a cache; its keys and values are copied
+        to every row of the prompt (an ``index_select``, so gradients flow back to the one
+        prompt pass), and the responses run on top of them with their own positions. The hidden
+        state of a prompt's last token predicts response token 0; that of response token t - 1
+        predicts token t.
+        """
+        signature = forward_signature(decoder)
+        cache_name = signature.cache_name if signature is not None else "past_key_values"
+        out = decoder(
+            input_ids=shared.prompt_ids, attention_mask=shared.prompt_mask, use_cache=True
+        )
+        rows = shared.prompt_of_row
+        last = out.last_hidden_state[rows, shared.prompt_lengths - 1][:, None]  # [N, 1, H]
+        if width == 1:
+            return last
+        cache = out["cache"] if "cache" in out else out["past_key_values"]
+        cache.reorder_cache(rows)  # [G, ...] -> [N, ...]
+        steps = width - 1  # the last response token predicts nothing
+        mask = torch.cat([shared.prompt_mask[rows], shared.response_mask[:, :steps]], dim=1)
+        positions = shared.prompt_lengths[:, None] + torch.arange(steps, device=rows.device)
+        rest = decoder(
+            input_ids=shared.response_ids[:, :steps],
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            **{cache_name: cache},
+        ).last_hidden_state
+        return torch.cat([last, rest], dim=1)
+
+    def _head(
+        self, hidden: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Log-probs, entropy and values of the [N, T, H] hidden states predicting ``labels``."""
         head = self.model.get_output_embeddings()
         logprobs, entropy = token_logprobs_and_entropy(
             hidden, head.weight, labels, chunk_size=self.chunk_size, temperature=self.temperature

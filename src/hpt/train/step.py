@@ -213,18 +213,19 @@ def prepare(
     old, ref, values_t = torch.zeros(shape), torch.zeros(shape), torch.zeros(shape)
     device = next(policy.parameters()).device
     packed = packs(config, policy)
+    share = shares_prompts(config, policy, packed)
     parts = plan_passes(batch, torch.arange(len(batch)), config, packed)
     for k in range(dist.same_count(policy, len(parts))):
         part = parts[min(k, len(parts) - 1)]
         micro = micro_batch(batch, part, packed).to(device)
-        logprobs, _, value = forward(policy, micro)
+        logprobs, _, value = forward(policy, micro, share)
         if k >= len(parts):
             continue  # a pass only to keep step with the ranks that have more micro-batches
         old[part] = _pad(logprobs, shape[1]).cpu()
         if value is not None:
             values_t[part] = _pad(value, shape[1]).cpu()
         if reference is not None:
-            ref[part] = _pad(forward(reference, micro)[0], shape[1]).cpu()
+            ref[part] = _pad(forward(reference, micro, share)[0], shape[1]).cpu()
     if need_old:
         batch.extras["old_logprobs"] = old
         gap = _sampling_gap(batch)
@@ -292,6 +293,29 @@ def packs(config: TrainConfig, policy: torch.nn.Module | None = None) -> bool:
     return implementation in VARLEN_ATTENTION
 
 
+def shares_prompts(config: TrainConfig, policy: torch.nn.Module | None, packed: bool) -> bool:
+    """Whether padded passes run each distinct prompt once (``optim.share_prompts``).
+
+    ``auto``: on for padded passes under DDP (or one process) without gradient checkpointing
+    (which turns the prompt's KV cache off); FSDP2 runs every layer's forward once a pass.
+    """
+    from hpt.rollout.decode import forward_signature
+
+    setting = config.optim.share_prompts
+    if packed or setting is False:
+        return False
+    if setting is True:
+        return True
+    module = getattr(policy, "module", policy)  # DDP wraps the policy
+    model = getattr(module, "model", None)
+    return (
+        model is not None
+        and not config.model.gradient_checkpointing
+        and config.distributed.strategy == "ddp"
+        and forward_signature(model) is not None
+    )
+
+
 def plan_passes(
     batch: Batch, rows: torch.Tensor, config: TrainConfig, packed: bool
 ) -> list[torch.Tensor]:
@@ -313,14 +337,16 @@ def micro_batch(batch: Batch, rows: torch.Tensor, packed: bool) -> Batch:
     return batch.pack(rows) if packed else batch.select(rows)
 
 
-def forward(policy: torch.nn.Module, micro: Batch) -> Any:
-    """``policy``'s (logprobs, entropy, values) on a micro-batch, packed or padded."""
+def forward(policy: torch.nn.Module, micro: Batch, share_prompts: bool = False) -> Any:
+    """``policy``'s (logprobs, entropy, values) on a micro-batch, packed or padded (each distinct
+    prompt run once when ``share_prompts``)."""
     return policy(
         micro.input_ids,
         micro.attention_mask,
         micro.response_index,
         micro.labels,
         position_ids=micro.position_ids,
+        share_prompts=share_prompts,
     )
 
 
@@ -381,6 +407,7 @@ def update(
     questions = torch.unique(batch.group)
     per_mini = max(1, math.ceil(config.optim.mini_batch_questions / world))
     packed = packs(config, policy)
+    share = shares_prompts(config, policy, packed)
     totals: dict[str, float] = {"loss": 0.0, "grad_norm": 0.0, "updates": 0, "skipped_updates": 0}
     entropy_sum = entropy_tokens = 0.0
     loss_metrics: dict[str, float] = {}
@@ -397,7 +424,7 @@ def update(
                 real = k < len(parts)  # else: a zero-loss pass keeping step with other ranks
                 micro = micro_batch(batch, parts[min(k, len(parts) - 1)], packed).to(device)
                 with dist.no_sync_unless_last(policy, k == passes - 1):
-                    logprobs, entropy, values = forward(policy, micro)
+                    logprobs, entropy, values = forward(policy, micro, share)
                     # one update per batch: pi_old == pi_theta, so the ratio is sg(pi)/sg(pi) = 1
                     old = micro.extras.get("old_logprobs")
                     old = logprobs.detach() if old is None else old

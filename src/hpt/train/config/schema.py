@@ -224,6 +224,12 @@ class OptimConfig:
         "has a varlen kernel (flash-attention), padded otherwise (SDPA/eager attend over the "
         "whole packed sequence with a block-diagonal mask, slower: 1.2-1.7x measured on CPU)",
     )
+    share_prompts: bool | Literal["auto"] = Field(
+        "auto",
+        description="a padded pass runs each distinct prompt once and its rows' responses on its "
+        "KV cache (the rollouts and demonstration of a question share its prompt); auto: on "
+        "where it applies (padded passes, DDP or one process, no gradient checkpointing)",
+    )
     ppo_epochs: Int = Field(1, description="passes over each step's batch", gt=0)
     value_coef: Float = Field(0.5, description="weight of the value loss (PPO with GAE only)", ge=0)
     logits_chunk_size: Int = Field(
