@@ -507,3 +507,116 @@ def test_streams_finished_reads_the_engines_signature(tiny):
     assert streams_finished(HFEngine(model, tokenizer))
     assert not streams_finished(Plain())
     assert not streams_finished(object())
+
+
+# --- the fused Llama-layout decode step -----------------------------------------------------------
+
+
+def tiny_llama(tokenizer, **config):
+    """A random Llama (no biases, llama3 rope scaling) with the tiny tokenizer's vocabulary."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(3)
+    settings = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 4.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+        tie_word_embeddings=False,
+        **config,
+    )
+    return LlamaForCausalLM(LlamaConfig(**settings)).eval()
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "llama-biases"])
+def test_fused_step_decodes_as_the_models_forward(tiny, prompts, arch):
+    """Greedy tokens identical and log-probs to 1e-5, with rows leaving the batch early."""
+    from hpt.rollout.fused import fusable
+
+    model, tokenizer = tiny
+    if arch != "qwen2":
+        biases = {"attention_bias": True, "mlp_bias": True} if arch == "llama-biases" else {}
+        model = tiny_llama(tokenizer, **biases)
+    assert fusable(model)
+    sampling = SamplingParams(0.0, max_new_tokens=14)
+    stop = common_token(model, tokenizer, prompts)
+    fused = HFEngine(model, tokenizer, batch_size=8, stop_token_ids=[stop])
+    plain = HFEngine(model, tokenizer, batch_size=8, stop_token_ids=[stop], fused=False)
+    assert fused.decoder.fused is not None and plain.decoder.fused is None
+    a, b = fused.generate(prompts, 1, sampling), plain.generate(prompts, 1, sampling)
+    assert {r.finish_reason for r in b} == {"stop", "length"}
+    for x, y in zip(a, b):
+        assert x.response_ids == y.response_ids and x.finish_reason == y.finish_reason
+        assert x.logprobs == pytest.approx(y.logprobs, abs=1e-5)
+    sampled = SamplingParams(temperature=0.9, max_new_tokens=10, seed=2)
+    x, y = fused.generate(prompts, 3, sampled), plain.generate(prompts, 3, sampled)
+    assert [r.response_ids for r in x] == [r.response_ids for r in y]  # same draws, same seed
+    assert fused.exact_logprobs(sampled)
+
+
+def test_fused_step_reads_the_weights_of_each_batch(tiny, prompts):
+    """Training changes the weights between generate calls: the fused step follows them."""
+    import copy
+
+    model, tokenizer = tiny
+    model = copy.deepcopy(model)
+    fused = HFEngine(model, tokenizer)
+    plain = HFEngine(model, tokenizer, fused=False)
+    sampling = SamplingParams(0.0, max_new_tokens=8)
+    before = fused.generate(prompts, 1, sampling)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.up_proj.weight.mul_(-3.0)
+            layer.self_attn.k_proj.bias.add_(0.5)
+    after = fused.generate(prompts, 1, sampling)
+    assert [r.response_ids for r in after] == [
+        r.response_ids for r in plain.generate(prompts, 1, sampling)
+    ]
+    assert [r.response_ids for r in after] != [r.response_ids for r in before]
+
+
+def test_fusable_refuses_other_layouts(tiny):
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from hpt.rollout.fused import fusable
+
+    model, tokenizer = tiny
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=len(tokenizer)))
+    assert not fusable(gpt2)
+    lora = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, target_modules=["q_proj"]))
+    assert not fusable(lora)
+    assert HFEngine(lora, tokenizer).decoder.fused is None  # adapters: the model's forward
+    windowed = copy.deepcopy(model)
+    windowed.config.use_sliding_window, windowed.config.sliding_window = True, 16
+    assert not fusable(windowed)
+
+
+def test_bf16_rollouts_sample_near_the_fp32_policy(tiny, prompts):
+    """A bf16 copy of the weights: log-probs near the model's, and not taken as pi_old."""
+    model, tokenizer = tiny
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=12, seed=5)
+    engine = HFEngine(model, tokenizer, dtype="bfloat16")
+    assert not engine.exact_logprobs(sampling)
+    rollouts = engine.generate(prompts, 2, sampling)
+    assert engine.decoder.fused.head_weight.dtype == torch.bfloat16
+    for r in rollouts:
+        exact = teacher_forced_logprobs(model, r)
+        assert (torch.tensor(r.logprobs) - exact).abs().max() < 0.1  # bf16 rounding, not a bug
+    with pytest.raises(ConfigError, match="fused"):
+        HFEngine(model, tokenizer, dtype="bfloat16", fused=False)
+    with pytest.raises(ConfigError, match="rollout dtype"):
+        HFEngine(model, tokenizer, dtype="int8")
+    assert HFEngine(model, tokenizer, dtype="auto").exact_logprobs(sampling)

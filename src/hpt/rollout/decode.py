@@ -160,6 +160,11 @@ class Decoder:
         stop_token_ids: the ids that end a response.
         pad_token_id: the id left-padding prompts.
         compile: ``torch.compile`` the one-token decode step.
+        fused: decode single tokens with :class:`~hpt.rollout.fused.FusedStep` where the model
+            has the Llama layout (:func:`~hpt.rollout.fused.fusable`); the model's forward
+            otherwise, and always for the prefill.
+        fused_dtype: the fused step's weight dtype (None: the model's; see
+            :class:`~hpt.rollout.fused.FusedStep`).
     """
 
     def __init__(
@@ -170,11 +175,18 @@ class Decoder:
         pad_token_id: int,
         *,
         compile: bool = False,
+        fused: bool = True,
+        fused_dtype: torch.dtype | None = None,
     ) -> None:
+        from hpt.rollout.fused import FusedStep, fusable
+
         self.model = model
         self.signature = signature
         self.stop_token_ids = list(stop_token_ids)
         self.pad_token_id = pad_token_id
+        self.fused = (
+            FusedStep(model, fused_dtype) if fused and not compile and fusable(model) else None
+        )
         self.step: Callable[..., torch.Tensor] = self._forward_last
         if compile:
             self.step = torch.compile(self._forward_last, dynamic=True)
@@ -274,6 +286,10 @@ class Decoder:
             )
 
         cache, prefix = self.new_cache(width + steps)
+        step = self.step
+        if self.fused is not None and prefix and not synced:
+            self.fused.refresh()  # this batch's weights (training changed them since the last)
+            step = self.fused
         logits = self._forward_last(
             input_ids, mask[:, :width] if prefix else mask, positions, cache
         )
@@ -309,7 +325,7 @@ class Decoder:
             mask[:, width + t] = 1
             last_position = last_position + 1
             seen = mask[:, : width + t + 1] if prefix else mask
-            logits = self.step(token[:, None], seen, last_position, cache)
+            logits = step(token[:, None], seen, last_position, cache)
         report(torch.arange(batch))
         return Decoded(tokens[:rows].cpu(), logprobs[:rows].cpu(), lengths[:rows].cpu())
 

@@ -80,6 +80,18 @@ def sampling_processors(sampling: SamplingParams) -> list[LogitsProcessor]:
     return processors
 
 
+ROLLOUT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def rollout_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """The torch dtype named by ``dtype`` (None for None or ``"auto"``: the model's own)."""
+    if dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype):
+        return None if dtype == "auto" else dtype  # type: ignore[return-value]
+    if dtype not in ROLLOUT_DTYPES:
+        raise ConfigError(f"rollout dtype {dtype!r}: choose auto, {', '.join(ROLLOUT_DTYPES)}")
+    return ROLLOUT_DTYPES[dtype]
+
+
 def truncate_at_stop(tokens: Sequence[int], stop_ids: set[int]) -> tuple[list[int], str]:
     """Cut a generated sequence after its first stop token (kept); ``(ids, finish_reason)``."""
     for position, token in enumerate(tokens):
@@ -149,6 +161,11 @@ class HFEngine:
             it pays).
         min_new_tokens: stop tokens get probability 0 before this many response tokens (0: off);
             the benchmarks use it to force full-length responses.
+        fused: decode one token a step with the fused Llama-layout step
+            (:mod:`hpt.rollout.fused`) where the model has that layout; False: the model's forward.
+        dtype: the fused step's weight dtype (``"bfloat16"``, ``"float16"``, ``"float32"``;
+            None or ``"auto"``: the model's own). A lower one samples from a bf16 copy of the
+            weights (faster; the log-probs are then not the trainer's, see :meth:`exact_logprobs`).
 
     Example:
         >>> engine = HFEngine(model, tokenizer)
@@ -167,6 +184,8 @@ class HFEngine:
         stop_token_ids: Iterable[int] = (),
         compile: bool = False,
         min_new_tokens: int = 0,
+        fused: bool = True,
+        dtype: str | torch.dtype | None = None,
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"rollout batch_size must be >= 1, got {batch_size}")
@@ -183,19 +202,41 @@ class HFEngine:
         self.stop_token_ids = list(dict.fromkeys(int(t) for t in stop))
         pad = tokenizer.pad_token_id
         self.pad_token_id = int(self.stop_token_ids[0] if pad is None else pad)
+        fused_dtype = rollout_dtype(dtype)
         signature = forward_signature(model)
         # None: the model's forward cannot be driven step by step; model.generate does it instead
         self.decoder = (
             None
             if signature is None
-            else Decoder(model, signature, self.stop_token_ids, self.pad_token_id, compile=compile)
+            else Decoder(
+                model,
+                signature,
+                self.stop_token_ids,
+                self.pad_token_id,
+                compile=compile,
+                fused=fused,
+                fused_dtype=fused_dtype,
+            )
         )
+        own = next(model.parameters()).dtype
+        if fused_dtype not in (None, own) and (self.decoder is None or self.decoder.fused is None):
+            raise ConfigError(
+                f"rollout dtype {dtype}: only the fused decode step samples in another dtype than "
+                f"the model's ({own}); this model decodes through its forward (fused decoding "
+                "needs a Llama/Qwen2/Mistral-layout model without LoRA or FSDP2, and fused on)"
+            )
 
     def exact_logprobs(self, sampling: SamplingParams) -> bool:
         """Whether the returned log-probs are the trainer's ``log softmax(logits / T)`` of the same
         weights: true unless top-k, top-p or ``min_new_tokens`` reshape the sampling distribution
         (the trainer can then take them as pi_old instead of recomputing them)."""
-        return sampling.top_k == 0 and sampling.top_p >= 1.0 and not self.min_new_tokens
+        fused = self.decoder.fused if self.decoder is not None else None
+        return (
+            sampling.top_k == 0
+            and sampling.top_p >= 1.0
+            and not self.min_new_tokens
+            and (fused is None or fused.exact)
+        )
 
     def generate(
         self,

@@ -171,6 +171,8 @@ def train_stage(
         tokenizer,
         batch_size=config.rollout.batch_size,
         compile=config.rollout.compile,
+        fused=config.rollout.fused,
+        dtype=config.rollout.dtype,
         model_path=config.model.path,
         max_model_len=config.data.max_prompt_tokens + config.rollout.max_new_tokens,
     )

@@ -172,6 +172,18 @@ class RolloutConfig:
     )
     batch_size: Int = Field(64, description="sequences generated together by the hf engine", gt=0)
     compile: bool = Field(False, description="torch.compile the hf engine's decode step")
+    fused: bool = Field(
+        True,
+        description="the hf engine decodes Llama-layout models (Llama, Qwen2, Mistral) with a "
+        "fused one-token step (one q/k/v and one gate/up matmul a layer); false: the model's "
+        "forward",
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto",
+        description="weights of the fused decode step; auto: the model's dtype. bfloat16 on a "
+        "float32 model samples from a bf16 copy (faster decoding; pi_old is then recomputed, "
+        "as for a bf16 vLLM engine)",
+    )
     old_logprobs: Literal["auto", "engine", "recompute"] = Field(
         "auto",
         description="pi_old of rollout tokens when a step makes several updates: engine (the "

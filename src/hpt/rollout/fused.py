@@ -1,0 +1,211 @@
+"""A fused one-token decode step for Llama-family decoders (Llama, Qwen2, Mistral layouts).
+
+A Hugging Face forward of one token per row runs every module's Python, builds a 4-D mask and
+launches three projections for attention and two for the MLP, per layer: at rollout batch sizes
+on a CPU that overhead is as large as the matmuls themselves. :class:`FusedStep` computes the
+same function with the model's own weights, concatenated once per batch (the q/k/v projections
+into one matmul, gate and up into another), its own rotary embedding module, and attention as
+two batched matmuls over the filled part of the static cache (grouped query heads without
+copying keys). Prefill, compaction and the cache itself stay :class:`~hpt.rollout.decode.Decoder`'s.
+
+Only architectures whose decoder layer is exactly pre-norm RMSNorm -> rotary self-attention
+(q/k/v with or without bias) -> residual -> RMSNorm -> SiLU-gated MLP -> residual are fused
+(:func:`fusable` checks the model type and the config); the rest, PEFT-wrapped models (whose
+adapters change the projections) and FSDP2-sharded ones decode through the model's forward.
+Tests check that the tokens are the model's own (greedy) and the log-probs agree to 1e-5.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+# model types whose decoder layers have the Llama layout (see the module docstring)
+FUSED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+
+
+def fusable(model: Any) -> bool:
+    """Whether ``model`` is a plain (unwrapped, unsharded) Llama-layout causal LM."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "model_type", None) not in FUSED_MODEL_TYPES:
+        return False
+    if hasattr(model, "get_base_model") or hasattr(model, "peft_config"):
+        return False  # LoRA adapters change the projections
+    # sliding-window attention (Qwen2's use_sliding_window, Mistral's window, per-layer types)
+    windowed = getattr(config, "use_sliding_window", None)
+    if windowed or (windowed is None and getattr(config, "sliding_window", None)):
+        return False
+    if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or ()):
+        return False
+    if getattr(config, "hidden_act", "silu") != "silu" or getattr(config, "pretraining_tp", 1) > 1:
+        return False
+    decoder = getattr(model, "model", None)
+    layers = getattr(decoder, "layers", None)
+    if layers is None or not hasattr(decoder, "rotary_emb") or not hasattr(decoder, "norm"):
+        return False
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - old torch
+        FSDPModule = ()  # noqa: N806
+    if any(isinstance(m, FSDPModule) for m in model.modules()):
+        return False
+    for layer in layers:
+        attention, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        names = ("q_proj", "k_proj", "v_proj", "o_proj")
+        if attention is None or not all(hasattr(attention, n) for n in names):
+            return False
+        if any(hasattr(attention, n) for n in ("q_norm", "k_norm")):
+            return False  # Qwen3-style per-head norms: not this layout
+        if mlp is None or not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
+            return False
+    return True
+
+
+@dataclass
+class _Layer:
+    norm_in: torch.Tensor
+    eps_in: float
+    qkv_weight: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    o_weight: torch.Tensor
+    o_bias: torch.Tensor | None
+    norm_post: torch.Tensor
+    eps_post: float
+    gate_up_weight: torch.Tensor
+    gate_up_bias: torch.Tensor | None
+    down_weight: torch.Tensor
+    down_bias: torch.Tensor | None
+
+
+def _rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype
+) -> torch.Tensor:
+    """Transformers' Llama RMSNorm: normalised in float32, scaled in ``dtype``."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of ``x`` [B, heads, d] (rotate-half convention, as transformers')."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def _cat(tensors: list[torch.Tensor | None], like: list[torch.Tensor]) -> torch.Tensor | None:
+    """Biases of concatenated projections (zeros for those without one); None if none has one."""
+    if all(t is None for t in tensors):
+        return None
+    return torch.cat(
+        [t if t is not None else w.new_zeros(w.shape[0]) for t, w in zip(tensors, like)]
+    )
+
+
+class FusedStep:
+    """``step(token [B, 1], mask [B, L], position [B, 1], cache) -> logits [B, vocab]``.
+
+    Args:
+        model: a Llama-layout causal LM (:func:`fusable`).
+        dtype: the dtype of the projections' weights and inputs (None: the model's own). A
+            lower one than the model's (``torch.bfloat16`` for a float32 model) keeps a copy of
+            the weights in it: half the bytes a step reads, and bf16 matrix units where the CPU
+            or GPU has them. The residual stream, the norms, attention and the KV cache stay in
+            the model's dtype; tokens are then sampled from a slightly different distribution
+            than the trainer's (as rollouts from a bf16 vLLM are), so their log-probs are not
+            taken as pi_old.
+
+    The weights are read from ``model`` when :meth:`refresh` is called (once per decoded batch:
+    training changes them between batches); ``cache`` is the decoder's static cache, whose layers
+    take ``update(keys, values)`` and return the filled keys and values [B, kv_heads, L, d].
+    """
+
+    def __init__(self, model: Any, dtype: torch.dtype | None = None) -> None:
+        self.model = model
+        config = model.config
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.scale = self.head_dim**-0.5
+        self.dtype = dtype or next(model.parameters()).dtype
+        self.layers: list[_Layer] = []
+        self.head_weight: torch.Tensor | None = None
+        self.head_bias: torch.Tensor | None = None
+
+    @property
+    def exact(self) -> bool:
+        """Whether the step computes in the model's own dtype (its log-probs are the trainer's)."""
+        return self.dtype == next(self.model.parameters()).dtype
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Copy the current weights (q/k/v and gate/up concatenated) for the next batch."""
+        dtype = self.dtype
+
+        def cast(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.detach().to(dtype)
+
+        layers = []
+        for layer in self.model.model.layers:
+            attention, mlp = layer.self_attn, layer.mlp
+            qkv = [attention.q_proj, attention.k_proj, attention.v_proj]
+            gate_up = [mlp.gate_proj, mlp.up_proj]
+            layers.append(
+                _Layer(
+                    norm_in=cast(layer.input_layernorm.weight),
+                    eps_in=_eps(layer.input_layernorm),
+                    qkv_weight=cast(torch.cat([p.weight for p in qkv])),
+                    qkv_bias=cast(_cat([p.bias for p in qkv], [p.weight for p in qkv])),
+                    o_weight=cast(attention.o_proj.weight),
+                    o_bias=cast(attention.o_proj.bias),
+                    norm_post=cast(layer.post_attention_layernorm.weight),
+                    eps_post=_eps(layer.post_attention_layernorm),
+                    gate_up_weight=cast(torch.cat([p.weight for p in gate_up])),
+                    gate_up_bias=cast(_cat([p.bias for p in gate_up], [p.weight for p in gate_up])),
+                    down_weight=cast(mlp.down_proj.weight),
+                    down_bias=cast(mlp.down_proj.bias),
+                )
+            )
+        self.layers = layers
+        head = self.model.get_output_embeddings()
+        self.head_weight, self.head_bias = cast(head.weight), cast(getattr(head, "bias", None))
+        self.norm_weight = cast(self.model.model.norm.weight)
+
+    @torch.no_grad()
+    def __call__(
+        self, token: torch.Tensor, mask: torch.Tensor, position: torch.Tensor, cache: Any
+    ) -> torch.Tensor:
+        decoder, dtype = self.model.model, self.dtype
+        x = decoder.embed_tokens(token[:, 0])  # [B, D], the residual stream in the model's dtype
+        rows = x.shape[0]
+        cos, sin = decoder.rotary_emb(x[:, None], position)  # [B, 1, d]
+        hidden_q = self.heads * self.head_dim
+        hidden_kv = self.kv_heads * self.head_dim
+        group = self.heads // self.kv_heads
+        blocked = (mask == 0)[:, None, None, :]  # [B, 1, 1, L]
+        for layer, storage in zip(self.layers, cache.layers):
+            h = _rms_norm(x, layer.norm_in, layer.eps_in, dtype)
+            qkv = F.linear(h, layer.qkv_weight, layer.qkv_bias).to(x.dtype)
+            q = qkv[:, :hidden_q].view(rows, self.heads, self.head_dim)
+            k = qkv[:, hidden_q : hidden_q + hidden_kv].view(rows, self.kv_heads, self.head_dim)
+            v = qkv[:, hidden_q + hidden_kv :].view(rows, self.kv_heads, self.head_dim)
+            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+            keys, values = storage.update(k[:, :, None], v[:, :, None])  # [B, kv, L, d]
+            q = q.view(rows, self.kv_heads, group, self.head_dim)
+            scores = torch.matmul(q, keys.transpose(-1, -2)) * self.scale  # [B, kv, group, L]
+            scores = scores.float().masked_fill(blocked, float("-inf"))
+            weights = torch.softmax(scores, dim=-1).to(values.dtype)
+            attended = torch.matmul(weights, values).reshape(rows, hidden_q).to(dtype)
+            x = x + F.linear(attended, layer.o_weight, layer.o_bias)
+            h = _rms_norm(x, layer.norm_post, layer.eps_post, dtype)
+            gate, up = F.linear(h, layer.gate_up_weight, layer.gate_up_bias).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, layer.down_weight, layer.down_bias)
+        x = _rms_norm(x, self.norm_weight, _eps(decoder.norm), dtype)
+        return F.linear(x, self.head_weight, self.head_bias)
+
+
+def _eps(norm: Any) -> float:
+    return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
