@@ -68,6 +68,9 @@ class Settings:
     force_length: bool = True  # every response runs to max_new_tokens (EOS suppressed, both sides)
     compile: bool = False  # hpt: torch.compile the decode step (HFEngine(compile=True))
     generate_path: bool = False  # hpt: the engine's model.generate fallback (the engine before #12)
+    fused: bool = True  # hpt: rollout.fused (the fused Llama-layout decode step)
+    share_prompts: bool = True  # hpt: optim.share_prompts (each distinct prompt once a pass)
+    rollout_dtype: str = "auto"  # hpt: rollout.dtype (bfloat16: sample from a bf16 weight copy)
 
     @property
     def rows(self) -> int:
@@ -302,6 +305,9 @@ def hpt_overrides(
         "rollout.top_p=1.0",
         "rollout.top_k=0",
         f"rollout.batch_size={settings.rows}",  # all rollouts in one generate call, as TRL
+        f"rollout.fused={str(settings.fused).lower()}",
+        f"rollout.dtype={settings.rollout_dtype}",
+        f"optim.share_prompts={'auto' if settings.share_prompts else 'false'}",
         f"algo.clip_low={settings.clip}",
         f"algo.clip_high={settings.clip}",
         "algo.aggregation=seq-mean-token-mean",
@@ -647,6 +653,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="hpt: sample with model.generate (the engine's fallback; the 'before' of issue 12)",
     )
     parser.add_argument(
+        "--no-fused", action="store_true", help="hpt: decode through the model's forward"
+    )
+    parser.add_argument(
+        "--no-share-prompts", action="store_true", help="hpt: run every row's prompt in training"
+    )
+    parser.add_argument(
+        "--rollout-dtype",
+        default="auto",
+        choices=("auto", "bfloat16", "float16", "float32"),
+        help="hpt: rollout.dtype (bfloat16 samples from a bf16 copy of the weights: not TRL's "
+        "setting, which samples from the float32 model)",
+    )
+    parser.add_argument(
         "--output", type=Path, default=RESULTS, help="where to write the JSON results"
     )
     # internal: one repeat of one side, run by the orchestrator in a subprocess
@@ -701,6 +720,9 @@ def main(argv: list[str] | None = None) -> int:
             force_length=not args.free_length,
             compile=args.compile,
             generate_path=args.generate_path,
+            fused=not args.no_fused,
+            share_prompts=not args.no_share_prompts,
+            rollout_dtype=args.rollout_dtype,
         )
         if settings.rows % settings.micro_batch:
             print(f"grpo_step: --micro-batch {settings.micro_batch} must divide {settings.rows}")
