@@ -71,6 +71,7 @@ class Settings:
     fused: bool = True  # hpt: rollout.fused (the fused Llama-layout decode step)
     share_prompts: bool = True  # hpt: optim.share_prompts (each distinct prompt once a pass)
     rollout_dtype: str = "auto"  # hpt: rollout.dtype (bfloat16: sample from a bf16 weight copy)
+    compile_update: bool = False  # hpt: optim.compile (compiled decoder layers in training passes)
 
     @property
     def rows(self) -> int:
@@ -308,6 +309,7 @@ def hpt_overrides(
         f"rollout.fused={str(settings.fused).lower()}",
         f"rollout.dtype={settings.rollout_dtype}",
         f"optim.share_prompts={'auto' if settings.share_prompts else 'false'}",
+        f"optim.compile={str(settings.compile_update).lower()}",
         f"algo.clip_low={settings.clip}",
         f"algo.clip_high={settings.clip}",
         "algo.aggregation=seq-mean-token-mean",
@@ -656,6 +658,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--no-fused", action="store_true", help="hpt: decode through the model's forward"
     )
     parser.add_argument(
+        "--compile-update",
+        action="store_true",
+        help="hpt: optim.compile (torch.compile the decoder layers of the training passes; the "
+        "warm-up step pays the compilation)",
+    )
+    parser.add_argument(
         "--no-share-prompts", action="store_true", help="hpt: run every row's prompt in training"
     )
     parser.add_argument(
@@ -723,6 +731,7 @@ def main(argv: list[str] | None = None) -> int:
             fused=not args.no_fused,
             share_prompts=not args.no_share_prompts,
             rollout_dtype=args.rollout_dtype,
+            compile_update=args.compile_update,
         )
         if settings.rows % settings.micro_batch:
             print(f"grpo_step: --micro-batch {settings.micro_batch} must divide {settings.rows}")

@@ -371,3 +371,28 @@ def test_auto_shares_prompts_only_where_it_applies(tiny):
         auto, distributed=dataclasses.replace(auto.distributed, strategy="fsdp2")
     )
     assert not shares_prompts(fsdp, policy, packed=False)
+
+
+@pytest.mark.slow
+def test_compiled_layers_give_the_eager_gradients(tiny):
+    """optim.compile: the training passes' compiled layers compute what the eager ones do, and
+    the engine's forward outside them stays eager."""
+    model, tokenizer = tiny
+    algorithm = get_algorithm("grpo")
+    rows = make_shared_rows(model.config.vocab_size, seed=3)
+    pad = tokenizer.pad_token_id
+    loss_ref, grads_ref, _ = gradients_after_update(model, rows, pad, settings(), algorithm)
+    compiled = copy.deepcopy(model)
+    policy = Policy(compiled, compile=True)
+    batch = collate(rows, pad, KIND_ID)
+    prepare(batch, policy, None, algorithm, settings(), False)
+    metrics = update(
+        batch, policy, torch.optim.SGD(policy.parameters(), lr=0.0), algorithm, settings(), False
+    )
+    assert abs(metrics["loss"] - loss_ref) <= 1e-5 * max(1.0, abs(loss_ref))
+    for name, p in policy.named_parameters():
+        if name in grads_ref:
+            torch.testing.assert_close(p.grad, grads_ref[name], atol=1e-5, rtol=1e-4, msg=name)
+    assert policy._compiled and all(
+        "forward" not in layer.__dict__ for layer in compiled.model.layers
+    )

@@ -8,7 +8,8 @@ batch never exist at once.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -38,8 +39,13 @@ class Policy(nn.Module):
         chunk_size: int = 4096,
         temperature: float = 1.0,
         adapter_disabled: bool = False,
+        compile: bool = False,
     ):
         super().__init__()
+        # torch.compile the decoder layers' forwards, for this module's passes only (the rollout
+        # engine calls the same layers eagerly): optim.compile
+        self.compile = compile
+        self._compiled: dict[int, Any] = {}
         # LoRA: the reference policy is the same model with its adapters switched off
         self.adapter_disabled = adapter_disabled
         if temperature < 0:
@@ -71,7 +77,7 @@ class Policy(nn.Module):
             else None
         )
         if shared is not None:
-            with self._adapters():
+            with self._adapters(), self._compiled_layers(decoder):
                 hidden = self._shared_prompt_hidden(decoder, shared, labels.shape[1])
             return self._head(hidden, labels)
         if position_ids is None:
@@ -79,7 +85,7 @@ class Policy(nn.Module):
         else:  # packed: no 2-D mask, so transformers builds the block-diagonal one from positions
             inputs = {"input_ids": input_ids, "position_ids": position_ids}
         inputs["use_cache"] = False  # a cache would also turn off the packed-sequence detection
-        with self._adapters():
+        with self._adapters(), self._compiled_layers(decoder):
             hidden = decoder(**inputs).last_hidden_state
         if position_ids is None:
             index = response_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
@@ -91,6 +97,30 @@ class Policy(nn.Module):
     def _adapters(self) -> Any:
         """LoRA adapters off for the reference policy; a no-op otherwise."""
         return self.model.disable_adapter() if self.adapter_disabled else nullcontext()
+
+    @contextmanager
+    def _compiled_layers(self, decoder: nn.Module) -> Iterator[None]:
+        """With ``compile``: the decoder layers run ``torch.compile``-d forwards meanwhile.
+
+        Each layer's forward is compiled once (``dynamic=True``: batch and sequence lengths
+        vary) and set as the layer's own ``forward`` for the duration, so that the rollout
+        engine's prefill outside it stays eager; backward runs the compiled graphs' backward.
+        """
+        layers = list(getattr(decoder, "layers", ())) if self.compile else []
+        # a forward set on the instance (accelerate's hooks do that) is compiled and put back
+        own = [layer.__dict__.get("forward") for layer in layers]
+        for layer in layers:
+            if id(layer) not in self._compiled:
+                self._compiled[id(layer)] = torch.compile(layer.forward, dynamic=True)
+            layer.forward = self._compiled[id(layer)]
+        try:
+            yield
+        finally:
+            for layer, forward in zip(layers, own):
+                if forward is None:
+                    del layer.forward  # the class's forward again
+                else:
+                    layer.forward = forward
 
     def _shared_prompt_hidden(
         self, decoder: nn.Module, shared: batch.SharedPrompts, width: int

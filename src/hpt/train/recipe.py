@@ -142,6 +142,7 @@ def train_stage(
         value_head=algorithm.needs_values,
         chunk_size=config.optim.logits_chunk_size,
         temperature=temperature,
+        compile=config.optim.compile,
     )
     reference = None
     if algorithm.needs_reference_model and is_lora(model):  # no second copy: adapters off

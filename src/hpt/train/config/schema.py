@@ -242,6 +242,11 @@ class OptimConfig:
         "KV cache (the rollouts and demonstration of a question share its prompt); auto: on "
         "where it applies (padded passes, DDP or one process, no gradient checkpointing)",
     )
+    compile: bool = Field(
+        False,
+        description="torch.compile the decoder layers for the training passes (measured on CPU: "
+        "update 13% faster after 20-40 s of compilation; the rollout engine stays eager)",
+    )
     ppo_epochs: Int = Field(1, description="passes over each step's batch", gt=0)
     value_coef: Float = Field(0.5, description="weight of the value loss (PPO with GAE only)", ge=0)
     logits_chunk_size: Int = Field(
