@@ -6,8 +6,8 @@ Two routes to the same numbers:
 - from final hidden states ``[N, T, H]`` and the output head ``[V, H]``
   (:func:`token_logprobs_and_entropy`), in chunks of tokens. Each chunk's logits are built,
   reduced to a log-probability and an entropy, and dropped; backward recomputes one chunk at a time
-  (``torch.utils.checkpoint``), so neither pass holds a ``[tokens x vocab]`` float tensor of the
-  whole batch. With V = 152k (Qwen2.5) and 8k-token responses that tensor alone is ~5 GB a row.
+  and applies the closed-form gradients (:class:`_HeadChunk`), so neither pass holds a
+  ``[tokens x vocab]`` float tensor of the whole batch. With V = 152k (Qwen2.5) and 8k-token responses that tensor alone is ~5 GB a row.
 
 Both work in float32 whatever the model's dtype (the matmul runs in the model's dtype); float64
 inputs stay float64.
@@ -18,7 +18,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 DEFAULT_CHUNK_SIZE = 1024  # tokens per chunk: 1024 x 152k float32 logits = 0.6 GB
 
@@ -64,6 +63,18 @@ def token_entropy(logits: Tensor, temperature: float = 1.0) -> Tensor:
     return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(dim=-1)
 
 
+def _log_softmax_of_chunk(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, temperature: float
+) -> Tensor:
+    """``log softmax(z)`` [C, V] of one chunk, ``z = (h W^T + b) / T``, in float32 (float64
+    stays), written over the logits' own buffer."""
+    logits = F.linear(hidden, weight, bias)
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    if temperature != 1.0:
+        logits = logits.div_(temperature)
+    return logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
+
+
 def _chunk(
     hidden: Tensor,
     weight: Tensor,
@@ -73,17 +84,57 @@ def _chunk(
     with_entropy: bool,
 ) -> tuple[Tensor, Tensor]:
     """Log-probs and entropy of one chunk of tokens: hidden [C, H] -> ([C], [C])."""
-    logits = _upcast(F.linear(hidden, weight, bias))
-    if temperature != 1.0:
-        logits = logits / temperature
+    logp = _log_softmax_of_chunk(hidden, weight, bias, temperature)
     index, valid = _valid_labels(labels)
-    normaliser = torch.logsumexp(logits, dim=-1)
-    picked = logits.gather(-1, index.unsqueeze(-1)).squeeze(-1)
-    logprobs = torch.where(valid, picked - normaliser, 0.0)
+    logprobs = torch.where(valid, logp.gather(-1, index[:, None]).squeeze(-1), 0.0)
     if not with_entropy:
         return logprobs, torch.zeros_like(logprobs)
-    entropy = normaliser - (torch.softmax(logits, dim=-1) * logits).sum(dim=-1)
-    return logprobs, entropy
+    return logprobs, -(logp.exp() * logp).sum(dim=-1)
+
+
+class _HeadChunk(torch.autograd.Function):
+    """:func:`_chunk` with a hand-written backward.
+
+    Backward recomputes the chunk's logits (one matmul, as activation checkpointing would) and
+    applies the closed forms ``d logprob / dz = onehot(label) - p`` and
+    ``dH / dz = -p (log p + H)``, then ``/ T`` and the head's matmuls: a few in-place passes over
+    one [C, V] buffer, instead of autograd's graph of log-sum-exp, softmax, product and sum and
+    their saved [C, V] intermediates. Forward saves only the chunk's inputs and its entropy.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, temperature, with_entropy):  # type: ignore[override]
+        logprobs, entropy = _chunk(hidden, weight, bias, labels, temperature, with_entropy)
+        ctx.save_for_backward(hidden, weight, bias, labels, entropy)
+        ctx.temperature, ctx.with_entropy = temperature, with_entropy
+        if not with_entropy:
+            ctx.mark_non_differentiable(entropy)
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy):  # type: ignore[override]
+        hidden, weight, bias, labels, entropy = ctx.saved_tensors
+        logp = _log_softmax_of_chunk(hidden, weight, bias, ctx.temperature)
+        index, valid = _valid_labels(labels)
+        if grad_logprobs is None:
+            grad_logprobs = torch.zeros_like(entropy)
+        g_lp = torch.where(valid, grad_logprobs, 0.0).to(logp.dtype)[:, None]
+        probs = logp.exp()
+        if ctx.with_entropy and grad_entropy is not None:
+            g_h = grad_entropy.to(logp.dtype)[:, None]
+            coef = (
+                logp.add_(entropy.to(logp.dtype)[:, None]).mul_(g_h).add_(g_lp)
+            )  # g_lp + g_H (log p + H)
+        else:
+            coef = g_lp
+        grad_z = probs.mul_(coef).neg_().scatter_add_(-1, index[:, None], g_lp)
+        if ctx.temperature != 1.0:
+            grad_z = grad_z.div_(ctx.temperature)
+        grad_z = grad_z.to(weight.dtype)
+        grad_hidden = grad_z @ weight if ctx.needs_input_grad[0] else None
+        grad_weight = grad_z.T @ hidden if ctx.needs_input_grad[1] else None
+        grad_bias = grad_z.sum(0) if bias is not None and ctx.needs_input_grad[2] else None
+        return grad_hidden, grad_weight, grad_bias, None, None, None
 
 
 def token_logprobs_and_entropy(
@@ -133,7 +184,7 @@ def token_logprobs_and_entropy(
             with_entropy,
         )
         if needs_grad:
-            lp, ent = checkpoint(_chunk, *piece, use_reentrant=False)
+            lp, ent = _HeadChunk.apply(*piece)
         else:
             lp, ent = _chunk(*piece)
         logprobs.append(lp)
