@@ -228,8 +228,9 @@ class HFEngine:
 
     def exact_logprobs(self, sampling: SamplingParams) -> bool:
         """Whether the returned log-probs are the trainer's ``log softmax(logits / T)`` of the same
-        weights: true unless top-k, top-p or ``min_new_tokens`` reshape the sampling distribution
-        (the trainer can then take them as pi_old instead of recomputing them)."""
+        weights: true unless top-k, top-p or ``min_new_tokens`` reshape the sampling distribution,
+        or the fused step samples from a copy of the weights in another dtype (the trainer can
+        then take them as pi_old instead of recomputing them)."""
         fused = self.decoder.fused if self.decoder is not None else None
         return (
             sampling.top_k == 0
