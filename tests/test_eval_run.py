@@ -515,3 +515,54 @@ def test_smollm2_on_all_eight_shared_benchmarks(tmp_path, capsys, one_thread):
     assert len(samples) == 8 * 2 * 2 and all(s["response"] for s in samples)
     assert "AIME24" in printed and "OOD avg" in printed
     print((out / "results.md").read_text())  # shown with -s
+
+
+def test_streamed_verdicts_equal_verdicts_after_generation(tiny):
+    """An engine that reports rollouts as they finish (out of order, in pieces) is verified while
+    it generates; the records are those of verifying after it returns."""
+    _, tokenizer = tiny
+
+    class Streaming(ScriptedEngine):
+        def generate(self, prompts, n, sampling, on_finished=None):
+            out = super().generate(prompts, n, sampling)
+            pairs = list(enumerate(out))[::-1]
+            if on_finished is not None:
+                on_finished(pairs[: len(pairs) // 2])
+                self.streamed += len(pairs) // 2
+                on_finished(pairs[len(pairs) // 2 : -1])  # the first rollout is never reported
+            return out
+
+    questions = [
+        Question(id=f"q{i}", prompt=f"What is {a}?", answer=str(a)) for i, a in enumerate((2, 3))
+    ]
+    script = {"What is 2?": ["\\boxed{2}", "\\boxed{1}", "2"], "What is 3?": ["\\boxed{3}", "no"]}
+    SCRIPT.update(script)
+    try:
+        results = []
+        for engine in (ScriptedEngine(tokenizer), Streaming(tokenizer)):
+            engine.streamed = 0
+            results.append(
+                evaluate_questions(
+                    None,
+                    tokenizer,
+                    questions,
+                    k=3,
+                    engine=engine,
+                    sampling=SamplingParams(temperature=1.0, seed=0),
+                )
+            )
+    finally:
+        for key in script:
+            SCRIPT.pop(key)
+    assert engine.streamed > 0
+    plain, streamed = results
+    assert [s["verdict"] for s in plain["samples"]] == [s["verdict"] for s in streamed["samples"]]
+    assert [s["verdict"] for s in plain["samples"]] == [
+        1.0,
+        0.0,
+        0.0,
+        1.0,
+        0.0,
+        1.0,
+    ]  # "2" is unboxed
+    assert plain["avg@k"] == streamed["avg@k"]

@@ -50,14 +50,37 @@ def _extractor(reward: str) -> Callable[[str], str | None]:
     return extract_boxed
 
 
-def _score(
-    responses: list[str], answers: list[str], reward: str, timeout: float
-) -> tuple[list[float], int]:
-    """Verdicts of one batch and its count of verifier timeouts (reported per batch)."""
-    from hpt.rewards import score
+def _generate_and_score(
+    engine: Any,
+    prompts: list[list[int]],
+    n: int,
+    sampling: Any,
+    answers: list[str],
+    reward: str,
+    timeout: float,
+) -> tuple[list[Any], list[float], int]:
+    """One batch's rollouts, their verdicts and its count of verifier timeouts.
 
-    result = score(responses, answers, reward, timeout=timeout)
-    return [float(s) for s in result.scores], int(result.timeouts)
+    Rollouts the engine reports as they finish are verified while it generates the rest
+    (:class:`hpt.rewards.StreamingScorer`); the others after it returns.
+    """
+    from hpt.rewards import StreamingScorer
+    from hpt.rollout import streams_finished
+
+    scorer = StreamingScorer(answers, reward, timeout=timeout)
+    streaming = {"on_finished": scorer.submit} if streams_finished(engine) else {}
+    try:
+        rollouts = engine.generate(prompts, n=n, sampling=sampling, **streaming)
+    except BaseException:
+        scorer.close()
+        raise
+    if len(rollouts) != len(answers):
+        scorer.close()
+        raise RuntimeError(
+            f"engine returned {len(rollouts)} rollouts for {len(prompts)} prompts x {n}"
+        )
+    result = scorer.result([r.text for r in rollouts])
+    return rollouts, [float(s) for s in result.scores], int(result.timeouts)
 
 
 def _question_keys(questions: Sequence[Any]) -> list[str]:
@@ -141,15 +164,11 @@ def sample_and_score(
                 if sampling.seed is None
                 else replace(sampling, seed=sampling.seed + batch_index)
             )
-            rollouts = engine.generate(prompts, n=n, sampling=seeded)
-            if len(rollouts) != len(indices) * n:
-                raise RuntimeError(
-                    f"engine returned {len(rollouts)} rollouts for {len(indices)} prompts x {n}"
-                )
             slots = [(i, j) for i in indices for j in missing[i][:n]]
-            responses = [r.text for r in rollouts]
             answers = [str(questions[i].answer) for i, _ in slots]
-            verdicts, timeouts = _score(responses, answers, reward, timeout)
+            rollouts, verdicts, timeouts = _generate_and_score(
+                engine, prompts, n, seeded, answers, reward, timeout
+            )
             new = []
             for (i, j), rollout, answer, verdict in zip(slots, rollouts, answers, verdicts):
                 record = {
