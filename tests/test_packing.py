@@ -336,17 +336,19 @@ def test_shared_prompts_with_one_token_responses(tiny):
         torch.testing.assert_close(policy(*args, share_prompts=True)[0], policy(*args)[0])
 
 
-@pytest.mark.parametrize("micro_batch_size", [16, 3])
+@pytest.mark.parametrize(
+    "passes",
+    [{"micro_batch_size": 16}, {"micro_batch_size": 3}, {"micro_batch_tokens": 60}],
+    ids=["one-pass", "rows-split-a-question", "by-tokens"],
+)
 @pytest.mark.parametrize("algorithm_name", ["hpt", "ppo"])
-def test_shared_prompt_update_gradients_equal_the_padded_path(
-    tiny, micro_batch_size, algorithm_name
-):
+def test_shared_prompt_update_gradients_equal_the_padded_path(tiny, passes, algorithm_name):
     model, tokenizer = tiny
     algorithm = get_algorithm(algorithm_name)
     rows = make_shared_rows(model.config.vocab_size, seed=2)
     pad = tokenizer.pad_token_id
-    off = settings(micro_batch_size=micro_batch_size, share_prompts=False)
-    on = settings(micro_batch_size=micro_batch_size, share_prompts=True)
+    off = settings(**passes, share_prompts=False)
+    on = settings(**passes, share_prompts=True)
     loss_ref, grads_ref, _ = gradients_after_update(model, rows, pad, off, algorithm)
     loss, grads, _ = gradients_after_update(model, rows, pad, on, algorithm)
     assert abs(loss - loss_ref) <= 1e-5 * max(1.0, abs(loss_ref))
