@@ -620,3 +620,32 @@ def test_bf16_rollouts_sample_near_the_fp32_policy(tiny, prompts):
     with pytest.raises(ConfigError, match="rollout dtype"):
         HFEngine(model, tokenizer, dtype="int8")
     assert HFEngine(model, tokenizer, dtype="auto").exact_logprobs(sampling)
+
+
+def test_copies_of_a_prompt_are_prefilled_once(tiny, prompts, monkeypatch):
+    """n samples of a prompt share one prefill (its cache copied to every copy): the same tokens
+    and log-probs as prefilling every row."""
+    import hpt.rollout.decode as decode
+
+    assert decode.distinct_rows([[1, 2], [3], [1, 2], [3], [4]]) == ([0, 1, 4], [0, 1, 0, 1, 2])
+    model, tokenizer = tiny
+    sampling = SamplingParams(temperature=0.9, max_new_tokens=12, seed=7)
+    calls: list[int] = []
+    engine = HFEngine(model, tokenizer, batch_size=64)
+    forward = engine.decoder._forward_last
+
+    def counted(input_ids, *args):
+        calls.append(input_ids.shape[0])
+        return forward(input_ids, *args)
+
+    monkeypatch.setattr(engine.decoder, "_forward_last", counted)
+    shared = engine.generate(prompts, 4, sampling)
+    assert calls == [len(prompts)]  # one prefill row per distinct prompt
+    monkeypatch.setattr(
+        decode, "distinct_rows", lambda p: (list(range(len(p))), list(range(len(p))))
+    )
+    each = engine.generate(prompts, 4, sampling)
+    assert calls[-1] == 4 * len(prompts)
+    assert [r.response_ids for r in shared] == [r.response_ids for r in each]
+    for a, b in zip(shared, each):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)

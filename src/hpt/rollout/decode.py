@@ -290,9 +290,18 @@ class Decoder:
         if self.fused is not None and prefix and not synced:
             self.fused.refresh()  # this batch's weights (training changed them since the last)
             step = self.fused
-        logits = self._forward_last(
-            input_ids, mask[:, :width] if prefix else mask, positions, cache
-        )
+        # the n copies of a prompt are prefilled once; the cache and logits are then copied out
+        first, copy_of = distinct_rows(live_prompts)
+        seen = mask[:, :width] if prefix else mask
+        if len(first) < batch:
+            rows_in, of = torch.tensor(first, device=device), torch.tensor(copy_of, device=device)
+            logits = self._forward_last(
+                input_ids[rows_in], seen[rows_in], positions[rows_in], cache
+            )
+            cache.reorder_cache(of)  # [distinct, ...] -> [batch, ...]
+            logits = logits[of]
+        else:
+            logits = self._forward_last(input_ids, seen, positions, cache)
         last_position = positions[:, -1:]
         for t in range(steps):
             if t < min_new_tokens:
@@ -360,6 +369,21 @@ class PrefixStaticLayer(StaticLayer):
     def reset(self) -> None:
         super().reset()
         self.filled = 0
+
+
+def distinct_rows(prompts: Sequence[Sequence[int]]) -> tuple[list[int], list[int]]:
+    """``(first, copy_of)``: the first row of each distinct prompt, and for every row the index
+    (into ``first``) of its prompt."""
+    seen: dict[tuple[int, ...], int] = {}
+    first: list[int] = []
+    copy_of = []
+    for row, prompt in enumerate(prompts):
+        key = tuple(prompt)
+        if key not in seen:
+            seen[key] = len(first)
+            first.append(row)
+        copy_of.append(seen[key])
+    return first, copy_of
 
 
 def left_pad_tensors(
