@@ -599,6 +599,12 @@ def test_fusable_refuses_other_layouts(tiny):
     lora = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, target_modules=["q_proj"]))
     assert not fusable(lora)
     assert HFEngine(lora, tokenizer).decoder.fused is None  # adapters: the model's forward
+    from peft import inject_adapter_in_model
+
+    injected = inject_adapter_in_model(
+        LoraConfig(r=2, target_modules=["v_proj"]), copy.deepcopy(model)
+    )  # adapters in a plain model, no PEFT wrapper
+    assert not fusable(injected)
     windowed = copy.deepcopy(model)
     windowed.config.use_sliding_window, windowed.config.sliding_window = True, 16
     assert not fusable(windowed)
