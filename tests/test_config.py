@@ -436,3 +436,12 @@ def test_readme_config_table_is_current():
 
     readme = Path(__file__).parents[1] / "README.md"
     assert render_config_table().strip() in readme.read_text()
+
+
+def test_rollout_dtype_needs_the_fused_hf_step(tmp_path):
+    message = error_of(None, ["rollout.dtype=bfloat16", "rollout.fused=false"])
+    assert "rollout.dtype=bfloat16 (--set rollout.dtype=bfloat16)" in message
+    assert "rollout.fused=false" in message
+    message = error_of(write(tmp_path, "rollout:\n  engine: vllm\n  dtype: bfloat16\n"), [])
+    assert "run.yaml:3" in message and "rollout.engine=vllm" in message
+    assert load_config(None, ["rollout.dtype=bfloat16"]).rollout.dtype == "bfloat16"

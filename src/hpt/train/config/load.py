@@ -128,6 +128,7 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     for index, (_, stage_config) in enumerate(resolve_stages(config)):
         prefix = f"stages.{index}." if config.stages else ""
         _check_algorithm(stage_config, prefix, source)
+        _check_rollout(stage_config, prefix, source)
     return config
 
 
@@ -186,6 +187,18 @@ def _fill_derived(config: TrainConfig) -> TrainConfig:
             config.eval, max_new_tokens=config.eval.max_new_tokens or data.max_response_tokens
         ),
     )
+
+
+def _check_rollout(config: TrainConfig, prefix: str, source: _Source) -> None:
+    """Rollout keys that contradict each other (checked here, before any model is loaded)."""
+    rollout = config.rollout
+    key = f"{prefix}rollout.dtype"
+    if rollout.dtype != "auto" and (rollout.engine != "hf" or not rollout.fused):
+        raise ConfigError(
+            f"{key}={rollout.dtype}{source.where(key)}: only the hf engine's fused decode step "
+            f"samples in another dtype than the model's (rollout.engine={rollout.engine}, "
+            f"rollout.fused={str(rollout.fused).lower()})"
+        )
 
 
 def _check_algorithm(config: TrainConfig, prefix: str, source: _Source) -> None:
