@@ -445,3 +445,10 @@ def test_rollout_dtype_needs_the_fused_hf_step(tmp_path):
     message = error_of(write(tmp_path, "rollout:\n  engine: vllm\n  dtype: bfloat16\n"), [])
     assert "run.yaml:3" in message and "rollout.engine=vllm" in message
     assert load_config(None, ["rollout.dtype=bfloat16"]).rollout.dtype == "bfloat16"
+
+
+def test_shared_prompts_are_refused_under_fsdp2():
+    message = error_of(None, ["optim.share_prompts=true", "distributed.strategy=fsdp2"])
+    assert "optim.share_prompts=true (--set optim.share_prompts=true)" in message
+    assert "FSDP2" in message
+    load_config(None, ["optim.share_prompts=auto", "distributed.strategy=fsdp2"])  # auto: off

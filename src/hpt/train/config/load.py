@@ -128,7 +128,7 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     for index, (_, stage_config) in enumerate(resolve_stages(config)):
         prefix = f"stages.{index}." if config.stages else ""
         _check_algorithm(stage_config, prefix, source)
-        _check_rollout(stage_config, prefix, source)
+        _check_combinations(stage_config, prefix, source)
     return config
 
 
@@ -189,8 +189,14 @@ def _fill_derived(config: TrainConfig) -> TrainConfig:
     )
 
 
-def _check_rollout(config: TrainConfig, prefix: str, source: _Source) -> None:
-    """Rollout keys that contradict each other (checked here, before any model is loaded)."""
+def _check_combinations(config: TrainConfig, prefix: str, source: _Source) -> None:
+    """Keys that contradict each other (checked here, before any model is loaded)."""
+    key = f"{prefix}optim.share_prompts"
+    if config.optim.share_prompts is True and config.distributed.strategy == "fsdp2":
+        raise ConfigError(
+            f"{key}=true{source.where(key)}: shared prompts run each decoder layer twice a pass, "
+            "which FSDP2 does not support; use auto (off under fsdp2) or false"
+        )
     rollout = config.rollout
     key = f"{prefix}rollout.dtype"
     if rollout.dtype != "auto" and (rollout.engine != "hf" or not rollout.fused):
