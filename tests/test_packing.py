@@ -55,6 +55,14 @@ def gradients_after_update(model, rows, pad_id, config, algorithm):
     return metrics["loss"], grads, batch
 
 
+def assert_same_update(loss, grads, loss_ref, grads_ref):
+    """The same loss and the same gradient of every parameter (to float32 rounding)."""
+    assert abs(loss - loss_ref) <= 1e-5 * max(1.0, abs(loss_ref))
+    assert grads.keys() == grads_ref.keys() and grads_ref
+    for name, g in grads_ref.items():
+        torch.testing.assert_close(grads[name], g, atol=1e-6, rtol=1e-4, msg=name)
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_packed_logprobs_equal_padded(tiny, attention):
     model, tokenizer = tiny
@@ -119,10 +127,7 @@ def test_update_gradients_equal_the_padded_path(tiny, optim, algorithm_name):
         config = settings(**optim)
         passes = plan_passes(batch, torch.arange(len(batch)), config, packs(config))
         assert len(passes) > 1
-    assert abs(loss - loss_ref) <= 1e-5 * max(1.0, abs(loss_ref))
-    assert grads.keys() == grads_ref.keys() and grads_ref
-    for name, g in grads_ref.items():
-        torch.testing.assert_close(grads[name], g, atol=1e-6, rtol=1e-4, msg=name)
+    assert_same_update(loss, grads, loss_ref, grads_ref)
 
 
 def test_auto_packs_only_with_a_varlen_attention_kernel(tiny):
@@ -351,10 +356,7 @@ def test_shared_prompt_update_gradients_equal_the_padded_path(tiny, passes, algo
     on = settings(**passes, share_prompts=True)
     loss_ref, grads_ref, _ = gradients_after_update(model, rows, pad, off, algorithm)
     loss, grads, _ = gradients_after_update(model, rows, pad, on, algorithm)
-    assert abs(loss - loss_ref) <= 1e-5 * max(1.0, abs(loss_ref))
-    assert grads.keys() == grads_ref.keys() and grads_ref
-    for name, g in grads_ref.items():
-        torch.testing.assert_close(grads[name], g, atol=1e-6, rtol=1e-4, msg=name)
+    assert_same_update(loss, grads, loss_ref, grads_ref)
 
 
 def test_auto_shares_prompts_only_where_it_applies(tiny):

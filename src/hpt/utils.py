@@ -1,4 +1,5 @@
-"""Small helpers shared by the layers: progress bars, atomic file writes, JSON conversion.
+"""Small helpers shared by the layers: progress bars, atomic file writes, JSON conversion, the
+distinct prompts of a batch.
 
 ``import hpt.utils`` is light: rich, numpy and torch are imported inside the functions that need
 them.
@@ -11,7 +12,7 @@ import math
 import os
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -205,3 +206,24 @@ def atomic_write_json(path: str | Path, obj: Any, *, indent: int | None = 2) -> 
     """Write ``obj`` as strict JSON to ``path`` atomically (values pass through :func:`to_jsonable`)."""
     text = json.dumps(to_jsonable(obj), indent=indent, allow_nan=False, ensure_ascii=False)
     return atomic_write_text(path, text + "\n")
+
+
+# --------------------------------------------------------------------------------------------
+# Token sequences
+# --------------------------------------------------------------------------------------------
+
+
+def distinct_rows(prompts: Sequence[Sequence[int]]) -> tuple[list[int], list[int]]:
+    """``(first, copy_of)``: the first row of each distinct prompt (a token sequence), and for
+    every row the index (into ``first``) of its prompt. Both the rollout engine's prefill and
+    the trainer's shared-prompt passes run each distinct prompt once."""
+    seen: dict[tuple[int, ...], int] = {}
+    first: list[int] = []
+    copy_of = []
+    for row, prompt in enumerate(prompts):
+        key = tuple(prompt)
+        if key not in seen:
+            seen[key] = len(first)
+            first.append(row)
+        copy_of.append(seen[key])
+    return first, copy_of

@@ -7,7 +7,8 @@ Two routes to the same numbers:
   (:func:`token_logprobs_and_entropy`), in chunks of tokens. Each chunk's logits are built,
   reduced to a log-probability and an entropy, and dropped; backward recomputes one chunk at a time
   and applies the closed-form gradients (:class:`_HeadChunk`), so neither pass holds a
-  ``[tokens x vocab]`` float tensor of the whole batch. With V = 152k (Qwen2.5) and 8k-token responses that tensor alone is ~5 GB a row.
+  ``[tokens x vocab]`` float tensor of the whole batch. With V = 152k (Qwen2.5) and 8k-token
+  responses that tensor alone is ~5 GB a row.
 
 Both work in float32 whatever the model's dtype (the matmul runs in the model's dtype); float64
 inputs stay float64.
@@ -68,8 +69,7 @@ def _log_softmax_of_chunk(
 ) -> Tensor:
     """``log softmax(z)`` [C, V] of one chunk, ``z = (h W^T + b) / T``, in float32 (float64
     stays), written over the logits' own buffer."""
-    logits = F.linear(hidden, weight, bias)
-    logits = logits if logits.dtype == torch.float64 else logits.float()
+    logits = _upcast(F.linear(hidden, weight, bias))
     if temperature != 1.0:
         logits = logits.div_(temperature)
     return logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))

@@ -65,15 +65,9 @@ def _generate_and_score(
     (:class:`hpt.rewards.StreamingScorer`); the others after it returns.
     """
     from hpt.rewards import StreamingScorer
-    from hpt.rollout import streams_finished
 
     scorer = StreamingScorer(answers, reward, timeout=timeout)
-    streaming = {"on_finished": scorer.submit} if streams_finished(engine) else {}
-    try:
-        rollouts = engine.generate(prompts, n=n, sampling=sampling, **streaming)
-    except BaseException:
-        scorer.close()
-        raise
+    rollouts = scorer.generate(engine, prompts, n, sampling)
     if len(rollouts) != len(answers):
         scorer.close()
         raise RuntimeError(

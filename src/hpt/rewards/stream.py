@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from types import SimpleNamespace
 from typing import Any
 
 from hpt.rewards.registry import DEFAULT_TIMEOUT, resolve_reward, score
@@ -34,7 +35,7 @@ class StreamingScorer:
 
     Example:
         >>> scorer = StreamingScorer(answers, "math")
-        >>> rollouts = engine.generate(prompts, n, sampling, on_finished=scorer.submit)
+        >>> rollouts = scorer.generate(engine, prompts, n, sampling)  # scored meanwhile
         >>> result = scorer.result([r.text for r in rollouts])
     """
 
@@ -57,6 +58,19 @@ class StreamingScorer:
         self.busy_s = 0.0  # seconds the background thread spent scoring
         self._pieces: list[tuple[list[int], Future[ScoreResult]]] = []
         self._executor: ThreadPoolExecutor | None = None
+
+    def generate(self, engine: Any, prompts: list[list[int]], n: int, sampling: Any) -> list[Any]:
+        """``engine.generate(prompts, n, sampling)``, its rollouts handed to :meth:`submit` as
+        they finish where the engine reports them (:func:`hpt.rollout.streams_finished`).
+        The background thread is stopped if generation fails."""
+        from hpt.rollout.base import streams_finished
+
+        streaming = {"on_finished": self.submit} if streams_finished(engine) else {}
+        try:
+            return engine.generate(prompts, n, sampling, **streaming)
+        except BaseException:
+            self.close()
+            raise
 
     def submit(self, finished: Sequence[tuple[int, Any]]) -> None:
         """Start scoring ``(index, rollout)`` pairs (anything with a ``text``); returns at once."""
@@ -89,14 +103,14 @@ class StreamingScorer:
         Args:
             texts: every response's text, by index (used for those never submitted).
         """
-        if len(texts) != len(self.answers):
-            raise ValueError(f"score: {len(texts)} responses but {len(self.answers)} answers")
-        missing = [i for i, sent in enumerate(self.submitted) if not sent]
-        if missing:
-            self.submit([(i, _Text(texts[i])) for i in missing])
         scores = [0.0] * len(self.answers)
         total = ScoreResult(scores=scores)
         try:
+            if len(texts) != len(self.answers):
+                raise ValueError(f"score: {len(texts)} responses but {len(self.answers)} answers")
+            missing = [i for i, sent in enumerate(self.submitted) if not sent]
+            if missing:
+                self.submit([(i, SimpleNamespace(text=texts[i])) for i in missing])
             for indices, future in self._pieces:
                 piece = future.result()
                 for index, value in zip(indices, piece.scores):
@@ -115,10 +129,3 @@ class StreamingScorer:
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
-
-
-class _Text:
-    """A response given by its text only."""
-
-    def __init__(self, text: str) -> None:
-        self.text = text

@@ -33,6 +33,7 @@ from transformers import StaticCache
 from transformers.cache_utils import StaticLayer
 
 from hpt.rollout.base import SamplingParams
+from hpt.utils import distinct_rows
 
 # compact the batch when at least this fraction of its rows has finished
 COMPACT_FRACTION = 0.25
@@ -369,21 +370,6 @@ class PrefixStaticLayer(StaticLayer):
     def reset(self) -> None:
         super().reset()
         self.filled = 0
-
-
-def distinct_rows(prompts: Sequence[Sequence[int]]) -> tuple[list[int], list[int]]:
-    """``(first, copy_of)``: the first row of each distinct prompt, and for every row the index
-    (into ``first``) of its prompt."""
-    seen: dict[tuple[int, ...], int] = {}
-    first: list[int] = []
-    copy_of = []
-    for row, prompt in enumerate(prompts):
-        key = tuple(prompt)
-        if key not in seen:
-            seen[key] = len(first)
-            first.append(row)
-        copy_of.append(seen[key])
-    return first, copy_of
 
 
 def left_pad_tensors(

@@ -102,13 +102,14 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + rotated * sin
 
 
-def _cat(tensors: list[torch.Tensor | None], like: list[torch.Tensor]) -> torch.Tensor | None:
-    """Biases of concatenated projections (zeros for those without one); None if none has one."""
-    if all(t is None for t in tensors):
-        return None
-    return torch.cat(
-        [t if t is not None else w.new_zeros(w.shape[0]) for t, w in zip(tensors, like)]
-    )
+def _concat(projections: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weight and bias of the projections as one Linear (zero bias for those without one;
+    None if none has one)."""
+    weight = torch.cat([p.weight for p in projections])
+    if all(p.bias is None for p in projections):
+        return weight, None
+    biases = [p.weight.new_zeros(p.out_features) if p.bias is None else p.bias for p in projections]
+    return weight, torch.cat(biases)
 
 
 class FusedStep:
@@ -140,6 +141,7 @@ class FusedStep:
         self.layers: list[_Layer] = []
         self.head_weight: torch.Tensor | None = None
         self.head_bias: torch.Tensor | None = None
+        self.norm_weight: torch.Tensor | None = None
 
     @property
     def exact(self) -> bool:
@@ -157,20 +159,20 @@ class FusedStep:
         layers = []
         for layer in self.model.model.layers:
             attention, mlp = layer.self_attn, layer.mlp
-            qkv = [attention.q_proj, attention.k_proj, attention.v_proj]
-            gate_up = [mlp.gate_proj, mlp.up_proj]
+            qkv_weight, qkv_bias = _concat([attention.q_proj, attention.k_proj, attention.v_proj])
+            gate_up_weight, gate_up_bias = _concat([mlp.gate_proj, mlp.up_proj])
             layers.append(
                 _Layer(
                     norm_in=cast(layer.input_layernorm.weight),
                     eps_in=_eps(layer.input_layernorm),
-                    qkv_weight=cast(torch.cat([p.weight for p in qkv])),
-                    qkv_bias=cast(_cat([p.bias for p in qkv], [p.weight for p in qkv])),
+                    qkv_weight=cast(qkv_weight),
+                    qkv_bias=cast(qkv_bias),
                     o_weight=cast(attention.o_proj.weight),
                     o_bias=cast(attention.o_proj.bias),
                     norm_post=cast(layer.post_attention_layernorm.weight),
                     eps_post=_eps(layer.post_attention_layernorm),
-                    gate_up_weight=cast(torch.cat([p.weight for p in gate_up])),
-                    gate_up_bias=cast(_cat([p.bias for p in gate_up], [p.weight for p in gate_up])),
+                    gate_up_weight=cast(gate_up_weight),
+                    gate_up_bias=cast(gate_up_bias),
                     down_weight=cast(mlp.down_proj.weight),
                     down_bias=cast(mlp.down_proj.bias),
                 )

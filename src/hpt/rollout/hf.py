@@ -85,8 +85,10 @@ ROLLOUT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32
 
 def rollout_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     """The torch dtype named by ``dtype`` (None for None or ``"auto"``: the model's own)."""
-    if dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype):
-        return None if dtype == "auto" else dtype  # type: ignore[return-value]
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return None
     if dtype not in ROLLOUT_DTYPES:
         raise ConfigError(f"rollout dtype {dtype!r}: choose auto, {', '.join(ROLLOUT_DTYPES)}")
     return ROLLOUT_DTYPES[dtype]

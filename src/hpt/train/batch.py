@@ -224,20 +224,19 @@ def share_prompts(
     prompt's last token predicts the first response token). Returns None when every row's prompt
     is its own (nothing to share).
     """
+    from hpt.utils import distinct_rows
+
     lengths = attention_mask.sum(1)
     prompt_lengths = response_index[:, 0] + 1
-    prompts: dict[tuple[int, ...], int] = {}
-    rows = input_ids.tolist()
-    prompt_of_row = [
-        prompts.setdefault(tuple(row[:p]), len(prompts))
-        for row, p in zip(rows, prompt_lengths.tolist())
-    ]
-    if len(prompts) == len(rows):
+    row_prompts = [row[:p] for row, p in zip(input_ids.tolist(), prompt_lengths.tolist())]
+    first, prompt_of_row = distinct_rows(row_prompts)
+    if len(first) == len(row_prompts):
         return None
+    prompts = [row_prompts[i] for i in first]
     width = max(len(p) for p in prompts)
     prompt_ids = torch.zeros((len(prompts), width), dtype=input_ids.dtype)
     prompt_mask = torch.zeros((len(prompts), width), dtype=attention_mask.dtype)
-    for tokens, g in prompts.items():
+    for g, tokens in enumerate(prompts):
         prompt_ids[g, : len(tokens)] = torch.tensor(tokens, dtype=input_ids.dtype)
         prompt_mask[g, : len(tokens)] = 1
     response_lengths = lengths - prompt_lengths

@@ -49,7 +49,7 @@ def collect_rows(
 ) -> StepData:
     """Generate, score and route this step's questions; return their tagged rows."""
     from hpt.rewards import StreamingScorer
-    from hpt.rollout import SamplingParams, streams_finished
+    from hpt.rollout import SamplingParams
 
     n = config.rollout.n
     metrics: dict[str, float] = {}
@@ -70,15 +70,8 @@ def collect_rows(
             config.data.reward,
             timeout=config.data.reward_timeout,
         )
-        streaming = {"on_finished": scorer.submit} if streams_finished(engine) else {}
         started = time.perf_counter()
-        try:
-            rollouts = engine.generate(
-                [data.prompt_ids[q] for q in questions], n, sampling, **streaming
-            )
-        except BaseException:
-            scorer.close()
-            raise
+        rollouts = scorer.generate(engine, [data.prompt_ids[q] for q in questions], n, sampling)
         metrics["time/generate"] = time.perf_counter() - started
         started = time.perf_counter()
         result = scorer.result([r.text for r in rollouts])
