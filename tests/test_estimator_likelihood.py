@@ -110,3 +110,29 @@ def test_hand_written_backward_passes_gradcheck(with_bias):
         return token_logprobs_and_entropy(h, w, labels, 4, bias=b, with_entropy=False)[0]
 
     assert torch.autograd.gradcheck(lp_only, (hidden, weight, bias))
+
+
+def test_autocast_backward_runs_in_the_forward_dtype():
+    """Under torch.autocast (bf16) the chunked head equals autograd through the plain formula
+    under the same autocast: its backward matmuls run in bf16 too (autograd runs a Function's
+    backward outside autocast), and every gradient keeps its input's float32 dtype."""
+    hidden, weight, labels = _inputs(n=4, t=8, h=32, v=96, dtype=torch.float32)
+    probe_a, probe_b = torch.randn(4, 8), torch.randn(4, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lp_c, ent_c = token_logprobs_and_entropy(hidden, weight, labels, 5, temperature=0.9)
+        logits = hidden @ weight.T
+        assert logits.dtype == torch.bfloat16
+        lp_p = token_logprobs(logits, labels, 0.9)
+        ent_p = token_entropy(logits, 0.9)
+    assert lp_c.dtype == torch.float32 and ent_c.dtype == torch.float32
+    g_chunked = torch.autograd.grad((lp_c * probe_a + ent_c * probe_b).sum(), (hidden, weight))
+    g_plain = torch.autograd.grad((lp_p * probe_a + ent_p * probe_b).sum(), (hidden, weight))
+    torch.testing.assert_close(lp_c, lp_p)
+    torch.testing.assert_close(ent_c, ent_p)
+    lp_32, ent_32 = token_logprobs_and_entropy(hidden, weight, labels, 5, temperature=0.9)
+    g_32 = torch.autograd.grad((lp_32 * probe_a + ent_32 * probe_b).sum(), (hidden, weight))
+    for a, b, c in zip(g_chunked, g_plain, g_32):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
+        # bf16 matmuls, not float32 ones: nearer the autocast reference than the float32 path is
+        assert (a - b).abs().max() < (c - b).abs().max()

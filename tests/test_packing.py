@@ -400,3 +400,47 @@ def test_compiled_layers_give_the_eager_gradients(tiny):
     assert policy._compiled and all(
         "forward" not in layer.__dict__ for layer in compiled.model.layers
     )
+
+
+def test_autocast_runs_the_passes_in_bf16_with_float32_outputs_and_gradients(tiny):
+    """optim.autocast=bfloat16: the decoder's matmuls run in bf16, the log-probs, entropy and
+    every gradient stay float32 and near the float32 path's; pi_old is then recomputed."""
+    from hpt.rollout import HFEngine
+    from hpt.train.policy import autocast_dtype
+    from hpt.train.step import old_logprobs_from_engine
+
+    model, tokenizer = tiny
+    algorithm = get_algorithm("hpt")
+    rows = make_shared_rows(model.config.vocab_size, seed=5)
+    pad = tokenizer.pad_token_id
+    loss_ref, grads_ref, _ = gradients_after_update(model, rows, pad, settings(), algorithm)
+
+    mixed = copy.deepcopy(model)
+    seen = []
+    mixed.model.layers[0].mlp.down_proj.register_forward_hook(
+        lambda module, args, out: seen.append(out.dtype)
+    )
+    policy = Policy(mixed, autocast=torch.bfloat16)
+    batch = collate(rows, pad, KIND_ID)
+    lp, ent, _ = policy(batch.input_ids, batch.attention_mask, batch.response_index, batch.labels)
+    assert seen == [torch.bfloat16] and lp.dtype == ent.dtype == torch.float32
+    prepare(batch, policy, None, algorithm, settings(), True)
+    metrics = update(
+        batch, policy, torch.optim.SGD(policy.parameters(), lr=0.0), algorithm, settings(), True
+    )
+    assert abs(metrics["loss"] - loss_ref) <= 2e-2 * max(1.0, abs(loss_ref))
+    for name, p in policy.named_parameters():
+        if name in grads_ref:
+            assert p.grad.dtype == torch.float32, name
+            cosine = torch.nn.functional.cosine_similarity(
+                p.grad.flatten(), grads_ref[name].flatten(), dim=0
+            )
+            assert cosine > 0.98, (name, float(cosine))
+
+    assert autocast_dtype("bfloat16", model) == torch.bfloat16
+    assert autocast_dtype("auto", model) is None  # CPU: off
+    assert autocast_dtype("off", model) is None
+    assert autocast_dtype("bfloat16", model, "fsdp2") is None  # fsdp2's mixed_precision instead
+    engine = HFEngine(model, tokenizer)
+    assert old_logprobs_from_engine(settings(), engine, algorithm)
+    assert not old_logprobs_from_engine(settings(), engine, algorithm, torch.bfloat16)

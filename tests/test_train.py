@@ -55,8 +55,9 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
         ("hpt", {}),
         ("ppo", {}),
         ("grpo", {"algo": "{kl_coef: 0.05}", "optim.mini_batch_questions": 2}),
+        ("ppo", {"algo": "{kl_coef: 0.05}", "optim.autocast": "bfloat16"}),
     ],
-    ids=["sft", "grpo", "luffy", "hpt", "ppo-critic", "grpo-kl-minibatches"],
+    ids=["sft", "grpo", "luffy", "hpt", "ppo-critic", "grpo-kl-minibatches", "ppo-kl-bf16"],
 )
 def test_each_family_trains(tmp_path, tiny_dir, task_file, algorithm, extra):
     extra = {

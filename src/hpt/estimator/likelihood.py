@@ -10,8 +10,8 @@ Two routes to the same numbers:
   ``[tokens x vocab]`` float tensor of the whole batch. With V = 152k (Qwen2.5) and 8k-token
   responses that tensor alone is ~5 GB a row.
 
-Both work in float32 whatever the model's dtype (the matmul runs in the model's dtype); float64
-inputs stay float64.
+Both work in float32 whatever the model's dtype (the matmul runs in the model's dtype, or in
+the ``torch.autocast`` dtype the caller runs under); float64 inputs stay float64.
 """
 
 from __future__ import annotations
@@ -100,6 +100,8 @@ class _HeadChunk(torch.autograd.Function):
     ``dH / dz = -p (log p + H)``, then ``/ T`` and the head's matmuls: a few in-place passes over
     one [C, V] buffer, instead of autograd's graph of log-sum-exp, softmax, product and sum and
     their saved [C, V] intermediates. Forward saves only the chunk's inputs and its entropy.
+    Under ``torch.autocast`` backward runs under the same autocast state as forward (autograd
+    runs backward outside it), so its matmuls use the forward's dtype too.
     """
 
     @staticmethod
@@ -107,12 +109,29 @@ class _HeadChunk(torch.autograd.Function):
         logprobs, entropy = _chunk(hidden, weight, bias, labels, temperature, with_entropy)
         ctx.save_for_backward(hidden, weight, bias, labels, entropy)
         ctx.temperature, ctx.with_entropy = temperature, with_entropy
+        device = hidden.device.type
+        ctx.autocast = (
+            (device, torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else None
+        )
         if not with_entropy:
             ctx.mark_non_differentiable(entropy)
         return logprobs, entropy
 
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy):  # type: ignore[override]
+        if ctx.autocast is None:
+            return _HeadChunk._backward(ctx, grad_logprobs, grad_entropy)
+        device, dtype = ctx.autocast
+        with torch.autocast(device, dtype=dtype):
+            grads = _HeadChunk._backward(ctx, grad_logprobs, grad_entropy)
+        hidden, weight, bias = ctx.saved_tensors[:3]
+        return tuple(  # autocast matmuls return its dtype; each gradient takes its input's
+            g.to(x.dtype) if g is not None else None
+            for g, x in zip(grads, (hidden, weight, bias, None, None, None))
+        )
+
+    @staticmethod
+    def _backward(ctx, grad_logprobs, grad_entropy):  # type: ignore[no-untyped-def]
         hidden, weight, bias, labels, entropy = ctx.saved_tensors
         logp = _log_softmax_of_chunk(hidden, weight, bias, ctx.temperature)
         index, valid = _valid_labels(labels)

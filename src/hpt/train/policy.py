@@ -20,6 +20,22 @@ from hpt.rollout.decode import forward_signature
 from hpt.train import batch
 
 
+def autocast_dtype(setting: str, model: nn.Module, strategy: str = "ddp") -> torch.dtype | None:
+    """The dtype the training passes autocast to (``optim.autocast``), None for none.
+
+    ``auto``: bfloat16 where it is the usual mixed precision, float32 weights on a GPU that has
+    bf16 under DDP (or one process); none on CPU, for weights already in half precision, and
+    under FSDP2 (whose own mixed-precision policy casts the weights).
+    """
+    if setting == "off" or strategy == "fsdp2":
+        return None
+    if setting == "bfloat16":
+        return torch.bfloat16
+    parameter = next(model.parameters())
+    on_gpu = parameter.device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return torch.bfloat16 if on_gpu and parameter.dtype == torch.float32 else None
+
+
 class Policy(nn.Module):
     """``forward(input_ids, attention_mask, response_index, labels) -> (logprobs, entropy, values)``.
 
@@ -29,6 +45,9 @@ class Policy(nn.Module):
     row (:meth:`hpt.train.batch.Batch.pack`); ``response_index`` then points into the S tokens.
     Log-probs and entropy are those of ``softmax(logits / temperature)``: the trainer passes the
     rollouts' sampling temperature, so the ratio pi_theta / pi_old compares the sampling policy.
+    ``autocast``: a dtype (bfloat16) every pass runs under ``torch.autocast`` in (mixed
+    precision: matmuls in it, the weights, their gradients and the optimiser stay as they are;
+    log-probs, entropy and values come out float32); None: the weights' own dtype.
     """
 
     def __init__(
@@ -40,8 +59,10 @@ class Policy(nn.Module):
         temperature: float = 1.0,
         adapter_disabled: bool = False,
         compile: bool = False,
+        autocast: torch.dtype | None = None,
     ):
         super().__init__()
+        self.autocast = autocast
         # torch.compile the decoder layers' forwards, for this module's passes only (the rollout
         # engine calls the same layers eagerly): optim.compile
         self.compile = compile
@@ -69,6 +90,24 @@ class Policy(nn.Module):
         labels: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         share_prompts: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        if self.autocast is None:
+            return self._forward(
+                input_ids, attention_mask, response_index, labels, position_ids, share_prompts
+            )
+        with torch.autocast(input_ids.device.type, dtype=self.autocast):
+            return self._forward(
+                input_ids, attention_mask, response_index, labels, position_ids, share_prompts
+            )
+
+    def _forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        response_index: torch.Tensor,
+        labels: torch.Tensor,
+        position_ids: torch.Tensor | None,
+        share_prompts: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         decoder = self.model.get_decoder()
         shared = (
@@ -165,7 +204,9 @@ class Policy(nn.Module):
             hidden, head.weight, labels, chunk_size=self.chunk_size, temperature=self.temperature
         )
         values = (
-            self.value_head(hidden.float()).squeeze(-1) if self.value_head is not None else None
+            self.value_head(hidden.float()).squeeze(-1).float()
+            if self.value_head is not None
+            else None
         )
         # fresh tensors, not views: FSDP2 hooks a module's outputs for backward, and an in-place
         # op on a returned view would drop that hook

@@ -22,7 +22,7 @@ from hpt.train import distributed as dist
 from hpt.train.batch import collate
 from hpt.train.config import TrainConfig
 from hpt.train.heldout import HeldOut
-from hpt.train.policy import Policy
+from hpt.train.policy import Policy, autocast_dtype
 from hpt.train.run import Run
 from hpt.train.setup import (
     QuestionSampler,
@@ -137,12 +137,14 @@ def train_stage(
     torch.manual_seed(config.seed)
     algorithm = _algorithm(config)
     temperature = config.rollout.temperature  # train on the distribution the rollouts came from
+    autocast = autocast_dtype(config.optim.autocast, model, config.distributed.strategy)
     policy = Policy(
         model,
         value_head=algorithm.needs_values,
         chunk_size=config.optim.logits_chunk_size,
         temperature=temperature,
         compile=config.optim.compile,
+        autocast=autocast,
     )
     reference = None
     if algorithm.needs_reference_model and is_lora(model):  # no second copy: adapters off
@@ -151,6 +153,7 @@ def train_stage(
             chunk_size=config.optim.logits_chunk_size,
             temperature=temperature,
             adapter_disabled=True,
+            autocast=autocast,
         )
     elif algorithm.needs_reference_model:
         ref_model, _ = load_model_and_tokenizer(config.model, tokenizer)
@@ -158,6 +161,7 @@ def train_stage(
             ref_model.eval().requires_grad_(False),
             chunk_size=config.optim.logits_chunk_size,
             temperature=temperature,
+            autocast=autocast,
         )
     # ddp: a wrapper to train through; fsdp2: shards `policy` in place (before the optimiser)
     wrapped = dist.wrap(policy, config.distributed.strategy, config.distributed.mixed_precision)
@@ -182,7 +186,7 @@ def train_stage(
         config.data.questions_per_step > config.optim.mini_batch_questions
     )
     need_old = algorithm.needs_old_logprobs and multiple_updates
-    old_from_engine = need_old and old_logprobs_from_engine(config, engine, algorithm)
+    old_from_engine = need_old and old_logprobs_from_engine(config, engine, algorithm, autocast)
     run.log(
         f"stage {index + 1}: {algorithm.name} on {len(data.questions)} questions "
         f"({data.report.get('with_demonstration', 0)} with demonstrations), "

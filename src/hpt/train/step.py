@@ -135,12 +135,15 @@ def collect_rows(
 # 2. advantages and the quantities of the sampling policy
 
 
-def old_logprobs_from_engine(config: TrainConfig, engine: Any, algorithm: Algorithm) -> bool:
+def old_logprobs_from_engine(
+    config: TrainConfig, engine: Any, algorithm: Algorithm, autocast: torch.dtype | None = None
+) -> bool:
     """Whether pi_old comes from the rollout engine's log-probs (``rollout.old_logprobs``).
 
     They can: only rollout rows have them, so every term that divides by pi_old must train
     rollouts. ``auto`` takes them where they are the trainer's own numbers (an engine reporting
-    exact log-probs for these sampling settings, under DDP); ``engine`` takes them regardless.
+    exact log-probs for these sampling settings, under DDP, training passes without
+    ``autocast``); ``engine`` takes them regardless.
     """
     from hpt.errors import ConfigError
     from hpt.rollout import SamplingParams
@@ -166,6 +169,7 @@ def old_logprobs_from_engine(config: TrainConfig, engine: Any, algorithm: Algori
         and exact is not None
         and bool(exact(sampling))
         and config.distributed.strategy == "ddp"
+        and autocast is None
     )
 
 

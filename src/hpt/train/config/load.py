@@ -197,6 +197,12 @@ def _check_combinations(config: TrainConfig, prefix: str, source: _Source) -> No
             f"{key}=true{source.where(key)}: shared prompts run each decoder layer twice a pass, "
             "which FSDP2 does not support; use auto (off under fsdp2) or false"
         )
+    key = f"{prefix}optim.autocast"
+    if config.optim.autocast == "bfloat16" and config.distributed.strategy == "fsdp2":
+        raise ConfigError(
+            f"{key}=bfloat16{source.where(key)}: under fsdp2 the compute dtype is "
+            "distributed.mixed_precision; use optim.autocast=auto or off"
+        )
     rollout = config.rollout
     key = f"{prefix}rollout.dtype"
     if rollout.dtype != "auto" and (rollout.engine != "hf" or not rollout.fused):
