@@ -309,7 +309,7 @@ def hpt_overrides(
         f"rollout.batch_size={settings.rows}",  # all rollouts in one generate call, as TRL
         f"rollout.fused={str(settings.fused).lower()}",
         f"rollout.dtype={'bfloat16' if settings.bf16 else settings.rollout_dtype}",
-        f"optim.autocast={'bfloat16' if settings.bf16 else 'off'}",
+        f"optim.autocast={'bfloat16' if settings.bf16 else 'false'}",
         f"optim.share_prompts={'auto' if settings.share_prompts else 'false'}",
         f"optim.compile={str(settings.compile_update).lower()}",
         f"algo.clip_low={settings.clip}",

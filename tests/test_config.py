@@ -459,4 +459,8 @@ def test_autocast_is_refused_under_fsdp2():
     assert "optim.autocast=bfloat16 (--set optim.autocast=bfloat16)" in message
     assert "distributed.mixed_precision" in message
     assert load_config(None, ["optim.autocast=bfloat16"]).optim.autocast == "bfloat16"
+    for off in ("off", "false"):  # YAML reads both as false
+        assert load_config(None, [f"optim.autocast={off}"]).optim.autocast is False
+    message = error_of(None, ["optim.autocast=true", "distributed.strategy=fsdp2"])
+    assert "optim.autocast=true" in message
     error_of(None, ["optim.autocast=fp16"])  # not a choice

@@ -439,7 +439,8 @@ def test_autocast_runs_the_passes_in_bf16_with_float32_outputs_and_gradients(tin
 
     assert autocast_dtype("bfloat16", model) == torch.bfloat16
     assert autocast_dtype("auto", model) is None  # CPU: off
-    assert autocast_dtype("off", model) is None
+    assert autocast_dtype(False, model) is None
+    assert autocast_dtype(True, model) == torch.bfloat16
     assert autocast_dtype("bfloat16", model, "fsdp2") is None  # fsdp2's mixed_precision instead
     engine = HFEngine(model, tokenizer)
     assert old_logprobs_from_engine(settings(), engine, algorithm)

@@ -20,16 +20,18 @@ from hpt.rollout.decode import forward_signature
 from hpt.train import batch
 
 
-def autocast_dtype(setting: str, model: nn.Module, strategy: str = "ddp") -> torch.dtype | None:
+def autocast_dtype(
+    setting: bool | str, model: nn.Module, strategy: str = "ddp"
+) -> torch.dtype | None:
     """The dtype the training passes autocast to (``optim.autocast``), None for none.
 
     ``auto``: bfloat16 where it is the usual mixed precision, float32 weights on a GPU that has
     bf16 under DDP (or one process); none on CPU, for weights already in half precision, and
     under FSDP2 (whose own mixed-precision policy casts the weights).
     """
-    if setting == "off" or strategy == "fsdp2":
+    if setting is False or strategy == "fsdp2":
         return None
-    if setting == "bfloat16":
+    if setting is True or setting == "bfloat16":
         return torch.bfloat16
     parameter = next(model.parameters())
     on_gpu = parameter.device.type == "cuda" and torch.cuda.is_bf16_supported()

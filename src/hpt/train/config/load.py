@@ -198,10 +198,10 @@ def _check_combinations(config: TrainConfig, prefix: str, source: _Source) -> No
             "which FSDP2 does not support; use auto (off under fsdp2) or false"
         )
     key = f"{prefix}optim.autocast"
-    if config.optim.autocast == "bfloat16" and config.distributed.strategy == "fsdp2":
+    if config.optim.autocast in (True, "bfloat16") and config.distributed.strategy == "fsdp2":
         raise ConfigError(
-            f"{key}=bfloat16{source.where(key)}: under fsdp2 the compute dtype is "
-            "distributed.mixed_precision; use optim.autocast=auto or off"
+            f"{key}={str(config.optim.autocast).lower()}{source.where(key)}: under fsdp2 the "
+            "compute dtype is distributed.mixed_precision; use optim.autocast=auto or false"
         )
     rollout = config.rollout
     key = f"{prefix}rollout.dtype"

@@ -247,12 +247,12 @@ class OptimConfig:
         description="torch.compile the decoder layers for the training passes (measured on CPU: "
         "update 13% faster after 20-40 s of compilation; the rollout engine stays eager)",
     )
-    autocast: Literal["auto", "bfloat16", "off"] = Field(
+    autocast: bool | Literal["auto", "bfloat16"] = Field(
         "auto",
-        description="mixed precision of the training passes: bfloat16 runs them under "
+        description="mixed precision of the training passes: bfloat16 (or true) runs them under "
         "torch.autocast (matmuls in bf16; float32 weights, gradients and optimiser state, "
         "float32 log-probs); auto: bfloat16 for float32 weights on a GPU with bf16 under ddp (as "
-        "TRL's bf16=True), off on CPU (measured on a CPU with AMX: SmolLM2-135M's update 30% "
+        "TRL's bf16=True), false on CPU (measured on a CPU with AMX: SmolLM2-135M's update 30% "
         "faster, the tiny model's no faster); fsdp2 uses distributed.mixed_precision instead",
     )
     ppo_epochs: Int = Field(1, description="passes over each step's batch", gt=0)
