@@ -136,3 +136,26 @@ def test_autocast_backward_runs_in_the_forward_dtype():
         torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
         # bf16 matmuls, not float32 ones: nearer the autocast reference than the float32 path is
         assert (a - b).abs().max() < (c - b).abs().max()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_gradient_when_the_loss_leaves_the_entropy_out(temperature):
+    """Entropy computed but unused by the loss (GRPO: no entropy bonus): backward takes the
+    softmax-only path, and the gradients still equal autograd through the plain formula."""
+    hidden, weight, labels = _inputs()
+    lp_c, ent_c = token_logprobs_and_entropy(hidden, weight, labels, 4, temperature=temperature)
+    probe = torch.randn(3, 7, dtype=torch.float64)
+    g_chunked = torch.autograd.grad((lp_c * probe).sum(), (hidden, weight))
+    lp_p = token_logprobs(hidden @ weight.T, labels, temperature)
+    g_plain = torch.autograd.grad((lp_p * probe).sum(), (hidden, weight))
+    torch.testing.assert_close(ent_c, token_entropy(hidden @ weight.T, temperature))
+    for a, b in zip(g_chunked, g_plain):
+        torch.testing.assert_close(a, b)
+    # and only the entropy in the loss
+    _, ent_c = token_logprobs_and_entropy(hidden, weight, labels, 4, temperature=temperature)
+    g_chunked = torch.autograd.grad(ent_c.sum(), (hidden, weight))
+    g_plain = torch.autograd.grad(
+        token_entropy(hidden @ weight.T, temperature).sum(), (hidden, weight)
+    )
+    for a, b in zip(g_chunked, g_plain):
+        torch.testing.assert_close(a, b)

@@ -64,15 +64,28 @@ def token_entropy(logits: Tensor, temperature: float = 1.0) -> Tensor:
     return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(dim=-1)
 
 
+def _scaled_logits(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, temperature: float
+) -> Tensor:
+    """``z = (h W^T + b) / T`` [C, V] of one chunk: half-precision logits stay as they are when
+    ``T == 1`` (the softmax kernels upcast as they read), else float32 (float64 stays)."""
+    logits = F.linear(hidden, weight, bias)
+    if temperature != 1.0:
+        logits = _upcast(logits).div_(temperature)
+    return logits
+
+
+def _float_dtype(logits: Tensor) -> torch.dtype:
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
 def _log_softmax_of_chunk(
     hidden: Tensor, weight: Tensor, bias: Tensor | None, temperature: float
 ) -> Tensor:
     """``log softmax(z)`` [C, V] of one chunk, ``z = (h W^T + b) / T``, in float32 (float64
-    stays), written over the logits' own buffer."""
-    logits = _upcast(F.linear(hidden, weight, bias))
-    if temperature != 1.0:
-        logits = logits.div_(temperature)
-    return logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
+    stays): one fused kernel over the logits."""
+    logits = _scaled_logits(hidden, weight, bias, temperature)
+    return torch.log_softmax(logits, dim=-1, dtype=_float_dtype(logits))
 
 
 def _chunk(
@@ -89,7 +102,15 @@ def _chunk(
     logprobs = torch.where(valid, logp.gather(-1, index[:, None]).squeeze(-1), 0.0)
     if not with_entropy:
         return logprobs, torch.zeros_like(logprobs)
-    return logprobs, -(logp.exp() * logp).sum(dim=-1)
+    with torch.autocast(logp.device.type, enabled=False):  # a float32 dot, not a bf16 one
+        return logprobs, -torch.linalg.vecdot(logp.exp(), logp)  # -sum p log p, no [C, V] product
+
+
+def _row_grad(grad: Tensor | None, valid: Tensor, dtype: torch.dtype) -> Tensor:
+    """The [C, 1] gradient of each token's log-prob (0 at ignored labels, or when unused)."""
+    if grad is None:
+        return torch.zeros(valid.shape[0], 1, dtype=dtype, device=valid.device)
+    return torch.where(valid, grad, 0.0).to(dtype)[:, None]
 
 
 class _HeadChunk(torch.autograd.Function):
@@ -108,10 +129,13 @@ class _HeadChunk(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, temperature, with_entropy):  # type: ignore[override]
         logprobs, entropy = _chunk(hidden, weight, bias, labels, temperature, with_entropy)
         ctx.save_for_backward(hidden, weight, bias, labels, entropy)
+        ctx.set_materialize_grads(False)  # an output the loss does not use has no gradient
         ctx.temperature, ctx.with_entropy = temperature, with_entropy
         device = hidden.device.type
         ctx.autocast = (
-            (device, torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else None
+            (device, torch.get_autocast_dtype(device))
+            if torch.is_autocast_enabled(device)
+            else None
         )
         if not with_entropy:
             ctx.mark_non_differentiable(entropy)
@@ -132,24 +156,27 @@ class _HeadChunk(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad_logprobs, grad_entropy):  # type: ignore[no-untyped-def]
+        # dz = (onehot(label) g_lp - p (g_lp + g_H (log p + H))) / T, the [C, 1] factors folded
+        # so that each [C, V] pass is one kernel; an unused entropy (None: gradients are not
+        # materialised) needs only p = softmax(z)
         hidden, weight, bias, labels, entropy = ctx.saved_tensors
-        logp = _log_softmax_of_chunk(hidden, weight, bias, ctx.temperature)
         index, valid = _valid_labels(labels)
-        if grad_logprobs is None:
-            grad_logprobs = torch.zeros_like(entropy)
-        g_lp = torch.where(valid, grad_logprobs, 0.0).to(logp.dtype)[:, None]
-        probs = logp.exp()
+        inv_t = 1.0 / ctx.temperature
         if ctx.with_entropy and grad_entropy is not None:
-            g_h = grad_entropy.to(logp.dtype)[:, None]
-            coef = (
-                logp.add_(entropy.to(logp.dtype)[:, None]).mul_(g_h).add_(g_lp)
-            )  # g_lp + g_H (log p + H)
+            logp = _log_softmax_of_chunk(hidden, weight, bias, ctx.temperature)
+            dtype = logp.dtype
+            g_lp = _row_grad(grad_logprobs, valid, dtype)
+            g_h = grad_entropy.to(dtype)[:, None]
+            probs = logp.exp()
+            offset = (g_lp + g_h * entropy.to(dtype)[:, None]).mul_(-inv_t)
+            coef = logp.mul_(g_h * -inv_t).add_(offset)  # -(g_lp + g_H (log p + H)) / T
+            grad_z = probs.mul_(coef)
         else:
-            coef = g_lp
-        grad_z = probs.mul_(coef).neg_().scatter_add_(-1, index[:, None], g_lp)
-        if ctx.temperature != 1.0:
-            grad_z = grad_z.div_(ctx.temperature)
-        grad_z = grad_z.to(weight.dtype)
+            logits = _scaled_logits(hidden, weight, bias, ctx.temperature)
+            grad_z = torch.softmax(logits, dim=-1, dtype=_float_dtype(logits))
+            g_lp = _row_grad(grad_logprobs, valid, grad_z.dtype)
+            grad_z = grad_z.mul_(g_lp * -inv_t)
+        grad_z = grad_z.scatter_add_(-1, index[:, None], g_lp * inv_t).to(weight.dtype)
         grad_hidden = grad_z @ weight if ctx.needs_input_grad[0] else None
         grad_weight = grad_z.T @ hidden if ctx.needs_input_grad[1] else None
         grad_bias = grad_z.sum(0) if bias is not None and ctx.needs_input_grad[2] else None
