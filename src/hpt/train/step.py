@@ -358,12 +358,14 @@ def throughput(
     prepared: dict[str, float],
     config: TrainConfig,
     seconds: float,
+    compute_dtype: torch.dtype | None = None,
 ) -> dict[str, float]:
     """``perf/tokens_per_s``, ``perf/flops`` and ``perf/mfu`` of one step (global over ranks).
 
     Tokens are the step's trained response tokens plus its generated tokens, over step time x
     devices. FLOPs (:mod:`hpt.train.flops`, from the model's config): generation, the
-    forward-only passes of :func:`prepare`, and forward + backward of every update epoch.
+    forward-only passes of :func:`prepare`, and forward + backward of every update epoch. MFU is
+    against the peak of ``compute_dtype`` (the autocast dtype), else of the weights' dtype.
     """
     from hpt.train.flops import mfu, step_flops
 
@@ -382,7 +384,13 @@ def throughput(
         "tokens_per_s": tokens / max(seconds, 1e-9),  # this rank's
         "perf/tokens_per_s": dist.all_reduce_sum(tokens) / max(seconds * world, 1e-9),
         "perf/flops": total_flops,
-        "perf/mfu": mfu(total_flops, max(seconds, 1e-9), parameter.device, parameter.dtype, world),
+        "perf/mfu": mfu(
+            total_flops,
+            max(seconds, 1e-9),
+            parameter.device,
+            compute_dtype or parameter.dtype,
+            world,
+        ),
     }
 
 
