@@ -314,6 +314,10 @@ def test_ddp_two_processes_match_one(tmp_path, tiny_dir, task_file):
     a, b = final_weights(single.run_dir), final_weights(tmp_path / "two" / "t")
     assert a.keys() == b.keys()
     for name in a:
+        if name.endswith("k_proj.bias"):
+            # its gradient is exactly zero (a key bias adds the same q.b to all of a query's
+            # scores, which softmax ignores): Adam steps it by rounding noise alone, on both sides
+            continue
         # per tensor ||a - b|| / ||a||: an element whose gradient is about zero gets Adam steps of
         # rounding noise (the packed micro-batches of one and two processes sum in other orders)
         difference = (a[name] - b[name]).norm() / a[name].norm().clamp_min(1e-6)
