@@ -160,6 +160,8 @@ class _HeadChunk(torch.autograd.Function):
         # so that each [C, V] pass is one kernel; an unused entropy (None: gradients are not
         # materialised) needs only p = softmax(z)
         hidden, weight, bias, labels, entropy = ctx.saved_tensors
+        if grad_logprobs is None and grad_entropy is None:
+            return None, None, None, None, None, None
         index, valid = _valid_labels(labels)
         inv_t = 1.0 / ctx.temperature
         if ctx.with_entropy and grad_entropy is not None:
