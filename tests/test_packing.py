@@ -445,3 +445,23 @@ def test_autocast_runs_the_passes_in_bf16_with_float32_outputs_and_gradients(tin
     engine = HFEngine(model, tokenizer)
     assert old_logprobs_from_engine(settings(), engine, algorithm)
     assert not old_logprobs_from_engine(settings(), engine, algorithm, torch.bfloat16)
+
+
+def test_autocast_with_gradient_checkpointing_recomputes_in_bf16(tiny):
+    """Activation checkpointing under optim.autocast: the recomputed forward runs under the same
+    autocast, so the gradients are those of the pass without checkpointing."""
+    model, tokenizer = tiny
+    rows = make_shared_rows(model.config.vocab_size, seed=7)
+    batch = collate(rows, tokenizer.pad_token_id, KIND_ID)
+    args = (batch.input_ids, batch.attention_mask, batch.response_index, batch.labels)
+    grads = []
+    for checkpointing in (False, True):
+        copy_ = copy.deepcopy(model).train()
+        if checkpointing:
+            copy_.activation_checkpointing_enable({"use_reentrant": False})
+        lp, ent, _ = Policy(copy_, autocast=torch.bfloat16)(*args)
+        (lp.sum() + 0.1 * ent.sum()).backward()
+        grads.append({n: p.grad for n, p in copy_.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, atol=1e-5, rtol=1e-3, msg=name)

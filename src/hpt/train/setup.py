@@ -81,7 +81,9 @@ def load_model_and_tokenizer(model_config: Any, tokenizer: Any = None) -> tuple[
     except (OSError, ValueError) as error:
         raise ModelError(f"cannot load model {path!r}: {_first_line(error)}") from error
     if getattr(model_config, "gradient_checkpointing", False):
-        model.gradient_checkpointing_enable()
+        # transformers 5 renamed it (the old name warns that it goes away in v6)
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        (enable or model.gradient_checkpointing_enable)()
     if torch.cuda.is_available():
         model = model.cuda()
     return model, tokenizer
