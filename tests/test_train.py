@@ -428,3 +428,30 @@ def test_each_step_logs_its_stage_times_and_throughput(tmp_path, tiny, tiny_dir,
         weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
         assert line["perf/flops"] > 2 * weights * line["tokens/generated"]
         assert 0 < line["perf/mfu"] <= 1
+
+
+def test_half_precision_weights_that_adamw_rounds_away_are_counted(
+    tmp_path, tiny_dir, task_file, capsys
+):
+    """The warning's count: weights an AdamW step of lr cannot change, against a real step."""
+    from hpt.train.setup import rounded_away_fraction
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(500, 400).bfloat16()
+    torch.nn.init.normal_(layer.weight, std=0.02)
+    dtype, predicted = rounded_away_fraction(layer, 5e-6)
+    before = layer.weight.detach().clone()
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=5e-6, weight_decay=0.0)
+    for p in layer.parameters():
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    unchanged = float((layer.weight.detach() == before).float().mean())
+    assert dtype == torch.bfloat16
+    assert 0.85 < predicted <= unchanged < predicted + 0.1  # a sufficient condition: a lower bound
+    assert rounded_away_fraction(layer.float(), 5e-6) is None
+    # a run on bf16 weights says so in one line
+    small_lr = {"model.dtype": "bfloat16", "optim.lr": 5e-6}
+    run(tmp_path / "bf16", tiny_dir, task_file, algorithm="sft", **small_lr)
+    assert "warning: the optimiser updates bfloat16 weights" in capsys.readouterr().err
+    run(tmp_path / "fp32", tiny_dir, task_file, algorithm="sft", **{"optim.lr": 5e-6})
+    assert "warning" not in capsys.readouterr().err

@@ -34,6 +34,7 @@ from hpt.train.setup import (
     load_model_and_tokenizer,
     load_tokenizer,
     load_train_data,
+    rounded_away_fraction,
 )
 from hpt.train.step import (
     collect_rows,
@@ -166,6 +167,14 @@ def train_stage(
     # ddp: a wrapper to train through; fsdp2: shards `policy` in place (before the optimiser)
     wrapped = dist.wrap(policy, config.distributed.strategy, config.distributed.mixed_precision)
     optimizer = build_optimizer(policy, config.optim)
+    rounded = rounded_away_fraction(policy, config.optim.lr)
+    if rounded is not None and rounded[1] > 0.5:
+        run.log(
+            f"warning: the optimiser updates {str(rounded[0])[6:]} weights: a step of lr "
+            f"{config.optim.lr:g} is under half the rounding step of {rounded[1]:.0%} of them, "
+            "which then never change; model.dtype=float32 keeps float32 weights, computing in "
+            "bf16 through optim.autocast (ddp) or distributed.mixed_precision (fsdp2)"
+        )
     scheduler = build_scheduler(optimizer, config.optim, config.max_steps)
     sampler = QuestionSampler(
         len(data.questions), config.seed, rank=dist.rank(), world=dist.world_size()

@@ -265,6 +265,32 @@ def build_optimizer(module: torch.nn.Module, optim: Any) -> torch.optim.Optimize
     return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
 
 
+# bits of the significand: a weight w's rounding step is about |w| * 2**-BITS
+_SIGNIFICAND_BITS = {torch.bfloat16: 8, torch.float16: 11}
+
+
+def rounded_away_fraction(module: torch.nn.Module, lr: float) -> tuple[torch.dtype, float] | None:
+    """``(dtype, fraction)``: the fraction of half-precision trainable weights that an update of
+    size ``lr`` (AdamW's steps are about lr) leaves unchanged, being under half their rounding
+    step (``|w| > 2 lr 2**bits``); None when no trainable weight is in bfloat16 or float16.
+
+    verl creates the actor in float32 for this reason ("otherwise the optimizer is in bf16, which
+    is incorrect"): at lr 5e-6 about 90% of bf16 weights drawn from N(0, 0.02) never move.
+    """
+    kept = total = 0
+    found = None
+    with torch.no_grad():
+        for parameter in module.parameters():
+            bits = _SIGNIFICAND_BITS.get(parameter.dtype)
+            if bits is None or not parameter.requires_grad:
+                continue
+            found = parameter.dtype
+            local = getattr(parameter, "to_local", lambda: parameter)()  # an FSDP2 shard
+            kept += int((local.abs() > 2 * lr * 2**bits).sum())
+            total += local.numel()
+    return None if found is None or total == 0 else (found, kept / total)
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, optim: Any, total_steps: int) -> Any:
     """Linear warmup, then constant or cosine decay to ``min_lr_ratio`` of the peak."""
     warmup = max(0, int(optim.warmup_steps))
