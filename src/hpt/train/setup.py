@@ -285,7 +285,7 @@ def rounded_away_fraction(module: torch.nn.Module, lr: float) -> tuple[torch.dty
             if bits is None or not parameter.requires_grad:
                 continue
             found = parameter.dtype
-            local = getattr(parameter, "to_local", lambda: parameter)()  # an FSDP2 shard
+            local = parameter.to_local() if hasattr(parameter, "to_local") else parameter  # FSDP2
             kept += int((local.abs() > 2 * lr * 2**bits).sum())
             total += local.numel()
     return None if found is None or total == 0 else (found, kept / total)
