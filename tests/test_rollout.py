@@ -655,3 +655,29 @@ def test_copies_of_a_prompt_are_prefilled_once(tiny, prompts, monkeypatch):
     assert [r.response_ids for r in shared] == [r.response_ids for r in each]
     for a, b in zip(shared, each):
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+
+
+def test_fused_step_reads_the_weights_without_copying_them(tiny):
+    """In the model's dtype the fused step holds the model's own tensors; a bf16 step casts into
+    buffers allocated once, which follow the weights' updates."""
+    import copy
+
+    model, tokenizer = tiny
+    model = copy.deepcopy(model)
+    attention = model.model.layers[0].self_attn
+    same = HFEngine(model, tokenizer).decoder.fused
+    same.refresh()
+    assert same.layers[0].q[0].data_ptr() == attention.q_proj.weight.data_ptr()
+    assert (
+        same.layers[0].gate[0].data_ptr() == model.model.layers[0].mlp.gate_proj.weight.data_ptr()
+    )
+    low = HFEngine(model, tokenizer, dtype="bfloat16").decoder.fused
+    low.refresh()
+    pointer = low.layers[0].q[0].data_ptr()
+    with torch.no_grad():
+        attention.q_proj.weight.add_(1.0)
+    low.refresh()
+    assert low.layers[0].q[0].data_ptr() == pointer  # the same buffer, refilled
+    torch.testing.assert_close(low.layers[0].q[0], attention.q_proj.weight.bfloat16())
+    # tied embeddings: the head's cast is the embedding's buffer, not a second copy
+    assert low.head_weight.data_ptr() == low._cast(model.model.embed_tokens.weight).data_ptr()

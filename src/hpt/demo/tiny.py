@@ -70,6 +70,15 @@ MODEL_SIZES: dict[str, dict[str, Any]] = {
         num_attention_heads=4,
         num_key_value_heads=2,
     ),
+    # Qwen2.5-0.5B's layers (about 360M parameters with the demo's vocabulary): a model built from
+    # a config where no checkpoint can be downloaded, for GPU benchmarks (benchmarks/grpo_step.py)
+    "qwen2.5-0.5b-shape": dict(
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+    ),
 }
 
 
