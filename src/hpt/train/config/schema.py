@@ -175,8 +175,8 @@ class RolloutConfig:
     fused: bool = Field(
         True,
         description="the hf engine decodes Llama-layout models (Llama, Qwen2, Mistral) with a "
-        "fused one-token step (one q/k/v and one gate/up matmul a layer); false: the model's "
-        "forward",
+        "fused one-token step (the model's own weight tensors, no per-module Python or 4-D "
+        "mask); false: the model's forward",
     )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto",
