@@ -465,3 +465,28 @@ def test_autocast_with_gradient_checkpointing_recomputes_in_bf16(tiny):
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, atol=1e-5, rtol=1e-3, msg=name)
+
+
+def test_prompts_are_shared_only_when_that_saves_enough_tokens(tiny):
+    """share_prompts as a threshold: below it the pass runs every row whole (same numbers)."""
+    from hpt.train.batch import share_prompts
+    from hpt.train.step import AUTO_SHARE_MIN_SAVED
+
+    model, tokenizer = tiny
+    rows = make_shared_rows(model.config.vocab_size, seed=3)
+    batch = collate(rows, tokenizer.pad_token_id, KIND_ID)
+    args = (batch.input_ids, batch.attention_mask, batch.response_index)
+    lengths = (batch.response_index[:, 0] + 1).tolist()
+    prompts = {tuple(row[:n]) for row, n in zip(batch.input_ids.tolist(), lengths)}
+    assert sorted(len(p) for p in prompts) == [4, 6, 9, 13]  # make_shared_rows' four prompts
+    saved = sum(lengths) - sum(len(p) for p in prompts)
+    assert share_prompts(*args, min_saved=saved) is not None
+    assert share_prompts(*args, min_saved=saved + 1) is None
+    policy = Policy(model)
+    mask = batch.response_mask
+    full = policy(*args, batch.labels)[0][mask]
+    for threshold in (saved, saved + 1):
+        shared = policy(*args, batch.labels, share_prompts=threshold)[0][mask]
+        torch.testing.assert_close(shared, full, atol=1e-5, rtol=1e-5)
+    assert AUTO_SHARE_MIN_SAVED == shares_prompts(settings(share_prompts="auto"), policy, False)
+    assert shares_prompts(settings(share_prompts=True), policy, False) == 1

@@ -216,13 +216,16 @@ class SharedPrompts:
 
 
 def share_prompts(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor, response_index: torch.Tensor
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_index: torch.Tensor,
+    min_saved: int = 1,
 ) -> SharedPrompts | None:
     """Split right-padded rows (:func:`collate`) into distinct prompts and responses.
 
     A row's prompt is its first ``response_index[:, 0] + 1`` tokens (the hidden state of the
     prompt's last token predicts the first response token). Returns None when every row's prompt
-    is its own (nothing to share).
+    is its own (nothing to share), or when sharing saves fewer than ``min_saved`` prompt tokens.
     """
     from hpt.utils import distinct_rows
 
@@ -230,7 +233,8 @@ def share_prompts(
     prompt_lengths = response_index[:, 0] + 1
     row_prompts = [row[:p] for row, p in zip(input_ids.tolist(), prompt_lengths.tolist())]
     first, prompt_of_row = distinct_rows(row_prompts)
-    if len(first) == len(row_prompts):
+    saved = sum(len(p) for p in row_prompts) - sum(len(row_prompts[i]) for i in first)
+    if len(first) == len(row_prompts) or saved < max(min_saved, 1):
         return None
     prompts = [row_prompts[i] for i in first]
     width = max(len(p) for p in prompts)

@@ -47,6 +47,8 @@ class Policy(nn.Module):
     row (:meth:`hpt.train.batch.Batch.pack`); ``response_index`` then points into the S tokens.
     Log-probs and entropy are those of ``softmax(logits / temperature)``: the trainer passes the
     rollouts' sampling temperature, so the ratio pi_theta / pi_old compares the sampling policy.
+    ``share_prompts`` (forward): run each distinct prompt of the rows once when that saves at
+    least this many prompt tokens (``True``: whenever a prompt repeats; 0: never).
     ``autocast``: a dtype (bfloat16) every pass runs under ``torch.autocast`` in (mixed
     precision: matmuls in it, the weights, their gradients and the optimiser stay as they are;
     log-probs, entropy and values come out float32); None: the weights' own dtype.
@@ -91,7 +93,7 @@ class Policy(nn.Module):
         response_index: torch.Tensor,
         labels: torch.Tensor,
         position_ids: torch.Tensor | None = None,
-        share_prompts: bool = False,
+        share_prompts: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         if self.autocast is None:
             return self._forward(
@@ -109,11 +111,11 @@ class Policy(nn.Module):
         response_index: torch.Tensor,
         labels: torch.Tensor,
         position_ids: torch.Tensor | None,
-        share_prompts: bool,
+        share_prompts: int,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         decoder = self.model.get_decoder()
         shared = (
-            batch.share_prompts(input_ids, attention_mask, response_index)
+            batch.share_prompts(input_ids, attention_mask, response_index, int(share_prompts))
             if share_prompts and position_ids is None
             else None
         )
