@@ -240,7 +240,8 @@ class OptimConfig:
         "auto",
         description="a padded pass runs each distinct prompt once and its rows' responses on its "
         "KV cache (the rollouts and demonstration of a question share its prompt); auto: on "
-        "where it applies (padded passes, DDP or one process, no gradient checkpointing)",
+        "where it applies (padded passes, DDP or one process, no gradient checkpointing) and "
+        "saves at least 128 prompt tokens a pass",
     )
     compile: bool = Field(
         False,
