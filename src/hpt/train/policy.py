@@ -95,11 +95,7 @@ class Policy(nn.Module):
         position_ids: torch.Tensor | None = None,
         share_prompts: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        if self.autocast is None:
-            return self._forward(
-                input_ids, attention_mask, response_index, labels, position_ids, share_prompts
-            )
-        with torch.autocast(input_ids.device.type, dtype=self.autocast):
+        with self._precision(input_ids.device):
             return self._forward(
                 input_ids, attention_mask, response_index, labels, position_ids, share_prompts
             )
@@ -136,6 +132,12 @@ class Policy(nn.Module):
         else:
             hidden = hidden[0][response_index]  # [N, T, H] from the one packed sequence
         return self._head(hidden, labels)
+
+    def _precision(self, device: torch.device) -> Any:
+        """``torch.autocast`` to ``autocast`` for the whole pass; a no-op without one."""
+        if self.autocast is None:
+            return nullcontext()
+        return torch.autocast(device.type, dtype=self.autocast)
 
     def _adapters(self) -> Any:
         """LoRA adapters off for the reference policy; a no-op otherwise."""
