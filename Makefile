@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-slow lint format bench learning-curve demo clean vllm-check
+.PHONY: run test test-slow lint format bench learning-curve demo clean vllm-check gpu-wheels
 
 # --no-compile, then compileall once: where PYTHONDONTWRITEBYTECODE is set (as on the project's
 # machines) Python never caches what it imports, and every process would compile torch and
@@ -67,3 +67,14 @@ clean:
 VLLM_VENV ?= ../vllm-venv
 vllm-check:
 	$(VLLM_VENV)/bin/python benchmarks/vllm_check.py $(ARGS)
+
+# The packages a lent GPU machine's image lacks (it has torch, no network), as Python 3.12 x86-64
+# wheels in .whl/ for benchmarks/gpu_check.sh: the versions of ../bench-venv (see benchmarks/README.md)
+GPU_WHEELS := trl==1.16.0 transformers==5.24.0 accelerate==1.16.0 peft==0.21.2 datasets==5.2.0 \
+	dill==0.4.1 multiprocess==0.70.19 fsspec==2026.9.0 math-verify==0.9.0 \
+	latex2sympy2_extended==1.11.0 antlr4-python3-runtime==4.13.2 pebble==5.2.3 pydantic==2.14.4 \
+	pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
+gpu-wheels:
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)

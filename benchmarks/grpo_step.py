@@ -451,21 +451,22 @@ def median_stages(steps: list[dict[str, float]]) -> dict[str, float]:
 
 
 def matmul_peak_flops(size: int = 2048, repeats: int = 5, bf16: bool = False) -> float:
-    """This CPU's (or GPU's) fp32 (or bf16) matmul rate in FLOP/s: the best of ``repeats``
-    timed products."""
+    """The peak the FLOP bound is taken at, in FLOP/s: on a GPU its data-sheet dense fp32 (or
+    bf16) rate (``hpt.train.flops.peak_flops``, as ``perf/mfu``), on a CPU its measured matmul
+    rate, the best of ``repeats`` timed products."""
     import torch
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if bf16 else torch.float32
+    if torch.cuda.is_available():
+        from hpt.train.flops import peak_flops
+
+        return peak_flops("cuda", dtype)
+    device = "cpu"
     a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
     best = math.inf
     for _ in range(repeats + 1):
-        if device == "cuda":
-            torch.cuda.synchronize()
         started = time.perf_counter()
         a @ b
-        if device == "cuda":
-            torch.cuda.synchronize()
         best = min(best, time.perf_counter() - started)
     return 2 * size**3 / best
 
@@ -566,9 +567,20 @@ def environment() -> dict[str, Any]:
 
 
 def format_table(cases: dict[str, dict[str, Any]]) -> str:
-    """A plain-text table: one row per case and side, the stages, memory, FLOP bound and ratios."""
+    """A plain-text table: one row per case and side, the stages, memory, FLOP bound and ratios.
+
+    ``MFU = bound/step``: the step's model FLOPs (2 x params x tokens generated, 6 x trained) over
+    its time x the peak (verl's MFU). Peak memory: the process's RSS, and on a GPU the CUDA
+    allocator's high-water mark.
+    """
     header = ["case", "side", "step s", "CPU s", "stages (median s)", "peak RSS MiB"]
-    header += ["bound s", "bound/step", "hpt/TRL"]
+    if any(
+        summary["sides"][side].get("peak_cuda_mib") is not None
+        for summary in cases.values()
+        for side in SIDES
+    ):
+        header.append("peak CUDA MiB")
+    header += ["bound s", "MFU (bound/step)", "hpt/TRL"]
     lines = [header]
     for name, summary in cases.items():
         bound = summary["flop_bound"]
@@ -584,6 +596,7 @@ def format_table(cases: dict[str, dict[str, Any]]) -> str:
                     f"{s['median_cpu_s']:.3f}",
                     stages,
                     f"{s['peak_rss_mib']:.0f}",
+                    *([f"{s.get('peak_cuda_mib') or 0:.0f}"] if "peak CUDA MiB" in header else []),
                     f"{bound['step_s']:.3f}",
                     f"{bound['step_s'] / s['median_step_s']:.2f}",
                     ratio,
@@ -617,6 +630,7 @@ CASES = {  # name -> (model size, questions, n, max_new_tokens)
     "smollm2-4x4x128": ("smollm2", 4, 4, 128),
     # on request only (a GPU's case: hours on 2 CPU cores): Qwen2.5-0.5B's layers, random weights
     "qwen0.5b-shape-16x8x256": ("qwen2.5-0.5b-shape", 16, 8, 256),
+    "qwen0.5b-shape-4x4x128": ("qwen2.5-0.5b-shape", 4, 4, 128),  # the SmolLM2 case's shape
 }
 DEFAULT_CASES = ("tiny-16x8x64", "tiny-16x8x128", "smollm2-4x4x128")
 
