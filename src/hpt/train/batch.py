@@ -194,6 +194,9 @@ def token_micro_batches(lengths: torch.Tensor, max_tokens: int, packed: bool) ->
     return [torch.tensor(sorted(p), dtype=torch.long) for p in passes]
 
 
+PROMPT_WIDTH_MULTIPLE = 8  # shared prompt passes are padded to a multiple of this width
+
+
 @dataclass
 class SharedPrompts:
     """A padded micro-batch split into its distinct prompts and each row's response.
@@ -237,7 +240,10 @@ def share_prompts(
     if len(first) == len(row_prompts) or saved < max(min_saved, 1):
         return None
     prompts = [row_prompts[i] for i in first]
-    width = max(len(p) for p in prompts)
+    # the width rounded up to a multiple: fewer distinct matrix shapes, each of which costs a
+    # compiled kernel in oneDNN's caches under CPU bf16 autocast (tiny model, bf16 benchmark: peak
+    # RSS 649 against 731 MiB, step time unchanged); the padding is masked like any other
+    width = -(-max(len(p) for p in prompts) // PROMPT_WIDTH_MULTIPLE) * PROMPT_WIDTH_MULTIPLE
     prompt_ids = torch.zeros((len(prompts), width), dtype=input_ids.dtype)
     prompt_mask = torch.zeros((len(prompts), width), dtype=attention_mask.dtype)
     for g, tokens in enumerate(prompts):
