@@ -3,10 +3,9 @@
 # and of TRL 1.16's GRPOTrainer, both in bf16 (benchmarks/grpo_step.py --bf16), on a GPU, for a
 # model with Qwen2.5-0.5B's layers built from a config (random weights, 360M parameters with the
 # demo's vocabulary: no checkpoint can be downloaded there), at 16 x 8 x 256 and at the SmolLM2 CPU
-# case's 4 x 4 x 128. It
-# prints each side's step time, its stages, peak GPU memory and MFU (the FLOP bound of the step at
-# the GPU's data-sheet bf16 peak over the measured step: verl's model FLOPs, 2 x params x tokens to
-# generate and 6 x to train).
+# case's 4 x 4 x 128. It prints each side's step time, its stages, peak GPU memory and MFU (the
+# FLOP bound of the step at the GPU's data-sheet bf16 peak over the measured step: verl's model
+# FLOPs, 2 x params x tokens to generate and 6 x to train).
 #
 # On a machine with no network (the project's lent GPU machines), the packages the GPU image lacks
 # travel as wheels: `make gpu-wheels` here downloads them into .whl/ (about 20 MB, Python 3.12,

@@ -461,8 +461,7 @@ def matmul_peak_flops(size: int = 2048, repeats: int = 5, bf16: bool = False) ->
         from hpt.train.flops import peak_flops
 
         return peak_flops("cuda", dtype)
-    device = "cpu"
-    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    a, b = (torch.randn(size, size, dtype=dtype) for _ in range(2))
     best = math.inf
     for _ in range(repeats + 1):
         started = time.perf_counter()
@@ -573,14 +572,13 @@ def format_table(cases: dict[str, dict[str, Any]]) -> str:
     its time x the peak (verl's MFU). Peak memory: the process's RSS, and on a GPU the CUDA
     allocator's high-water mark.
     """
-    header = ["case", "side", "step s", "CPU s", "stages (median s)", "peak RSS MiB"]
-    if any(
+    cuda = any(
         summary["sides"][side].get("peak_cuda_mib") is not None
         for summary in cases.values()
         for side in SIDES
-    ):
-        header.append("peak CUDA MiB")
-    header += ["bound s", "MFU (bound/step)", "hpt/TRL"]
+    )
+    header = ["case", "side", "step s", "CPU s", "stages (median s)", "peak RSS MiB"]
+    header += ["peak CUDA MiB"] * cuda + ["bound s", "MFU (bound/step)", "hpt/TRL"]
     lines = [header]
     for name, summary in cases.items():
         bound = summary["flop_bound"]
@@ -596,7 +594,7 @@ def format_table(cases: dict[str, dict[str, Any]]) -> str:
                     f"{s['median_cpu_s']:.3f}",
                     stages,
                     f"{s['peak_rss_mib']:.0f}",
-                    *([f"{s.get('peak_cuda_mib') or 0:.0f}"] if "peak CUDA MiB" in header else []),
+                    *[f"{s.get('peak_cuda_mib') or 0:.0f}"] * cuda,
                     f"{bound['step_s']:.3f}",
                     f"{bound['step_s'] / s['median_step_s']:.2f}",
                     ratio,
