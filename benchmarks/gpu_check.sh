@@ -13,14 +13,15 @@
 #
 #     run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=600)
 #
-# Results: $OUT/grpo_step_gpu.json (or benchmarks/results/ without $OUT) and the table on stdout.
+# Results: $OUT/grpo_step_gpu_<case>.json (or benchmarks/results/ without $OUT) and each case's
+# table on stdout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 RESULTS=${OUT:-benchmarks/results}
 LIMIT=${GPU_CHECK_SECONDS:-540}  # what the benchmark may take, inside the 10 minutes
 WHEELS=${GPU_CHECK_WHEELS:-.whl}
-CASES=${GPU_CHECK_CASES:-qwen0.5b-shape-16x8x256,qwen0.5b-shape-4x4x128}
+CASES=${GPU_CHECK_CASES:-tiny-16x8x64,qwen0.5b-shape-4x4x128,qwen0.5b-shape-16x8x256}
 # GPU_CHECK_CPU=1 runs it without a GPU (to check the script and the wheels on a CPU machine, with
 # GPU_CHECK_CASES=tiny-16x8x64)
 
@@ -64,7 +65,30 @@ except ImportError as error:
 EOF
 
 mkdir -p "$RESULTS"
-# Qwen2.5-0.5B's layers at 16 questions x 8 rollouts x 256 tokens, then at the SmolLM2 CPU case's
-# 4 x 4 x 128: 1 repeat, 1 warm-up step and 2 timed steps a side
-timeout "$LIMIT" "$PY" benchmarks/grpo_step.py --bf16 --repeats 1 --warmup 1 --steps 2 \
-    --cases "$CASES" --output "$RESULTS/grpo_step_gpu.json"
+# One case at a time under one deadline, so that a case that fails or runs long still leaves the
+# others' numbers (and its own traceback) behind: the tiny model first (a minute: does each side
+# run on this device at all?), then Qwen2.5-0.5B's layers at the SmolLM2 CPU case's 4 x 4 x 128,
+# then at 16 questions x 8 rollouts x 256 tokens. 1 repeat, 1 warm-up step and 2 timed steps a side.
+# GPU_CHECK_COMPILE=1 then times hpt's torch.compile'd decode step on the 4 x 4 x 128 case.
+deadline=$((SECONDS + LIMIT))
+failed=0
+run_case() {  # run_case NAME EXTRA-ARGS...: one grpo_step.py run, within what is left of LIMIT
+    local name=$1 left=$((deadline - SECONDS))
+    shift
+    if ((left < 30)); then
+        echo "gpu_check: $name skipped, ${left} s left of ${LIMIT}"
+        failed=1
+        return
+    fi
+    echo "gpu_check: $name (at most ${left} s)"
+    timeout "$left" "$PY" benchmarks/grpo_step.py --bf16 --repeats 1 --warmup 1 --steps 2 "$@" \
+        || { echo "gpu_check: $name failed (exit $?)"; failed=1; }
+}
+for case in ${CASES//,/ }; do
+    run_case "$case" --cases "$case" --output "$RESULTS/grpo_step_gpu_$case.json"
+done
+if [[ ${GPU_CHECK_COMPILE:-0} == 1 ]]; then
+    run_case "compile qwen0.5b-shape-4x4x128" --compile --cases qwen0.5b-shape-4x4x128 \
+        --output "$RESULTS/grpo_step_gpu_compile.json"
+fi
+exit "$failed"
