@@ -69,6 +69,7 @@ class Settings:
     compile: bool = False  # hpt: torch.compile the decode step (HFEngine(compile=True))
     generate_path: bool = False  # hpt: the engine's model.generate fallback (the engine before #12)
     fused: bool = True  # hpt: rollout.fused (the fused Llama-layout decode step)
+    cuda_graphs: bool = True  # hpt: rollout.cuda_graphs (the fused step replayed from CUDA graphs)
     share_prompts: bool = True  # hpt: optim.share_prompts (each distinct prompt once a pass)
     rollout_dtype: str = "auto"  # hpt: rollout.dtype (bfloat16: sample from a bf16 weight copy)
     compile_update: bool = False  # hpt: optim.compile (compiled decoder layers in training passes)
@@ -308,6 +309,7 @@ def hpt_overrides(
         "rollout.top_k=0",
         f"rollout.batch_size={settings.rows}",  # all rollouts in one generate call, as TRL
         f"rollout.fused={str(settings.fused).lower()}",
+        f"rollout.cuda_graphs={str(settings.cuda_graphs).lower()}",
         f"rollout.dtype={'bfloat16' if settings.bf16 else settings.rollout_dtype}",
         f"optim.autocast={'bfloat16' if settings.bf16 else 'false'}",
         f"optim.share_prompts={'auto' if settings.share_prompts else 'false'}",
@@ -565,6 +567,11 @@ def environment() -> dict[str, Any]:
     }
 
 
+def mfu_text(mfu: float) -> str:
+    """Two decimals, or two significant digits below 0.1 (a GPU's small-model steps: 0.011)."""
+    return f"{mfu:.2f}" if mfu >= 0.1 else f"{mfu:.2g}"
+
+
 def format_table(cases: dict[str, dict[str, Any]]) -> str:
     """A plain-text table: one row per case and side, the stages, memory, FLOP bound and ratios.
 
@@ -596,7 +603,7 @@ def format_table(cases: dict[str, dict[str, Any]]) -> str:
                     f"{s['peak_rss_mib']:.0f}",
                     *[f"{s.get('peak_cuda_mib') or 0:.0f}"] * cuda,
                     f"{bound['step_s']:.3f}",
-                    f"{bound['step_s'] / s['median_step_s']:.2f}",
+                    mfu_text(bound["step_s"] / s["median_step_s"]),
                     ratio,
                 ]
             )
@@ -678,6 +685,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--no-fused", action="store_true", help="hpt: decode through the model's forward"
     )
     parser.add_argument(
+        "--no-cuda-graphs",
+        action="store_true",
+        help="hpt: on a GPU, run the fused decode step eagerly (rollout.cuda_graphs=false)",
+    )
+    parser.add_argument(
         "--compile-update",
         action="store_true",
         help="hpt: optim.compile (torch.compile the decoder layers of the training passes; the "
@@ -755,6 +767,7 @@ def main(argv: list[str] | None = None) -> int:
             compile=args.compile,
             generate_path=args.generate_path,
             fused=not args.no_fused,
+            cuda_graphs=not args.no_cuda_graphs,
             share_prompts=not args.no_share_prompts,
             rollout_dtype=args.rollout_dtype,
             compile_update=args.compile_update,

@@ -97,6 +97,8 @@ def test_table_reports_mfu_as_the_bound_over_the_step():
     assert "MFU (bound/step)" in header and "peak CUDA MiB" not in header
     assert trl.split()[-1] == "0.20"  # 0.4 s of FLOPs at peak over a 2.0 s step
     assert hpt.split()[-2:] == ["0.50", "0.40"]  # MFU 0.4 / 0.8, then hpt / TRL
+    # a GPU's small-model step: two significant digits, not 0.00
+    assert [grpo_step.mfu_text(x) for x in (0.0107, 0.00042, 0.5)] == ["0.011", "0.00042", "0.50"]
 
 
 def test_table_adds_the_cuda_peak_where_measured():

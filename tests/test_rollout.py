@@ -564,6 +564,72 @@ def test_fused_step_decodes_as_the_models_forward(tiny, prompts, arch):
     assert fused.exact_logprobs(sampled)
 
 
+def graphed_pair(model, tokenizer, eager, **options):
+    """Two engines on ``model``: the eager fused step, and the same step through GraphedStep."""
+    from hpt.rollout.graphs import GraphedStep
+
+    plain = HFEngine(model, tokenizer, batch_size=8, cuda_graphs=False, **options)
+    graphed = HFEngine(model, tokenizer, batch_size=8, **options)
+    assert plain.decoder.graphed is None and graphed.decoder.fused is not None
+    graphed.decoder.graphed = GraphedStep(graphed.decoder.fused, eager=eager)
+    return plain, graphed
+
+
+def assert_graphed_decodes_as_eager(model, tokenizer, prompts, plain, graphed, tolerance):
+    graphs = graphed.decoder.graphed
+    sampling = SamplingParams(0.0, max_new_tokens=14)
+    a, b = graphed.generate(prompts, 1, sampling), plain.generate(prompts, 1, sampling)
+    assert {r.finish_reason for r in b} == {"stop", "length"}  # rows left the batch early
+    for x, y in zip(a, b):
+        assert x.response_ids == y.response_ids and x.finish_reason == y.finish_reason
+        assert x.logprobs == pytest.approx(y.logprobs, abs=tolerance)
+    # one capture for the batch, one more after the compaction (new cache tensors, fewer rows)
+    assert graphs.captures == 2
+    assert graphs._capture is None  # released with the batch: no reference to its cache
+    sampled = SamplingParams(temperature=0.9, max_new_tokens=10, seed=2)
+    x, y = graphed.generate(prompts, 3, sampled), plain.generate(prompts, 3, sampled)
+    assert [r.response_ids for r in x] == [r.response_ids for r in y]  # same draws, same seed
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama-biases"])
+def test_graphed_step_buffers_decode_as_the_eager_step(tiny, prompts, arch):
+    """GraphedStep's static buffers (full-length mask, slot-written cache, recapture when rows
+    leave the batch) with the step run eagerly on them: the eager fused step's tokens."""
+    model, tokenizer = tiny
+    if arch != "qwen2":
+        model = tiny_llama(tokenizer, attention_bias=True, mlp_bias=True)
+    stop = common_token(model, tokenizer, prompts)
+    # no stop before token 3: rows leave the batch after the first capture (a recapture)
+    options = dict(stop_token_ids=[stop], min_new_tokens=3)
+    plain, graphed = graphed_pair(model, tokenizer, eager=True, **options)
+    assert_graphed_decodes_as_eager(model, tokenizer, prompts, plain, graphed, 1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("dtype", [None, "bfloat16"])
+def test_cuda_graph_step_decodes_as_the_eager_step(tiny, prompts, dtype):
+    """On a GPU: the fused step replayed from real CUDA graphs gives the eager step's tokens."""
+    import copy
+
+    model, tokenizer = tiny
+    model = copy.deepcopy(model).cuda()
+    stop = common_token(model, tokenizer, prompts)
+    options = dict(stop_token_ids=[stop], min_new_tokens=3, dtype=dtype)
+    plain, graphed = graphed_pair(model, tokenizer, eager=False, **options)
+    assert_graphed_decodes_as_eager(
+        model, tokenizer, prompts, plain, graphed, 1e-5 if dtype is None else 1e-2
+    )
+    # the engine's default on a CUDA device is the graphed step
+    assert HFEngine(model, tokenizer).decoder.graphed is not None
+
+
+def test_cuda_graphs_are_an_engine_option(tiny):
+    model, tokenizer = tiny
+    assert HFEngine(model, tokenizer).decoder.graphed is not None  # used on CUDA devices only
+    assert HFEngine(model, tokenizer, cuda_graphs=False).decoder.graphed is None
+    assert HFEngine(model, tokenizer, fused=False).decoder.graphed is None  # needs the fused step
+
+
 def test_fused_step_reads_the_weights_of_each_batch(tiny, prompts):
     """Training changes the weights between generate calls: the fused step follows them."""
     import copy

@@ -171,6 +171,8 @@ class Decoder:
             otherwise, and always for the prefill.
         fused_dtype: the fused step's weight dtype (None: the model's; see
             :class:`~hpt.rollout.fused.FusedStep`).
+        cuda_graphs: on a CUDA device, replay the fused step from a CUDA graph
+            (:class:`~hpt.rollout.graphs.GraphedStep`); the eager fused step elsewhere.
     """
 
     def __init__(
@@ -183,8 +185,10 @@ class Decoder:
         compile: bool = False,
         fused: bool = True,
         fused_dtype: torch.dtype | None = None,
+        cuda_graphs: bool = True,
     ) -> None:
         from hpt.rollout.fused import FusedStep, fusable
+        from hpt.rollout.graphs import GraphedStep
 
         self.model = model
         self.signature = signature
@@ -193,6 +197,7 @@ class Decoder:
         self.fused = (
             FusedStep(model, fused_dtype) if fused and not compile and fusable(model) else None
         )
+        self.graphed = GraphedStep(self.fused) if self.fused is not None and cuda_graphs else None
         self.step: Callable[..., torch.Tensor] = self._forward_last
         if compile:
             self.step = torch.compile(self._forward_last, dynamic=True)
@@ -296,6 +301,8 @@ class Decoder:
         if self.fused is not None and prefix and not synced:
             self.fused.refresh()  # this batch's weights (training changed them since the last)
             step = self.fused
+            if self.graphed is not None and (device.type == "cuda" or self.graphed.eager):
+                step = self.graphed  # the same step, replayed from a CUDA graph
         # the n copies of a prompt are prefilled once; the cache and logits are then copied out
         first, copy_of = distinct_rows(live_prompts)
         seen = mask[:, :width] if prefix else mask
@@ -342,6 +349,8 @@ class Decoder:
             seen = mask[:, : width + t + 1] if prefix else mask
             logits = step(token[:, None], seen, last_position, cache)
         report(torch.arange(batch))
+        if self.graphed is not None:
+            self.graphed.release()  # the graph holds this batch's cache
         return Decoded(tokens[:rows].cpu(), logprobs[:rows].cpu(), lengths[:rows].cpu())
 
 

@@ -193,8 +193,22 @@ class FusedStep:
 
     @torch.no_grad()
     def __call__(
-        self, token: torch.Tensor, mask: torch.Tensor, position: torch.Tensor, cache: Any
+        self,
+        token: torch.Tensor,
+        mask: torch.Tensor,
+        position: torch.Tensor,
+        cache: Any,
+        slot: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """The logits [B, vocab] of one token a row.
+
+        ``slot`` None: the cache layers' ``update`` appends the keys and values and returns the
+        filled positions, which ``mask`` [B, filled + 1] covers. ``slot`` a one-element tensor: the
+        keys and values are written at that position of the preallocated cache, and attention reads
+        all of it under ``mask`` [B, max_len] (zeros past the filled positions): every shape and
+        address is the same from one token to the next, as a CUDA graph's replay needs
+        (:mod:`hpt.rollout.graphs`).
+        """
         decoder, dtype = self.model.model, self.dtype
         x = decoder.embed_tokens(token[:, 0])  # [B, D], the residual stream in the model's dtype
         rows = x.shape[0]
@@ -208,7 +222,12 @@ class FusedStep:
             k = _linear(h, layer.k).to(x.dtype).view(rows, self.kv_heads, self.head_dim)
             v = _linear(h, layer.v).to(x.dtype).view(rows, self.kv_heads, self.head_dim)
             q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-            keys, values = storage.update(k[:, :, None], v[:, :, None])  # [B, kv, L, d]
+            if slot is None:
+                keys, values = storage.update(k[:, :, None], v[:, :, None])  # [B, kv, L, d]
+            else:
+                storage.keys.index_copy_(2, slot, k[:, :, None])
+                storage.values.index_copy_(2, slot, v[:, :, None])
+                keys, values = storage.keys, storage.values
             q = q.view(rows, self.kv_heads, group, self.head_dim)
             scores = torch.matmul(q, keys.transpose(-1, -2)) * self.scale  # [B, kv, group, L]
             scores = scores.float().masked_fill(blocked, float("-inf"))

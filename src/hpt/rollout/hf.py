@@ -168,6 +168,8 @@ class HFEngine:
         dtype: the fused step's weight dtype (``"bfloat16"``, ``"float16"``, ``"float32"``;
             None or ``"auto"``: the model's own). A lower one samples from a bf16 copy of the
             weights (faster; the log-probs are then not the trainer's, see :meth:`exact_logprobs`).
+        cuda_graphs: on a CUDA device, replay the fused step from a CUDA graph (one launch a token;
+            :mod:`hpt.rollout.graphs`); False: the eager fused step.
 
     Example:
         >>> engine = HFEngine(model, tokenizer)
@@ -188,6 +190,7 @@ class HFEngine:
         min_new_tokens: int = 0,
         fused: bool = True,
         dtype: str | torch.dtype | None = None,
+        cuda_graphs: bool = True,
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"rollout batch_size must be >= 1, got {batch_size}")
@@ -218,6 +221,7 @@ class HFEngine:
                 compile=compile,
                 fused=fused,
                 fused_dtype=fused_dtype,
+                cuda_graphs=cuda_graphs,
             )
         )
         own = next(model.parameters()).dtype

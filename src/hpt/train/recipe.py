@@ -186,6 +186,7 @@ def train_stage(
         batch_size=config.rollout.batch_size,
         compile=config.rollout.compile,
         fused=config.rollout.fused,
+        cuda_graphs=config.rollout.cuda_graphs,
         dtype=config.rollout.dtype,
         model_path=config.model.path,
         max_model_len=config.data.max_prompt_tokens + config.rollout.max_new_tokens,

@@ -178,6 +178,11 @@ class RolloutConfig:
         "fused one-token step (the model's own weight tensors, no per-module Python or 4-D "
         "mask); false: the model's forward",
     )
+    cuda_graphs: bool = Field(
+        True,
+        description="on a CUDA device the hf engine replays the fused decode step from a CUDA "
+        "graph (one launch a token instead of ~35 kernels a layer); false: the eager step",
+    )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto",
         description="weights of the fused decode step; auto: the model's dtype. bfloat16 on a "
