@@ -324,7 +324,7 @@ class Decoder:
             tokens[index, t] = token
             logprobs[index, t] = step_logprobs.gather(1, token[:, None]).squeeze(1)
             stopped = torch.isin(token, stop_ids) & ~done
-            lengths[index[stopped]] = t + 1
+            lengths[index] = torch.where(stopped, t + 1, lengths[index])  # no host sync
             done = done | stopped
             if t + 1 == steps:
                 break
