@@ -378,6 +378,18 @@ def test_auto_shares_prompts_only_where_it_applies(tiny):
     assert not shares_prompts(fsdp, policy, packed=False)
 
 
+def test_auto_shares_prompts_on_the_cpu_only(tiny):
+    """Off the CPU the second decoder call's kernel launches cost more than its FLOPs save."""
+    from transformers import AutoModelForCausalLM
+
+    model, _ = tiny
+    with torch.device("meta"):  # a model off the CPU, without a GPU
+        elsewhere = Policy(AutoModelForCausalLM.from_config(model.config))
+    assert not shares_prompts(settings(share_prompts="auto"), elsewhere, packed=False)
+    assert shares_prompts(settings(share_prompts=True), elsewhere, packed=False) == 1
+    assert shares_prompts(settings(share_prompts="auto"), Policy(model), packed=False)
+
+
 @pytest.mark.slow
 def test_compiled_layers_give_the_eager_gradients(tiny):
     """optim.compile: the training passes' compiled layers compute what the eager ones do, and

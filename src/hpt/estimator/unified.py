@@ -106,21 +106,37 @@ class LossOutput:
 
     Attributes:
         loss: scalar, differentiable w.r.t. ``logprobs`` (and ``entropy``).
-        metrics: floats: ``loss``, ``clipfrac_low``, ``clipfrac_high``, ``clipfrac_dual``,
-            ``ratio_mean``, ``ratio_max``, ``approx_kl``, ``tokens_<kind>``, ``sequences_<kind>``,
-            ``pg_<kind>``, ``entropy`` / ``kl`` (when given). Local to this micro-batch.
+        stats: the metrics as detached scalar tensors on the loss's device: ``loss``,
+            ``clipfrac_low``, ``clipfrac_high``, ``clipfrac_dual``, ``ratio_mean``, ``ratio_max``,
+            ``approx_kl``, ``tokens_<kind>``, ``sequences_<kind>``, ``pg_<kind>``, ``entropy`` /
+            ``kl`` (when given), ``entropy_mean`` (with ``entropy``). Local to this micro-batch;
+            a trainer sums them on the device and reads them once a step (no host sync a pass).
         terms: named scalar tensors: ``pg_<kind>`` per kind with terms, ``entropy``, ``kl``.
     """
 
     loss: Tensor
-    metrics: dict[str, float] = field(default_factory=dict)
+    stats: dict[str, Tensor] = field(default_factory=dict)
     terms: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """``stats`` as floats (one read from the device for all of them)."""
+        return read_floats(self.stats)
+
+
+def read_floats(stats: dict[str, Tensor]) -> dict[str, float]:
+    """Scalar tensors as floats, in one device-to-host copy (float64: exact for float32 values
+    and for integer counts below 2**53)."""
+    if not stats:
+        return {}
+    values = torch.stack([v.detach().reshape(()).to(torch.float64) for v in stats.values()])
+    return dict(zip(stats, values.tolist()))
 
 
 def _as_long(values: Any, n: int, device: torch.device, what: str) -> Tensor:
     """A [N] long tensor of kind ids from a tensor or a list of ids / kind names."""
     if isinstance(values, Tensor):
-        out = values.to(device=device, dtype=torch.long).reshape(-1)
+        out = values.to(dtype=torch.long).reshape(-1)
     else:
         items = list(values)
         try:
@@ -129,12 +145,14 @@ def _as_long(values: Any, n: int, device: torch.device, what: str) -> Tensor:
             raise ConfigError(
                 f"{what}: unknown sample kind {error.args[0]!r}; valid: {', '.join(KINDS)}"
             ) from None
-        out = torch.tensor(ids, dtype=torch.long, device=device)
+        out = torch.tensor(ids, dtype=torch.long)
     if out.numel() != n:
         raise ValueError(f"{what}: expected {n} rows, got {out.numel()}")
-    if out.numel() and (int(out.min()) < 0 or int(out.max()) >= len(KINDS)):
+    # checked where reading them is free: ids on an accelerator would cost a host sync each call
+    # (the trainer's come from collate, and are checked on the CPU when a mini-batch is counted)
+    if out.device.type == "cpu" and out.numel() and (out.min() < 0 or out.max() >= len(KINDS)):
         raise ValueError(f"{what}: kind ids must be in 0..{len(KINDS) - 1} ({', '.join(KINDS)})")
-    return out
+    return out.to(device)
 
 
 def term_kinds(algorithm: Any) -> list[str]:
@@ -176,12 +194,15 @@ def batch_counts(algorithm: Any, kinds: Any, response_mask: Tensor) -> Counts:
     """
     mask = response_mask.to(torch.float64)
     kind_ids = _as_long(kinds, mask.shape[0], mask.device, "kinds")
-    tokens, sequences = [], []
-    for index in range(len(KINDS)):
-        rows = kind_ids == index
-        tokens.append(float(mask[rows].sum()))
-        sequences.append(float(rows.sum()))
-    return Counts(tuple(tokens), tuple(sequences))
+    return Counts.from_tensor(torch.cat(_kind_counts(kind_ids, mask)))  # one read from the device
+
+
+def _kind_counts(kind_ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """([K] valid tokens, [K] rows) of each kind (``KINDS`` order), in ``mask``'s dtype."""
+    of_kind = kind_ids[:, None] == torch.arange(len(KINDS), device=kind_ids.device)  # [N, K]
+    of_kind = of_kind.to(mask.dtype)
+    # a product and a sum, not a matmul: TF32 or autocast would round the counts
+    return (mask.sum(-1, keepdim=True) * of_kind).sum(0), of_kind.sum(0)
 
 
 def _advantage_matrix(advantages: Tensor, shape: torch.Size, dtype: torch.dtype) -> Tensor:
@@ -282,8 +303,10 @@ def unified_loss(
 
     zero = (lp * 0.0).sum()
     loss, terms = zero, {}
-    clipped = {"low": zero.detach(), "high": zero.detach(), "dual": zero.detach()}
-    clip_tokens = zero.detach()
+    # clip counts in float64, so that their fractions are those of Python floats
+    count = torch.zeros((), device=device, dtype=torch.float64)
+    clipped = {"low": count, "high": count, "dual": count}
+    clip_tokens = count
     for term in algorithm.terms:
         rows = (kind_ids == KIND_ID[term.kind])[:, None].to(dtype)
         kind_mask = mask * rows
@@ -302,9 +325,9 @@ def unified_loss(
         loss = loss + term.coef * value
         if term.mask != "none":
             on = kind_mask > 0
-            clip_tokens = clip_tokens + on.sum()
+            clip_tokens = clip_tokens + on.sum(dtype=torch.float64)
             for side, flags in zip(("low", "high", "dual"), masked[1:]):
-                clipped[side] = clipped[side] + (flags & on).sum()
+                clipped[side] = clipped[side] + (flags & on).sum(dtype=torch.float64)
 
     active = term_kinds(algorithm)
     active_rows = torch.zeros(n, 1, device=device, dtype=dtype)
@@ -326,14 +349,13 @@ def unified_loss(
         if algorithm.kl_coef:
             loss = loss + algorithm.kl_coef * kl
 
-    metrics = _metrics(algorithm, kind_ids, lp, old, mask, entropy, counts)
-    metrics["loss"] = float(loss.detach())
+    stats = _metrics(algorithm, kind_ids, lp, old, mask, entropy)
+    stats["loss"] = loss.detach()
     for name, value in terms.items():
-        metrics[name] = float(value.detach())
-    denominator = max(float(clip_tokens), 1.0)
+        stats[name] = value.detach()
     for side, value in clipped.items():
-        metrics[f"clipfrac_{side}"] = float(value) / denominator
-    return LossOutput(loss=loss, metrics=metrics, terms=terms)
+        stats[f"clipfrac_{side}"] = value / clip_tokens.clamp_min(1.0)
+    return LossOutput(loss=loss, stats=stats, terms=terms)
 
 
 def _metrics(
@@ -343,31 +365,33 @@ def _metrics(
     old_logprobs: Tensor,
     mask: Tensor,
     entropy: Tensor | None,
-    counts: Counts,
-) -> dict[str, float]:
-    """Ratio / approx-KL over rows of kinds trained against pi_old, and local token counts."""
-    metrics: dict[str, float] = {}
+) -> dict[str, Tensor]:
+    """Ratio / approx-KL over rows of kinds trained against pi_old (1 and 0 without any such
+    token), local token and row counts, and the mean token entropy (0 without tokens): detached
+    scalar tensors, computed without reading the device."""
+    tokens_of_kind, rows_of_kind = _kind_counts(kind_ids, mask)
+    stats: dict[str, Tensor] = {}
     for kind in KINDS:
-        rows = kind_ids == KIND_ID[kind]
-        metrics[f"tokens_{kind}"] = float(mask[rows].sum())
-        metrics[f"sequences_{kind}"] = float(rows.sum())
+        stats[f"tokens_{kind}"] = tokens_of_kind[KIND_ID[kind]]
+        stats[f"sequences_{kind}"] = rows_of_kind[KIND_ID[kind]]
     ratio_kinds = {t.kind for t in algorithm.terms if REFERENCES.trait(t.reference, "ratio")}
     rows = torch.zeros_like(kind_ids, dtype=torch.bool)
     for kind in ratio_kinds:
         rows |= kind_ids == KIND_ID[kind]
     on = (mask > 0) & rows[:, None]
+    tokens = on.sum()
+    some = tokens > 0
     log_ratio = (logprobs.detach() - old_logprobs).clamp(-20.0, 20.0)
-    if bool(on.any()):
-        ratio = torch.exp(log_ratio[on])
-        metrics["ratio_mean"] = float(ratio.mean())
-        metrics["ratio_max"] = float(ratio.max())
-        metrics["approx_kl"] = float((-log_ratio[on]).mean())
-    else:
-        metrics.update(ratio_mean=1.0, ratio_max=1.0, approx_kl=0.0)
-    valid = mask > 0
-    if entropy is not None and bool(valid.any()):
-        metrics["entropy_mean"] = float(entropy.detach().float()[valid].mean())
-    return metrics
+    ratio = torch.exp(log_ratio)
+    stats["ratio_mean"] = torch.where(some, torch.where(on, ratio, 0.0).sum() / tokens, 1.0)
+    stats["ratio_max"] = torch.where(some, torch.where(on, ratio, -torch.inf).amax(), 1.0)
+    kl = torch.where(on, -log_ratio, 0.0).sum() / tokens.clamp_min(1)
+    stats["approx_kl"] = torch.where(some, kl, 0.0)
+    if entropy is not None:
+        valid = mask > 0
+        total = torch.where(valid, entropy.detach().float(), 0.0).sum()
+        stats["entropy_mean"] = total / valid.sum().clamp_min(1)
+    return stats
 
 
 __all__ = [
@@ -377,6 +401,7 @@ __all__ = [
     "Counts",
     "LossOutput",
     "batch_counts",
+    "read_floats",
     "resolve_kinds",
     "term_kinds",
     "unified_loss",

@@ -296,15 +296,21 @@ def packs(config: TrainConfig, policy: torch.nn.Module | None = None) -> bool:
 # tokens saved): update 3.63 s shared against 2.53 s not; the tiny model, 8 rows of one
 # 27-token prompt (189 saved): 0.90-1.00 s shared against 1.02-1.13 s.
 AUTO_SHARE_MIN_SAVED = 128
+# ... on the CPU only. A GPU at these sizes waits on the host launching kernels, not on FLOPs, and
+# the second decoder call launches them all again: counted on the CPU (tiny model, bf16, 8 rows
+# a pass), a shared pass's model forward + backward issued 2350 ATen ops against 1030 unshared,
+# and the update of 16 x 8 x 64 tokens 37.6k ops shared against 21.8k (TRL's: 23.4k); on an
+# H200, hpt's update with prompts shared took about twice TRL's.
+AUTO_SHARE_DEVICES = ("cpu",)
 
 
 def shares_prompts(config: TrainConfig, policy: torch.nn.Module | None, packed: bool) -> int:
     """When padded passes run each distinct prompt once (``optim.share_prompts``): the prompt
     tokens a pass must save for it (0: never; 1: wherever a prompt repeats).
 
-    ``auto``: :data:`AUTO_SHARE_MIN_SAVED` for padded passes under DDP (or one process) without
-    gradient checkpointing (which turns the prompt's KV cache off); FSDP2 runs every layer's
-    forward once a pass.
+    ``auto``: :data:`AUTO_SHARE_MIN_SAVED` for padded passes on the CPU
+    (:data:`AUTO_SHARE_DEVICES`) under DDP (or one process) without gradient checkpointing
+    (which turns the prompt's KV cache off); FSDP2 runs every layer's forward once a pass.
     """
     from hpt.rollout.decode import forward_signature
 
@@ -317,6 +323,7 @@ def shares_prompts(config: TrainConfig, policy: torch.nn.Module | None, packed: 
     model = getattr(module, "model", None)
     applies = (
         model is not None
+        and next(module.parameters()).device.type in AUTO_SHARE_DEVICES
         and not config.model.gradient_checkpointing
         and config.distributed.strategy == "ddp"
         and forward_signature(model) is not None
@@ -425,8 +432,7 @@ def update(
     packed = packs(config, policy)
     share = shares_prompts(config, policy, packed)
     totals: dict[str, float] = {"loss": 0.0, "grad_norm": 0.0, "updates": 0, "skipped_updates": 0}
-    entropy_sum = entropy_tokens = 0.0
-    loss_metrics: dict[str, float] = {}
+    sums = DeviceSums()  # the passes' metrics, summed on the device and read once at the end
     for _epoch in range(config.optim.ppo_epochs):
         for start in range(0, max(len(questions), 1), per_mini):
             chosen = questions[start : start + per_mini]
@@ -463,12 +469,16 @@ def update(
                     (loss * (world if real else 0.0)).backward()
                 if not real:
                     continue
-                totals["loss"] += float(out.loss.detach())
                 mask = micro.response_mask
-                entropy_sum += float((entropy.detach() * mask).sum())
-                entropy_tokens += float(mask.sum())
-                for key, value in out.metrics.items():
-                    loss_metrics[key] = loss_metrics.get(key, 0.0) + float(value) / len(parts)
+                sums.add(
+                    "totals",
+                    {
+                        "loss": out.loss.detach(),
+                        "entropy_sum": (entropy.detach() * mask).sum(),
+                        "entropy_tokens": mask.sum(dtype=torch.float64),
+                    },
+                )
+                sums.add("means", out.stats, divide_by=len(parts))  # the mini-batch's mean
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), config.optim.grad_clip)
             grad_norm = dist.full_norm(grad_norm)
             totals["grad_norm"] = max(
@@ -480,9 +490,11 @@ def update(
                 continue
             optimizer.step()
             totals["updates"] += 1
-    totals["loss"] = dist.all_reduce_sum(totals["loss"])
-    totals["entropy"] = dist.all_reduce_sum(entropy_sum) / max(
-        dist.all_reduce_sum(entropy_tokens), 1.0
+    read = sums.read()
+    summed, loss_metrics = read.get("totals", {}), read.get("means", {})
+    totals["loss"] = dist.all_reduce_sum(summed.get("loss", 0.0))
+    totals["entropy"] = dist.all_reduce_sum(summed.get("entropy_sum", 0.0)) / max(
+        dist.all_reduce_sum(summed.get("entropy_tokens", 0.0)), 1.0
     )
     return {**loss_metrics, **totals}  # totals last: the global loss, not a micro-batch mean
 
@@ -494,3 +506,39 @@ def value_loss(values: torch.Tensor, micro: Batch, counts: Any) -> torch.Tensor:
     per_token = 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
     mask = micro.response_mask & (micro.kinds == KIND_ID["rollout"])[:, None]
     return (per_token * mask).sum() / max(counts.of(["rollout"])[0], 1.0)
+
+
+class DeviceSums:
+    """Named groups of running sums of scalar tensors, kept where they are computed and read in
+    one copy.
+
+    Reading a GPU tensor (``float(t)``) waits for every kernel queued before it: a metric read a
+    pass would make each pass wait for the last. Each :meth:`add` stacks its scalars into one
+    vector and adds it to its group's running sum, in float64 and divided as Python floats would
+    be: the values equal those of summing ``float(value) / divide_by`` pass by pass.
+    """
+
+    def __init__(self) -> None:
+        self._sums: dict[tuple[str, tuple[str, ...]], torch.Tensor] = {}  # (group, keys) -> sum
+
+    def add(self, group: str, values: dict[str, torch.Tensor], divide_by: int = 1) -> None:
+        """Add ``values / divide_by`` to ``group``'s sums."""
+        if not values:
+            return
+        vector = torch.stack(list(values.values())).double()  # detached scalars
+        if divide_by != 1:
+            vector = vector / divide_by
+        key = (group, tuple(values))
+        self._sums[key] = vector if key not in self._sums else self._sums[key] + vector
+
+    def read(self) -> dict[str, dict[str, float]]:
+        """Each group's sums as floats, in one device-to-host copy."""
+        if not self._sums:
+            return {}
+        values = iter(torch.cat(list(self._sums.values())).tolist())
+        out: dict[str, dict[str, float]] = {}
+        for group, keys in self._sums:
+            sums = out.setdefault(group, {})
+            for name in keys:
+                sums[name] = sums.get(name, 0.0) + next(values)
+        return out
