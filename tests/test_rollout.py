@@ -605,6 +605,37 @@ def test_graphed_step_buffers_decode_as_the_eager_step(tiny, prompts, arch):
     assert_graphed_decodes_as_eager(model, tokenizer, prompts, plain, graphed, 1e-5)
 
 
+def test_a_graph_that_does_not_replay_its_step_turns_graphs_off(tiny, prompts):
+    """A capture whose replay disagrees with the eager run of the same step (as a broken graph
+    would) is dropped with one warning, and the eager step decodes the same tokens as without."""
+    model, tokenizer = tiny
+    plain, graphed = graphed_pair(model, tokenizer, eager=True)
+    step = graphed.decoder.graphed
+    calls = []
+
+    class Noisy:  # the fused step, off by 1 on its second call: the check's replay
+        def __init__(self, fused):
+            self.fused = fused
+
+        def __call__(self, *args, **kwargs):
+            calls.append(1)
+            logits = self.fused(*args, **kwargs)
+            return logits + 1.0 if len(calls) == 2 else logits
+
+        def refresh(self):
+            self.fused.refresh()
+
+    step.fused = Noisy(step.fused)
+    sampling = SamplingParams(0.0, max_new_tokens=6)
+    with pytest.warns(RuntimeWarning, match="CUDA graph capture of the decode step failed"):
+        a = graphed.generate(prompts, 1, sampling)
+    assert step.failure is not None and "GraphMismatch" in step.failure
+    assert [r.response_ids for r in a] == [
+        r.response_ids for r in plain.generate(prompts, 1, sampling)
+    ]
+    assert step.captures == 1  # no further capture once off
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 @pytest.mark.parametrize("dtype", [None, "bfloat16"])
 def test_cuda_graph_step_decodes_as_the_eager_step(tiny, prompts, dtype):

@@ -16,6 +16,11 @@ buffer the graph owns. The graph is captured again when the batch changes: a new
 cache into new tensors). The capture costs about two eager steps; the graphs share one memory
 pool, and :meth:`GraphedStep.release` frees the last one's references when a batch is done.
 
+Each capture is checked: its first replay must give the logits of the eager warm-up run of the
+same step on the same buffers (to 1e-2). A capture that fails (an operation a graph cannot hold,
+such as a rotary embedding that reads positions back to the host) or disagrees turns the graphs
+off for this engine with one warning, and the eager fused step decodes from there on.
+
 Attention then reads the whole cache under the mask instead of the filled positions only: the
 masked positions get probability exactly 0, so the tokens are the eager step's (tests check
 greedy tokens equal and log-probs to 1e-5, on CPU by :class:`GraphedStep`'s eager stand-in for
@@ -24,6 +29,7 @@ the graph, and on a GPU with real graphs).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +37,14 @@ from typing import Any
 import torch
 
 from hpt.rollout.fused import FusedStep
+
+# the first replay of a capture against the eager warm-up of the same step (bf16 matmuls may pick
+# other kernels inside a capture; a stale or broken graph is off by far more)
+CHECK_TOLERANCE = 1e-2
+
+
+class GraphMismatch(RuntimeError):
+    """A captured step's replay did not reproduce its eager run."""
 
 
 @dataclass
@@ -83,6 +97,7 @@ class GraphedStep:
         self.fused = fused
         self.eager = eager
         self.captures = 0  # graphs captured so far (one per batch, and one per compaction)
+        self.failure: str | None = None  # why the graphs were turned off (then: eager)
         self._capture: _Capture | None = None
         self._pool: Any = None  # one CUDA memory pool for every graph this step captures
 
@@ -90,12 +105,25 @@ class GraphedStep:
     def __call__(
         self, token: torch.Tensor, mask: torch.Tensor, position: torch.Tensor, cache: Any
     ) -> torch.Tensor:
+        if self.failure is not None:
+            return self.fused(token, mask, position, cache)
         capture = self._capture
         if capture is not None and capture.serves(token, cache):
             capture.load(token, mask, position)
         else:
             self.release()  # the old graph's memory goes back to the pool first
-            capture = self._capture = self._record(token, mask, position, cache)
+            try:
+                capture = self._capture = self._record(token, mask, position, cache)
+            except RuntimeError as error:  # torch's capture errors, and GraphMismatch
+                self.failure = f"{type(error).__name__}: {str(error).splitlines()[0]}"
+                warnings.warn(
+                    f"CUDA graph capture of the decode step failed ({self.failure}); "
+                    "decoding eagerly from here on (rollout.cuda_graphs=false silences this)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                self.release()
+                return self.fused(token, mask, position, cache)
         capture.replay()
         for layer in cache.layers:
             layer.filled = mask.shape[1]
@@ -127,7 +155,7 @@ class GraphedStep:
         if self.eager:
             capture.logits = step()
             capture.replay = lambda: capture.logits.copy_(step())
-            return capture
+            return self._checked(capture, capture.logits.clone())
         device = token.device
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
@@ -136,10 +164,19 @@ class GraphedStep:
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
-            step()
+            warm = step()
         torch.cuda.current_stream(device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             capture.logits = step()
         capture.replay = graph.replay
+        return self._checked(capture, warm)
+
+    @staticmethod
+    def _checked(capture: _Capture, warm: torch.Tensor) -> _Capture:
+        """``capture``, once its first replay gave ``warm``'s logits (one host read a capture)."""
+        capture.replay()
+        if not torch.allclose(capture.logits, warm, rtol=CHECK_TOLERANCE, atol=CHECK_TOLERANCE):
+            error = (capture.logits.float() - warm.float()).abs().max()
+            raise GraphMismatch(f"replayed logits differ from the eager step's by {error:.3g}")
         return capture

@@ -245,8 +245,9 @@ class OptimConfig:
         "auto",
         description="a padded pass runs each distinct prompt once and its rows' responses on its "
         "KV cache (the rollouts and demonstration of a question share its prompt); auto: on "
-        "where it applies (padded passes, DDP or one process, no gradient checkpointing) and "
-        "saves at least 128 prompt tokens a pass",
+        "where it applies (padded passes on the CPU, DDP or one process, no gradient "
+        "checkpointing) and saves at least 128 prompt tokens a pass; off on GPUs, where the "
+        "second decoder call of a shared pass costs more kernel launches than its FLOPs save",
     )
     compile: bool = Field(
         False,
