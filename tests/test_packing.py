@@ -321,7 +321,7 @@ def test_share_prompts_splits_rows_by_prompt():
     shared = share_prompts(batch.input_ids, batch.attention_mask, batch.response_index)
     assert shared.prompt_of_row.tolist() == [0] * 4 + [1] * 4 + [2] * 4 + [3]
     assert shared.prompt_mask.sum(1).tolist() == [9, 4, 13, 6]
-    assert shared.prompt_ids.shape[1] == 16  # the longest, 13, padded to a multiple of 8
+    assert shared.prompt_ids.shape[1] == 16  # the longest, 13, padded to a multiple of 16
     for i, row in enumerate(rows):
         g, r = int(shared.prompt_of_row[i]), len(row.response_ids)
         assert shared.prompt_ids[g, : len(row.prompt_ids)].tolist() == row.prompt_ids
