@@ -652,6 +652,24 @@ def test_cuda_graph_step_decodes_as_the_eager_step(tiny, prompts, dtype):
     )
     # the engine's default on a CUDA device is the graphed step
     assert HFEngine(model, tokenizer).decoder.graphed is not None
+    # on a GPU the step's weight copies are dropped with the batch (the update can use the memory)
+    assert graphed.decoder.fused._buffers == {} and graphed.decoder.fused.layers == []
+
+
+def test_released_fused_step_refills_its_copies(tiny, prompts):
+    """release() (what the decoder does after a batch on a GPU) drops the bf16 copies; the next
+    batch refills them and decodes the same tokens."""
+    model, tokenizer = tiny
+    engine = HFEngine(model, tokenizer, dtype="bfloat16")
+    sampling = SamplingParams(0.0, max_new_tokens=6)
+    before = engine.generate(prompts, 1, sampling)
+    fused = engine.decoder.fused
+    assert fused._buffers  # kept on a CPU
+    fused.release()
+    assert fused._buffers == {} and fused.layers == [] and fused.head_weight is None
+    after = engine.generate(prompts, 1, sampling)
+    assert [r.response_ids for r in after] == [r.response_ids for r in before]
+    assert fused._buffers
 
 
 def test_cuda_graphs_are_an_engine_option(tiny):

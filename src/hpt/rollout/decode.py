@@ -351,6 +351,8 @@ class Decoder:
         report(torch.arange(batch))
         if self.graphed is not None:
             self.graphed.release()  # the graph holds this batch's cache
+        if self.fused is not None and device.type == "cuda":
+            self.fused.release()  # its weight copies' memory goes to the update (FusedStep.release)
         return Decoded(tokens[:rows].cpu(), logprobs[:rows].cpu(), lengths[:rows].cpu())
 
 

@@ -191,6 +191,18 @@ class FusedStep:
         self.head_weight, self.head_bias = cast(head.weight), cast(getattr(head, "bias", None))
         self.norm_weight = cast(self.model.model.norm.weight)
 
+    def release(self) -> None:
+        """Drop the step's weight references and its cast copies (:meth:`refresh` makes new ones).
+
+        The decoder calls it when a batch is done on a GPU: there the caching allocator hands the
+        copies' memory (a bf16 copy of a 360M-parameter model: 0.7 GB) to the update's activations,
+        and allocating them again for the next batch costs nothing. On a CPU they are kept: glibc
+        would return such blocks to the kernel and fault them in again every batch.
+        """
+        self._buffers.clear()
+        self.layers = []
+        self.head_weight = self.head_bias = self.norm_weight = None
+
     @torch.no_grad()
     def __call__(
         self,
