@@ -743,6 +743,24 @@ def test_bf16_rollouts_sample_near_the_fp32_policy(tiny, prompts):
     assert HFEngine(model, tokenizer, dtype="auto").exact_logprobs(sampling)
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_joined_projections_decode_as_separate_ones(tiny, prompts, arch):
+    """A bf16 step's q/k/v and gate/up cast into one copy each: the tokens of separate copies."""
+    model, tokenizer = tiny
+    if arch == "llama":
+        model = tiny_llama(tokenizer)  # no biases
+    sampling = SamplingParams(0.0, max_new_tokens=10)
+    joined = HFEngine(model, tokenizer, dtype="bfloat16")
+    separate = HFEngine(model, tokenizer, dtype="bfloat16")
+    separate.decoder.fused.join = False
+    a, b = joined.generate(prompts, 1, sampling), separate.generate(prompts, 1, sampling)
+    assert joined.decoder.fused.layers[0].qkv is not None
+    assert separate.decoder.fused.layers[0].qkv is None
+    for x, y in zip(a, b):
+        assert x.response_ids == y.response_ids
+        assert x.logprobs == pytest.approx(y.logprobs, abs=1e-2)  # bf16 matmuls blocked otherwise
+
+
 def test_copies_of_a_prompt_are_prefilled_once(tiny, prompts, monkeypatch):
     """n samples of a prompt share one prefill (its cache copied to every copy): the same tokens
     and log-probs as prefilling every row."""
@@ -788,12 +806,19 @@ def test_fused_step_reads_the_weights_without_copying_them(tiny):
     )
     low = HFEngine(model, tokenizer, dtype="bfloat16").decoder.fused
     low.refresh()
-    pointer = low.layers[0].q[0].data_ptr()
+    assert low.layers[0].q is None  # q, k and v cast into one concatenated copy
+    pointer = low.layers[0].qkv[0].data_ptr()
     with torch.no_grad():
         attention.q_proj.weight.add_(1.0)
     low.refresh()
-    assert low.layers[0].q[0].data_ptr() == pointer  # the same buffer, refilled
-    torch.testing.assert_close(low.layers[0].q[0], attention.q_proj.weight.bfloat16())
+    weight, bias = low.layers[0].qkv
+    assert weight.data_ptr() == pointer  # the same buffer, refilled
+    projections = (attention.q_proj, attention.k_proj, attention.v_proj)
+    torch.testing.assert_close(weight, torch.cat([m.weight for m in projections]).bfloat16())
+    torch.testing.assert_close(bias, torch.cat([m.bias for m in projections]).bfloat16())
+    mlp = model.model.layers[0].mlp
+    gate_up = torch.cat((mlp.gate_proj.weight, mlp.up_proj.weight)).bfloat16()
+    torch.testing.assert_close(low.layers[0].gate_up[0], gate_up)
     # tied embeddings: the head's cast is the embedding's buffer, not a second copy
     assert low.head_weight.data_ptr() == low._cast(model.model.embed_tokens.weight).data_ptr()
 

@@ -2,12 +2,20 @@
 
 A Hugging Face forward of one token per row runs every module's Python and builds a 4-D mask, per
 layer. :class:`FusedStep` computes the same function with the model's own weight tensors (no copy
-in the model's dtype), its own rotary embedding module, and attention as two batched matmuls over
-the filled part of the static cache (grouped query heads without copying keys). Prefill,
-compaction and the cache itself stay :class:`~hpt.rollout.decode.Decoder`'s. Concatenating the
-q/k/v and the gate/up weights into one matmul each was measured not to pay (128 x 64 tokens of
-the tiny model 0.37-0.42 s either way) while it copied the weights every batch: 0.3-1.4 s for a
-360M-parameter model, more than 8 decoded tokens of 4 rows took.
+in the model's dtype), its own rotary embedding module, queries and keys rotated in one pass, and
+``scaled_dot_product_attention`` over the filled part of the static cache with a kv head's query
+heads as its query rows (grouped-query attention without copying keys) and the mask as one
+additive bias for all layers. Prefill, compaction and the cache itself stay
+:class:`~hpt.rollout.decode.Decoder`'s. Where the step casts the weights (``dtype`` below the
+model's), q/k/v and gate/up are cast into one concatenated copy each (the same bytes written), so
+a layer runs two matmuls fewer; in the model's own dtype they stay separate: concatenating them
+would copy the weights every batch (0.3-1.4 s for a 360M-parameter model on a CPU, more than 8
+decoded tokens of 4 rows took, for no gain: 0.37-0.42 s either way for 128 x 64 tiny tokens).
+Counted with a dispatch mode (tiny model, 4 layers), a token issued 176 non-view operations in
+float32 and 201 with a bf16 copy before these changes, 146 and 151 after; 128 x 64 tokens took
+0.39-0.41 s against 0.42-0.43 s in float32 and 0.38 s against 0.40-0.44 s with a bf16 copy (2 CPU
+cores, back to back). Fewer kernels a token matter most on a GPU, where a CUDA graph replays them
+(:mod:`hpt.rollout.graphs`).
 
 Only architectures whose decoder layer is exactly pre-norm RMSNorm -> rotary self-attention
 (q/k/v with or without bias) -> residual -> RMSNorm -> SiLU-gated MLP -> residual are fused
@@ -72,30 +80,34 @@ def fusable(model: Any) -> bool:
     return True
 
 
+Projection = tuple[torch.Tensor, torch.Tensor | None]  # (weight, bias) of a linear layer
+
+
 @dataclass
 class _Layer:
     """One decoder layer's tensors: (weight, bias) per projection, norm weights and epsilons."""
 
     norm_in: torch.Tensor
     eps_in: float
-    q: tuple[torch.Tensor, torch.Tensor | None]
-    k: tuple[torch.Tensor, torch.Tensor | None]
-    v: tuple[torch.Tensor, torch.Tensor | None]
-    o: tuple[torch.Tensor, torch.Tensor | None]
+    q: Projection | None  # None where qkv holds the three
+    k: Projection | None
+    v: Projection | None
+    o: Projection
     norm_post: torch.Tensor
     eps_post: float
-    gate: tuple[torch.Tensor, torch.Tensor | None]
-    up: tuple[torch.Tensor, torch.Tensor | None]
-    down: tuple[torch.Tensor, torch.Tensor | None]
+    gate: Projection | None  # None where gate_up holds the two
+    up: Projection | None
+    down: Projection
+    qkv: Projection | None = None  # q, k and v concatenated (in a cast copy: no extra copy)
+    gate_up: Projection | None = None  # gate and up concatenated
 
 
 def _rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype
 ) -> torch.Tensor:
-    """Transformers' Llama RMSNorm: normalised in float32, scaled in ``dtype``."""
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(dtype)
+    """Transformers' Llama RMSNorm: normalised in float32, scaled in ``dtype`` (``F.rms_norm``: one
+    fused kernel on a GPU, the same operations as transformers' on a CPU)."""
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(dtype)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -141,7 +153,9 @@ class FusedStep:
         self.head_weight: torch.Tensor | None = None
         self.head_bias: torch.Tensor | None = None
         self.norm_weight: torch.Tensor | None = None
-        self._buffers: dict[int, torch.Tensor] = {}  # a parameter's id -> its cast copy
+        # a parameter's id (or the ids of those concatenated into it) -> its cast copy
+        self._buffers: dict[int | tuple[int, ...], torch.Tensor] = {}
+        self.join = True  # q/k/v and gate/up in one cast copy each, where the step casts
 
     @property
     def exact(self) -> bool:
@@ -160,30 +174,64 @@ class FusedStep:
             buffer = self._buffers[key] = torch.empty_like(t, dtype=self.dtype)
         return buffer.copy_(t)
 
+    def _cast_concatenated(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """``tensors`` concatenated along their first dimension, cast into a buffer kept for the
+        next batch (the same bytes written as casting each alone)."""
+        key = tuple(id(t) for t in tensors)
+        rows = sum(t.shape[0] for t in tensors)
+        first = tensors[0]
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.shape[0] != rows or buffer.device != first.device:
+            shape = (rows, *first.shape[1:])
+            buffer = torch.empty(shape, dtype=self.dtype, device=first.device)
+            self._buffers[key] = buffer
+        start = 0
+        for t in tensors:
+            buffer[start : start + t.shape[0]].copy_(t.detach())
+            start += t.shape[0]
+        return buffer
+
     @torch.no_grad()
     def refresh(self) -> None:
-        """Read the current weights for the next batch (cast into the kept buffers if needed)."""
-        cast = self._cast
+        """Read the current weights for the next batch (cast into the kept buffers if needed).
 
-        def linear(module: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+        Where the step casts (another dtype than the model's), q/k/v and gate/up are cast into one
+        concatenated copy each, so a layer runs two matmuls fewer; in the model's own dtype the step
+        keeps the model's tensors (concatenating them would copy them every batch)."""
+        cast = self._cast
+        concatenate = self.join and not self.exact
+
+        def linear(module: torch.nn.Linear) -> Projection:
             return cast(module.weight), cast(module.bias)
+
+        def joined(*modules: torch.nn.Linear) -> Projection | None:
+            """One projection computing ``modules``' outputs side by side (None: not joined)."""
+            biases = [m.bias for m in modules]
+            if not concatenate or (None in biases and any(b is not None for b in biases)):
+                return None
+            bias = None if biases[0] is None else self._cast_concatenated(biases)
+            return self._cast_concatenated([m.weight for m in modules]), bias
 
         layers = []
         for layer in self.model.model.layers:
             attention, mlp = layer.self_attn, layer.mlp
+            qkv = joined(attention.q_proj, attention.k_proj, attention.v_proj)
+            gate_up = joined(mlp.gate_proj, mlp.up_proj)
             layers.append(
                 _Layer(
                     norm_in=cast(layer.input_layernorm.weight),
                     eps_in=_eps(layer.input_layernorm),
-                    q=linear(attention.q_proj),
-                    k=linear(attention.k_proj),
-                    v=linear(attention.v_proj),
+                    q=None if qkv else linear(attention.q_proj),
+                    k=None if qkv else linear(attention.k_proj),
+                    v=None if qkv else linear(attention.v_proj),
                     o=linear(attention.o_proj),
                     norm_post=cast(layer.post_attention_layernorm.weight),
                     eps_post=_eps(layer.post_attention_layernorm),
-                    gate=linear(mlp.gate_proj),
-                    up=linear(mlp.up_proj),
+                    gate=None if gate_up else linear(mlp.gate_proj),
+                    up=None if gate_up else linear(mlp.up_proj),
                     down=linear(mlp.down_proj),
+                    qkv=qkv,
+                    gate_up=gate_up,
                 )
             )
         self.layers = layers
@@ -226,28 +274,40 @@ class FusedStep:
         rows = x.shape[0]
         cos, sin = decoder.rotary_emb(x[:, None], position)  # [B, 1, d]
         hidden_q = self.heads * self.head_dim
+        hidden_qk = hidden_q + self.kv_heads * self.head_dim
         group = self.heads // self.kv_heads
-        blocked = (mask == 0)[:, None, None, :]  # [B, 1, 1, L]
+        # the mask as an additive bias, built once for all layers: [B, 1, 1, L]
+        bias = torch.zeros(mask.shape, dtype=x.dtype, device=x.device)
+        bias = bias.masked_fill_(mask == 0, float("-inf"))[:, None, None, :]
         for layer, storage in zip(self.layers, cache.layers):
             h = _rms_norm(x, layer.norm_in, layer.eps_in, dtype)
-            q = _linear(h, layer.q).to(x.dtype).view(rows, self.heads, self.head_dim)
-            k = _linear(h, layer.k).to(x.dtype).view(rows, self.kv_heads, self.head_dim)
-            v = _linear(h, layer.v).to(x.dtype).view(rows, self.kv_heads, self.head_dim)
-            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+            if layer.qkv is not None:  # one matmul for q, k and v
+                qkv = _linear(h, layer.qkv).to(x.dtype)
+                qk, v = qkv[:, :hidden_qk], qkv[:, hidden_qk:]
+            else:
+                qk = torch.cat((_linear(h, layer.q), _linear(h, layer.k)), dim=-1).to(x.dtype)
+                v = _linear(h, layer.v).to(x.dtype)
+            # queries and keys rotated together: [B, heads + kv_heads, d]
+            qk = _rotate(qk.reshape(rows, self.heads + self.kv_heads, self.head_dim), cos, sin)
+            q, k = qk[:, : self.heads], qk[:, self.heads :]
+            v = v.reshape(rows, self.kv_heads, self.head_dim)
             if slot is None:
                 keys, values = storage.update(k[:, :, None], v[:, :, None])  # [B, kv, L, d]
             else:
                 storage.keys.index_copy_(2, slot, k[:, :, None])
                 storage.values.index_copy_(2, slot, v[:, :, None])
                 keys, values = storage.keys, storage.values
-            q = q.view(rows, self.kv_heads, group, self.head_dim)
-            scores = torch.matmul(q, keys.transpose(-1, -2)) * self.scale  # [B, kv, group, L]
-            scores = scores.float().masked_fill(blocked, float("-inf"))
-            weights = torch.softmax(scores, dim=-1).to(values.dtype)
-            attended = torch.matmul(weights, values).reshape(rows, hidden_q).to(dtype)
+            # a kv head's query heads as its query rows: grouped-query attention, keys not copied
+            q = q.reshape(rows, self.kv_heads, group, self.head_dim)
+            attended = F.scaled_dot_product_attention(q, keys, values, bias, scale=self.scale)
+            attended = attended.reshape(rows, hidden_q).to(dtype)
             x = x + _linear(attended, layer.o)
             h = _rms_norm(x, layer.norm_post, layer.eps_post, dtype)
-            x = x + _linear(F.silu(_linear(h, layer.gate)) * _linear(h, layer.up), layer.down)
+            if layer.gate_up is not None:  # one matmul for gate and up
+                gate, up = _linear(h, layer.gate_up).chunk(2, dim=-1)
+            else:
+                gate, up = _linear(h, layer.gate), _linear(h, layer.up)
+            x = x + _linear(F.silu(gate) * up, layer.down)
         x = _rms_norm(x, self.norm_weight, _eps(decoder.norm), dtype)
         return F.linear(x, self.head_weight, self.head_bias)
 
