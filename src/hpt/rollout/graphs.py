@@ -101,6 +101,7 @@ class GraphedStep:
         self.failure: str | None = None  # why the graphs were turned off (then: eager)
         self._capture: _Capture | None = None
         self._pool: Any = None  # one CUDA memory pool for every graph this step captures
+        self._stream: Any = None  # the side stream warm-ups and captures run on
 
     @torch.no_grad()
     def __call__(
@@ -160,16 +161,23 @@ class GraphedStep:
         device = token.device
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        # a warm-up run on a side stream first (cuBLAS workspaces, the allocator), as capture needs;
-        # it computes this very step, which the first replay then writes again, the same values
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
+            self._stream = torch.cuda.Stream(device)
+        stream, current = self._stream, torch.cuda.current_stream(device)
+        graph = torch.cuda.CUDAGraph()
+        # on a side stream, as capture needs: a warm-up run first (cuBLAS workspaces, the
+        # allocator), which computes this very step (the first replay writes the same values
+        # again), then the capture. capture_begin/end rather than the torch.cuda.graph context,
+        # which empties the allocator's cache at every capture (one a batch, one a compaction) and
+        # would make the update allocate its memory from the driver again.
+        stream.wait_stream(current)
         with torch.cuda.stream(stream):
             warm = step()
-        torch.cuda.current_stream(device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            capture.logits = step()
+            graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
+            try:
+                capture.logits = step()
+            finally:
+                graph.capture_end()
+        current.wait_stream(stream)
         capture.replay = graph.replay
         return self._checked(capture, warm)
 
