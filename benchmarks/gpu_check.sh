@@ -77,7 +77,7 @@ fi
 # others' numbers (and its own traceback) behind: the tiny model first (a minute: does each side
 # run on this device at all?), then Qwen2.5-0.5B's layers at the SmolLM2 CPU case's 4 x 4 x 128,
 # then at 16 questions x 8 rollouts x 256 tokens. 1 repeat, 1 warm-up step and 2 timed steps a side.
-# GPU_CHECK_EAGER=1 then times the 4 x 4 x 128 case with hpt's fused step run eagerly (the
+# Last (GPU_CHECK_EAGER=0 skips it), the 4 x 4 x 128 case with hpt's fused step run eagerly (the
 # step before CUDA graphs).
 failed=0
 run_case() {  # run_case NAME EXTRA-ARGS...: one grpo_step.py run, within what is left of LIMIT
@@ -96,7 +96,7 @@ run_case() {  # run_case NAME EXTRA-ARGS...: one grpo_step.py run, within what i
 for case in ${CASES//,/ }; do
     run_case "$case" --cases "$case" --output "$RESULTS/grpo_step_gpu_$case.json"
 done
-if [[ ${GPU_CHECK_EAGER:-0} == 1 ]]; then
+if [[ ${GPU_CHECK_EAGER:-1} == 1 ]]; then
     run_case "eager decode qwen0.5b-shape-4x4x128" --no-cuda-graphs \
         --cases qwen0.5b-shape-4x4x128 --output "$RESULTS/grpo_step_gpu_eager.json"
 fi
