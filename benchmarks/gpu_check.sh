@@ -67,12 +67,12 @@ EOF
 mkdir -p "$RESULTS"
 deadline=$((SECONDS + LIMIT))
 # The GPU-only tests first (the fused decode step replayed from real CUDA graphs against the eager
-# step): if they fail, the benchmark's hpt side decodes eagerly (--no-cuda-graphs), and says so.
-EXTRA=()
-if ! timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_rollout.py -k cuda; then
-    echo "gpu_check: the CUDA tests failed; hpt decodes without CUDA graphs below"
-    EXTRA=(--no-cuda-graphs)
-fi
+# step). A failure is reported and the benchmark still runs: each capture is checked against its
+# eager run at run time (a bad one turns graphs off with a warning), and the last case decodes
+# eagerly anyway.
+tests=passed
+timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_rollout.py -k cuda || tests=FAILED
+echo "gpu_check: CUDA tests $tests"
 # One case at a time under one deadline, so that a case that fails or runs long still leaves the
 # others' numbers (and its own traceback) behind: the tiny model first (a minute: does each side
 # run on this device at all?), then Qwen2.5-0.5B's layers at the SmolLM2 CPU case's 4 x 4 x 128,
@@ -89,8 +89,7 @@ run_case() {  # run_case NAME EXTRA-ARGS...: one grpo_step.py run, within what i
         return
     fi
     echo "gpu_check: $name (at most ${left} s)"
-    timeout "$left" "$PY" benchmarks/grpo_step.py --bf16 --repeats 1 --warmup 1 --steps 2 \
-        "${EXTRA[@]}" "$@" \
+    timeout "$left" "$PY" benchmarks/grpo_step.py --bf16 --repeats 1 --warmup 1 --steps 2 "$@" \
         || { echo "gpu_check: $name failed (exit $?)"; failed=1; }
 }
 for case in ${CASES//,/ }; do
@@ -100,4 +99,6 @@ if [[ ${GPU_CHECK_EAGER:-1} == 1 ]]; then
     run_case "eager decode qwen0.5b-shape-4x4x128" --no-cuda-graphs \
         --cases qwen0.5b-shape-4x4x128 --output "$RESULTS/grpo_step_gpu_eager.json"
 fi
+echo "gpu_check: CUDA tests $tests"
+[[ $tests == passed ]] || failed=1
 exit "$failed"
