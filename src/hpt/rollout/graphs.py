@@ -14,8 +14,12 @@ positions) are copied into buffers the graph reads, the new keys and values are 
 position held in a one-element tensor (``FusedStep(..., slot=)``), and the logits land in a
 buffer the graph owns. The graph is captured again when the batch changes: a new cache (each
 :meth:`~hpt.rollout.decode.Decoder.decode` call) or rows leaving it (compaction reorders the
-cache into new tensors). The capture costs about two eager steps; the graphs share one memory
-pool, and :meth:`GraphedStep.release` frees the last one's references when a batch is done.
+cache into new tensors). The capture costs about two eager steps. Each graph gets its own
+memory pool: a pool shared through ``torch.cuda.graph_pool_handle()`` cannot be captured into
+again once every graph using it is gone (measured on an H200, torch 2.11: the second batch's
+capture hit the caching allocator's ``use_count > 0`` assertion), and a released graph's pool is
+handed back when the allocator next runs short. :meth:`GraphedStep.release` drops the last
+graph's references when a batch is done.
 
 Each capture is checked: its first replay must give the logits of the eager warm-up run of the
 same step on the same buffers (to 1% of the largest logit). A capture that fails (an operation a
@@ -102,7 +106,6 @@ class GraphedStep:
         self.captures = 0  # graphs captured so far (one per batch, and one per compaction)
         self.failure: str | None = None  # why the graphs were turned off (then: eager)
         self._capture: _Capture | None = None
-        self._pool: Any = None  # one CUDA memory pool for every graph this step captures
         self._stream: Any = None  # the side stream warm-ups and captures run on
 
     @torch.no_grad()
@@ -115,10 +118,11 @@ class GraphedStep:
         if capture is not None and capture.serves(token, cache):
             capture.load(token, mask, position)
         else:
-            self.release()  # the old graph's memory goes back to the pool first
+            self.release()  # the old graph and its pool go first
             try:
                 capture = self._capture = self._record(token, mask, position, cache)
             except RuntimeError as error:  # torch's capture errors, and GraphMismatch
+                _end_rng_capture(token.device)
                 self.failure = f"{type(error).__name__}: {str(error).splitlines()[0]}"
                 warnings.warn(
                     f"CUDA graph capture of the decode step failed ({self.failure}); "
@@ -161,8 +165,7 @@ class GraphedStep:
             capture.replay = lambda: capture.logits.copy_(step())
             return self._checked(capture, capture.logits.clone())
         device = token.device
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
+        if self._stream is None:
             self._stream = torch.cuda.Stream(device)
         stream, current = self._stream, torch.cuda.current_stream(device)
         graph = torch.cuda.CUDAGraph()
@@ -174,7 +177,7 @@ class GraphedStep:
         stream.wait_stream(current)
         with torch.cuda.stream(stream):
             warm = step()
-            graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
+            graph.capture_begin(capture_error_mode="thread_local")
             try:
                 capture.logits = step()
             finally:
@@ -193,3 +196,20 @@ class GraphedStep:
                 f"replayed logits differ from the eager step's by {float(error):.3g}"
             )
         return capture
+
+
+def _end_rng_capture(device: torch.device) -> None:
+    """Take the device's default CUDA generator out of graph-capture mode after a failed capture.
+
+    ``capture_begin`` puts the generator in capture mode before it starts capturing, and only a
+    ``capture_end`` that succeeds takes it out; after a failure, every random draw raises "Offset
+    increment outside graph capture" (seen on an H200, torch 2.11). A clone of the generator's
+    state (same seed and offset) is not in capture mode; set it back, where torch has the API.
+    """
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return
+    generator = torch.cuda.default_generators[device.index or torch.cuda.current_device()]
+    try:
+        generator.graphsafe_set_state(generator.clone_state())
+    except (AttributeError, RuntimeError):  # older torch: nothing to restore with
+        pass
