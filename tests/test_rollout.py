@@ -568,8 +568,8 @@ def graphed_pair(model, tokenizer, eager, **options):
     """Two engines on ``model``: the eager fused step, and the same step through GraphedStep."""
     from hpt.rollout.graphs import GraphedStep
 
-    plain = HFEngine(model, tokenizer, batch_size=8, cuda_graphs=False, **options)
-    graphed = HFEngine(model, tokenizer, batch_size=8, **options)
+    plain = HFEngine(model, tokenizer, batch_size=8, **options)
+    graphed = HFEngine(model, tokenizer, batch_size=8, cuda_graphs=True, **options)
     assert plain.decoder.graphed is None and graphed.decoder.fused is not None
     graphed.decoder.graphed = GraphedStep(graphed.decoder.fused, eager=eager)
     return plain, graphed
@@ -650,8 +650,8 @@ def test_cuda_graph_step_decodes_as_the_eager_step(tiny, prompts, dtype):
     assert_graphed_decodes_as_eager(
         model, tokenizer, prompts, plain, graphed, 1e-5 if dtype is None else 1e-2
     )
-    # the engine's default on a CUDA device is the graphed step
-    assert HFEngine(model, tokenizer).decoder.graphed is not None
+    # asked for, the engine uses the graphed step on a CUDA device
+    assert HFEngine(model, tokenizer, cuda_graphs=True).decoder.graphed is not None
     # on a GPU the step's weight copies are dropped with the batch (the update can use the memory)
     assert graphed.decoder.fused._buffers == {} and graphed.decoder.fused.layers == []
 
@@ -674,9 +674,10 @@ def test_released_fused_step_refills_its_copies(tiny, prompts):
 
 def test_cuda_graphs_are_an_engine_option(tiny):
     model, tokenizer = tiny
-    assert HFEngine(model, tokenizer).decoder.graphed is not None  # used on CUDA devices only
-    assert HFEngine(model, tokenizer, cuda_graphs=False).decoder.graphed is None
-    assert HFEngine(model, tokenizer, fused=False).decoder.graphed is None  # needs the fused step
+    assert HFEngine(model, tokenizer).decoder.graphed is None  # opt-in (not yet confirmed on a GPU)
+    assert HFEngine(model, tokenizer, cuda_graphs=True).decoder.graphed is not None  # CUDA only
+    graphs_without_fused = HFEngine(model, tokenizer, cuda_graphs=True, fused=False)
+    assert graphs_without_fused.decoder.graphed is None  # it replays the fused step
 
 
 def test_fused_step_reads_the_weights_of_each_batch(tiny, prompts):

@@ -172,7 +172,8 @@ class Decoder:
         fused_dtype: the fused step's weight dtype (None: the model's; see
             :class:`~hpt.rollout.fused.FusedStep`).
         cuda_graphs: on a CUDA device, replay the fused step from a CUDA graph
-            (:class:`~hpt.rollout.graphs.GraphedStep`); the eager fused step elsewhere.
+            (:class:`~hpt.rollout.graphs.GraphedStep`; opt-in until a GPU run of the current
+            code confirms it); the eager fused step elsewhere.
     """
 
     def __init__(
@@ -185,7 +186,7 @@ class Decoder:
         compile: bool = False,
         fused: bool = True,
         fused_dtype: torch.dtype | None = None,
-        cuda_graphs: bool = True,
+        cuda_graphs: bool = False,
     ) -> None:
         from hpt.rollout.fused import FusedStep, fusable
         from hpt.rollout.graphs import GraphedStep

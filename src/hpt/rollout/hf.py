@@ -169,7 +169,8 @@ class HFEngine:
             None or ``"auto"``: the model's own). A lower one samples from a bf16 copy of the
             weights (faster; the log-probs are then not the trainer's, see :meth:`exact_logprobs`).
         cuda_graphs: on a CUDA device, replay the fused step from a CUDA graph (one launch a token;
-            :mod:`hpt.rollout.graphs`); False: the eager fused step.
+            :mod:`hpt.rollout.graphs`; opt-in until a GPU run of the current code confirms it);
+            False: the eager fused step.
 
     Example:
         >>> engine = HFEngine(model, tokenizer)
@@ -190,7 +191,7 @@ class HFEngine:
         min_new_tokens: int = 0,
         fused: bool = True,
         dtype: str | torch.dtype | None = None,
-        cuda_graphs: bool = True,
+        cuda_graphs: bool = False,
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"rollout batch_size must be >= 1, got {batch_size}")

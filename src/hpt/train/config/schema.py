@@ -179,9 +179,11 @@ class RolloutConfig:
         "mask); false: the model's forward",
     )
     cuda_graphs: bool = Field(
-        True,
+        False,
         description="on a CUDA device the hf engine replays the fused decode step from a CUDA "
-        "graph (one launch a token instead of ~44 kernels a layer); false: the eager step",
+        "graph (one launch a token instead of ~44 kernels a layer); opt-in until a GPU run of "
+        "the current code confirms it (its first GPU run failed at the second capture, fixed "
+        "since)",
     )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto",
