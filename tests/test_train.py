@@ -455,3 +455,21 @@ def test_half_precision_weights_that_adamw_rounds_away_are_counted(
     assert "warning: the optimiser updates bfloat16 weights" in capsys.readouterr().err
     run(tmp_path / "fp32", tiny_dir, task_file, algorithm="sft", **{"optim.lr": 5e-6})
     assert "warning" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_rollout_cuda_graphs_reaches_the_engine(tmp_path, tiny_dir, task_file, monkeypatch, graphs):
+    """rollout.cuda_graphs (opt-in) gives the hf engine its graphed step (used on CUDA only)."""
+    import hpt.rollout
+
+    engines = []
+    make_engine = hpt.rollout.make_engine
+
+    def recorded(*args, **kwargs):
+        engines.append(make_engine(*args, **kwargs))
+        return engines[-1]
+
+    monkeypatch.setattr(hpt.rollout, "make_engine", recorded)
+    extra = {"rollout.cuda_graphs": str(graphs).lower(), "max_steps": 1}
+    run(tmp_path, tiny_dir, task_file, algorithm="grpo", **extra)
+    assert (engines[0].decoder.graphed is not None) == graphs

@@ -153,8 +153,8 @@ class FusedStep:
         self.head_weight: torch.Tensor | None = None
         self.head_bias: torch.Tensor | None = None
         self.norm_weight: torch.Tensor | None = None
-        # a parameter's id (or the ids of those concatenated into it) -> its cast copy
-        self._buffers: dict[int | tuple[int, ...], torch.Tensor] = {}
+        # the ids of the parameters cast (and concatenated) into a copy -> that copy
+        self._buffers: dict[tuple[int, ...], torch.Tensor] = {}
         self.join = True  # q/k/v and gate/up in one cast copy each, where the step casts
 
     @property
@@ -166,23 +166,18 @@ class FusedStep:
         """``t`` itself in the step's dtype, else its copy in a buffer kept for the next batch."""
         if t is None:
             return None
-        key, t = id(t), t.detach()  # the parameter's id: detach() makes a new tensor object
         if t.dtype == self.dtype:
-            return t
-        buffer = self._buffers.get(key)
-        if buffer is None or buffer.shape != t.shape or buffer.device != t.device:
-            buffer = self._buffers[key] = torch.empty_like(t, dtype=self.dtype)
-        return buffer.copy_(t)
+            return t.detach()
+        return self._cast_concatenated([t])
 
     def _cast_concatenated(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         """``tensors`` concatenated along their first dimension, cast into a buffer kept for the
         next batch (the same bytes written as casting each alone)."""
-        key = tuple(id(t) for t in tensors)
-        rows = sum(t.shape[0] for t in tensors)
+        key = tuple(id(t) for t in tensors)  # the parameters' ids (detach() makes new objects)
         first = tensors[0]
+        shape = (sum(t.shape[0] for t in tensors), *first.shape[1:])
         buffer = self._buffers.get(key)
-        if buffer is None or buffer.shape[0] != rows or buffer.device != first.device:
-            shape = (rows, *first.shape[1:])
+        if buffer is None or buffer.shape != shape or buffer.device != first.device:
             buffer = torch.empty(shape, dtype=self.dtype, device=first.device)
             self._buffers[key] = buffer
         start = 0
@@ -207,7 +202,7 @@ class FusedStep:
         def joined(*modules: torch.nn.Linear) -> Projection | None:
             """One projection computing ``modules``' outputs side by side (None: not joined)."""
             biases = [m.bias for m in modules]
-            if not concatenate or (None in biases and any(b is not None for b in biases)):
+            if not concatenate or len({b is None for b in biases}) > 1:  # some biased, some not
                 return None
             bias = None if biases[0] is None else self._cast_concatenated(biases)
             return self._cast_concatenated([m.weight for m in modules]), bias

@@ -117,9 +117,10 @@ class GraphedStep:
         capture = self._capture
         if capture is not None and capture.serves(token, cache):
             capture.load(token, mask, position)
+            capture.replay()
         else:
             self.release()  # the old graph and its pool go first
-            try:
+            try:  # the capture's check has replayed this very step
                 capture = self._capture = self._record(token, mask, position, cache)
             except RuntimeError as error:  # torch's capture errors, and GraphMismatch
                 _end_rng_capture(token.device)
@@ -130,9 +131,7 @@ class GraphedStep:
                     RuntimeWarning,
                     stacklevel=2,
                 )
-                self.release()
                 return self.fused(token, mask, position, cache)
-        capture.replay()
         for layer in cache.layers:
             layer.filled = mask.shape[1]
         return capture.logits
@@ -208,7 +207,8 @@ def _end_rng_capture(device: torch.device) -> None:
     """
     if device.type != "cuda" or not torch.cuda.is_available():
         return
-    generator = torch.cuda.default_generators[device.index or torch.cuda.current_device()]
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    generator = torch.cuda.default_generators[index]
     try:
         generator.graphsafe_set_state(generator.clone_state())
     except (AttributeError, RuntimeError):  # older torch: nothing to restore with
