@@ -678,6 +678,13 @@ def test_cuda_graphs_are_an_engine_option(tiny):
     assert HFEngine(model, tokenizer, cuda_graphs=True).decoder.graphed is not None  # CUDA only
     graphs_without_fused = HFEngine(model, tokenizer, cuda_graphs=True, fused=False)
     assert graphs_without_fused.decoder.graphed is None  # it replays the fused step
+    # why the key, asked for, replays nothing here (the recipe logs it as a warning)
+    assert HFEngine(model, tokenizer).cuda_graphs_unused() is None  # not asked for
+    assert "decodes through its forward" in graphs_without_fused.cuda_graphs_unused()
+    compiled = HFEngine(model, tokenizer, cuda_graphs=True, compile=True)
+    assert "decodes through its forward" in compiled.cuda_graphs_unused()
+    on_cpu = HFEngine(model, tokenizer, cuda_graphs=True).cuda_graphs_unused()
+    assert on_cpu == "the model is on cpu; CUDA graphs replay on CUDA devices only"
 
 
 def test_fused_step_reads_the_weights_of_each_batch(tiny, prompts):

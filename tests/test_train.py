@@ -458,8 +458,11 @@ def test_half_precision_weights_that_adamw_rounds_away_are_counted(
 
 
 @pytest.mark.parametrize("graphs", [False, True])
-def test_rollout_cuda_graphs_reaches_the_engine(tmp_path, tiny_dir, task_file, monkeypatch, graphs):
-    """rollout.cuda_graphs (opt-in) gives the hf engine its graphed step (used on CUDA only)."""
+def test_rollout_cuda_graphs_reaches_the_engine(
+    tmp_path, tiny_dir, task_file, monkeypatch, capsys, graphs
+):
+    """rollout.cuda_graphs (opt-in) gives the hf engine its graphed step (used on CUDA only);
+    on a CPU the run says, once, that the key changes nothing there."""
     import hpt.rollout
 
     engines = []
@@ -473,3 +476,5 @@ def test_rollout_cuda_graphs_reaches_the_engine(tmp_path, tiny_dir, task_file, m
     extra = {"rollout.cuda_graphs": str(graphs).lower(), "max_steps": 1}
     run(tmp_path, tiny_dir, task_file, algorithm="grpo", **extra)
     assert (engines[0].decoder.graphed is not None) == graphs
+    warned = "warning: rollout.cuda_graphs is on but no CUDA graph is used: the model is on cpu"
+    assert capsys.readouterr().err.count(warned) == int(graphs)

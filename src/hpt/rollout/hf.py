@@ -225,6 +225,7 @@ class HFEngine:
                 cuda_graphs=cuda_graphs,
             )
         )
+        self.cuda_graphs = cuda_graphs
         own = next(model.parameters()).dtype
         if fused_dtype not in (None, own) and (self.decoder is None or self.decoder.fused is None):
             raise ConfigError(
@@ -232,6 +233,23 @@ class HFEngine:
                 f"the model's ({own}); this model decodes through its forward (fused decoding "
                 "needs a Llama/Qwen2/Mistral-layout model without LoRA or FSDP2, and fused on)"
             )
+
+    def cuda_graphs_unused(self) -> str | None:
+        """Why ``cuda_graphs``, asked for, replays no CUDA graph on this engine (None: it will, or
+        it was not asked for); the recipe logs it as a warning, since the key alone changes nothing
+        there."""
+        if not self.cuda_graphs:
+            return None
+        if self.decoder is None or self.decoder.graphed is None:
+            return (
+                "this model decodes through its forward, not the fused step a graph replays "
+                "(fused decoding needs a Llama/Qwen2/Mistral-layout model without LoRA or FSDP2, "
+                "rollout.fused on and rollout.compile off)"
+            )
+        device = next(self.model.parameters()).device
+        if device.type != "cuda":
+            return f"the model is on {device.type}; CUDA graphs replay on CUDA devices only"
+        return None
 
     def exact_logprobs(self, sampling: SamplingParams) -> bool:
         """Whether the returned log-probs are the trainer's ``log softmax(logits / T)`` of the same

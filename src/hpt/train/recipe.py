@@ -191,6 +191,9 @@ def train_stage(
         model_path=config.model.path,
         max_model_len=config.data.max_prompt_tokens + config.rollout.max_new_tokens,
     )
+    unused = getattr(engine, "cuda_graphs_unused", lambda: None)()
+    if unused is not None:
+        run.log(f"warning: rollout.cuda_graphs is on but no CUDA graph is used: {unused}")
     start = run.restore(index, policy, optimizer, scheduler, sampler)
     multiple_updates = config.optim.ppo_epochs > 1 or (
         config.data.questions_per_step > config.optim.mini_batch_questions
