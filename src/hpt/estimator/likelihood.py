@@ -79,15 +79,6 @@ def _float_dtype(logits: Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
-def _log_softmax_of_chunk(
-    hidden: Tensor, weight: Tensor, bias: Tensor | None, temperature: float
-) -> Tensor:
-    """``log softmax(z)`` [C, V] of one chunk, ``z = (h W^T + b) / T``, in float32 (float64
-    stays): one fused kernel over the logits."""
-    logits = _scaled_logits(hidden, weight, bias, temperature)
-    return torch.log_softmax(logits, dim=-1, dtype=_float_dtype(logits))
-
-
 def _chunk(
     hidden: Tensor,
     weight: Tensor,
@@ -95,15 +86,26 @@ def _chunk(
     labels: Tensor,
     temperature: float,
     with_entropy: bool,
-) -> tuple[Tensor, Tensor]:
-    """Log-probs and entropy of one chunk of tokens: hidden [C, H] -> ([C], [C])."""
-    logp = _log_softmax_of_chunk(hidden, weight, bias, temperature)
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Log-probs, entropy and log-sum-exp of one chunk of tokens: hidden [C, H] -> 3 x [C].
+
+    ``log softmax(z)`` is one fused kernel over the logits ``z = (h W^T + b) / T``, in float32
+    (float64 stays); the entropy's ``p = exp(log p)`` is written into the logits' buffer, dead by
+    then, and ``-sum p log p`` is reduced in place: two ``[C, V]`` buffers a chunk, not four
+    (each fresh one of SmolLM2's 1024 x 49k float32 chunks is 200 MB the CPU faults in again).
+    The log-sum-exp ``z[label] - log p[label]`` lets backward rebuild ``log p`` from ``z`` in place.
+    """
+    logits = _scaled_logits(hidden, weight, bias, temperature)
+    dtype = _float_dtype(logits)
+    logp = torch.log_softmax(logits, dim=-1, dtype=dtype)
     index, valid = _valid_labels(labels)
-    logprobs = torch.where(valid, logp.gather(-1, index[:, None]).squeeze(-1), 0.0)
+    picked = logp.gather(-1, index[:, None]).squeeze(-1)
+    lse = logits.gather(-1, index[:, None]).squeeze(-1).to(dtype) - picked
+    logprobs = torch.where(valid, picked, 0.0)
     if not with_entropy:
-        return logprobs, torch.zeros_like(logprobs)
-    with torch.autocast(logp.device.type, enabled=False):  # a float32 dot, not a bf16 one
-        return logprobs, -torch.linalg.vecdot(logp.exp(), logp)  # -sum p log p, no [C, V] product
+        return logprobs, torch.zeros_like(logprobs), lse
+    probs = torch.exp(logp, out=logits) if logits.dtype == dtype else logp.exp()
+    return logprobs, -probs.mul_(logp).sum(-1), lse  # -sum p log p
 
 
 def _row_grad(grad: Tensor | None, valid: Tensor, dtype: torch.dtype) -> Tensor:
@@ -120,15 +122,16 @@ class _HeadChunk(torch.autograd.Function):
     applies the closed forms ``d logprob / dz = onehot(label) - p`` and
     ``dH / dz = -p (log p + H)``, then ``/ T`` and the head's matmuls: a few in-place passes over
     one [C, V] buffer, instead of autograd's graph of log-sum-exp, softmax, product and sum and
-    their saved [C, V] intermediates. Forward saves only the chunk's inputs and its entropy.
+    their saved [C, V] intermediates. Forward saves only the chunk's inputs, its entropy and
+    its log-sum-exp ([C] each).
     Under ``torch.autocast`` backward runs under the same autocast state as forward (autograd
     runs backward outside it), so its matmuls use the forward's dtype too.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, temperature, with_entropy):  # type: ignore[override]
-        logprobs, entropy = _chunk(hidden, weight, bias, labels, temperature, with_entropy)
-        ctx.save_for_backward(hidden, weight, bias, labels, entropy)
+        logprobs, entropy, lse = _chunk(hidden, weight, bias, labels, temperature, with_entropy)
+        ctx.save_for_backward(hidden, weight, bias, labels, entropy, lse)
         ctx.set_materialize_grads(False)  # an output the loss does not use has no gradient
         ctx.temperature, ctx.with_entropy = temperature, with_entropy
         device = hidden.device.type
@@ -157,27 +160,27 @@ class _HeadChunk(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, grad_logprobs, grad_entropy):  # type: ignore[no-untyped-def]
         # dz = (onehot(label) g_lp - p (g_lp + g_H (log p + H))) / T, the [C, 1] factors folded
-        # so that each [C, V] pass is one kernel; an unused entropy (None: gradients are not
-        # materialised) needs only p = softmax(z)
-        hidden, weight, bias, labels, entropy = ctx.saved_tensors
+        # so that each [C, V] pass is one kernel; log p = z - lse is rebuilt in the recomputed
+        # logits' own buffer (float32 logits; half ones under autocast are upcast into one copy),
+        # and an unused entropy (None: gradients are not materialised) needs only p = exp(log p),
+        # in place: one [C, V] buffer, two with the entropy's gradient
+        hidden, weight, bias, labels, entropy, lse = ctx.saved_tensors
         if grad_logprobs is None and grad_entropy is None:
             return None, None, None, None, None, None
         index, valid = _valid_labels(labels)
         inv_t = 1.0 / ctx.temperature
+        logits = _scaled_logits(hidden, weight, bias, ctx.temperature)
+        dtype = _float_dtype(logits)
+        logp = (logits if logits.dtype == dtype else logits.to(dtype)).sub_(lse[:, None])
+        g_lp = _row_grad(grad_logprobs, valid, dtype)
         if ctx.with_entropy and grad_entropy is not None:
-            logp = _log_softmax_of_chunk(hidden, weight, bias, ctx.temperature)
-            dtype = logp.dtype
-            g_lp = _row_grad(grad_logprobs, valid, dtype)
             g_h = grad_entropy.to(dtype)[:, None]
             probs = logp.exp()
             offset = (g_lp + g_h * entropy.to(dtype)[:, None]).mul_(-inv_t)
             coef = logp.mul_(g_h * -inv_t).add_(offset)  # -(g_lp + g_H (log p + H)) / T
             grad_z = probs.mul_(coef)
         else:
-            logits = _scaled_logits(hidden, weight, bias, ctx.temperature)
-            grad_z = torch.softmax(logits, dim=-1, dtype=_float_dtype(logits))
-            g_lp = _row_grad(grad_logprobs, valid, grad_z.dtype)
-            grad_z = grad_z.mul_(g_lp * -inv_t)
+            grad_z = logp.exp_().mul_(g_lp * -inv_t)  # p, in place
         grad_z = grad_z.scatter_add_(-1, index[:, None], g_lp * inv_t).to(weight.dtype)
         grad_hidden = grad_z @ weight if ctx.needs_input_grad[0] else None
         grad_weight = grad_z.T @ hidden if ctx.needs_input_grad[1] else None
@@ -234,7 +237,7 @@ def token_logprobs_and_entropy(
         if needs_grad:
             lp, ent = _HeadChunk.apply(*piece)
         else:
-            lp, ent = _chunk(*piece)
+            lp, ent, _ = _chunk(*piece)
         logprobs.append(lp)
         entropies.append(ent)
     if not logprobs:
