@@ -9,6 +9,7 @@ import torch
 
 from hpt.errors import ConfigError
 from hpt.rollout import HFEngine, Rollout, RolloutEngine, SamplingParams
+from hpt.rollout.fused import mkl_packing
 
 QUESTIONS = [
     "What is 2 + 3?",
@@ -622,8 +623,11 @@ def test_a_graph_that_does_not_replay_its_step_turns_graphs_off(tiny, prompts):
             logits = self.fused(*args, **kwargs)
             return logits + 1.0 if len(calls) == 2 else logits
 
-        def refresh(self):
-            self.fused.refresh()
+        def refresh(self, rows=0):
+            self.fused.refresh(rows)
+
+        def unpack(self):
+            self.fused.unpack()
 
     step.fused = Noisy(step.fused)
     sampling = SamplingParams(0.0, max_new_tokens=6)
@@ -849,3 +853,54 @@ def test_draw_inverts_the_float64_cdf_and_leaves_its_input_alone(dtype):
     expected = torch.searchsorted(cdf, u, right=True).squeeze(1)
     assert torch.equal(tokens, expected)
     assert torch.isfinite(logprobs.gather(1, tokens[:, None])).all()  # never a token of p = 0
+
+
+@pytest.mark.skipif(not mkl_packing(), reason="this PyTorch has no MKL packed GEMM")
+@pytest.mark.parametrize("arch", ["qwen2", "llama-biases"])
+def test_packed_weights_decode_as_the_plain_step(tiny, prompts, arch):
+    """CPU float32 weights packed for the batch (MKL) give the plain fused step's tokens and
+    log-probs, also once rows have left the batch (plain matmuls again); the copies are dropped
+    with the batch."""
+    from hpt.rollout.decode import PACK_MIN_TOKENS
+
+    model, tokenizer = tiny
+    if arch != "qwen2":
+        model = tiny_llama(tokenizer, attention_bias=True, mlp_bias=True)
+    stop = common_token(model, tokenizer, prompts)
+    # rows may stop from token 3 on: the batch is compacted while its packed weights are live
+    options = dict(batch_size=8, stop_token_ids=[stop], min_new_tokens=3)
+    packed, plain = HFEngine(model, tokenizer, **options), HFEngine(model, tokenizer, **options)
+    plain.decoder.fused.pack = False
+    step = packed.decoder.fused
+    calls = []
+    pack = step._pack
+    step._pack = lambda rows: calls.append(rows) or pack(rows)
+    sampling = SamplingParams(0.0, max_new_tokens=PACK_MIN_TOKENS)
+    a, b = packed.generate(prompts, 1, sampling), plain.generate(prompts, 1, sampling)
+    assert calls == [len(prompts)] and step._packed == {}  # packed for the batch, then dropped
+    assert {r.finish_reason for r in b} == {"stop", "length"}  # rows left the batch early
+    for x, y in zip(a, b):
+        assert x.response_ids == y.response_ids and x.finish_reason == y.finish_reason
+        assert x.logprobs == pytest.approx(y.logprobs, abs=1e-5)
+    sampled = SamplingParams(temperature=0.9, max_new_tokens=PACK_MIN_TOKENS, seed=2)
+    x, y = packed.generate(prompts, 3, sampled), plain.generate(prompts, 3, sampled)
+    assert [r.response_ids for r in x] == [r.response_ids for r in y]
+    assert calls == [len(prompts), 8, 3 * len(prompts) - 8]  # batches of at most 8 rows
+    # one step on the packed weights: the logits of the plain matmuls
+    step.refresh(rows=2)
+    assert len(step._packed) == 7 * len(step.layers) + 1  # every projection and the head
+    token, position = torch.tensor([[5], [7]]), torch.tensor([[0], [0]])
+    cache = packed.decoder.new_cache(4)[0]
+    logits = step(token, torch.ones(2, 1, dtype=torch.long), position, cache)
+    step.unpack()
+    reference = step(
+        token, torch.ones(2, 1, dtype=torch.long), position, plain.decoder.new_cache(4)[0]
+    )
+    torch.testing.assert_close(logits, reference, rtol=1e-6, atol=1e-6)
+    # short generations and bf16 copies are not packed
+    calls.clear()
+    packed.generate(prompts, 1, SamplingParams(0.0, max_new_tokens=PACK_MIN_TOKENS - 1))
+    assert calls == []
+    low = HFEngine(model, tokenizer, dtype="bfloat16").decoder.fused
+    low.refresh(rows=4)
+    assert low._packed == {}

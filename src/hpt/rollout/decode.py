@@ -37,6 +37,9 @@ from hpt.utils import distinct_rows
 
 # compact the batch when at least this fraction of its rows has finished
 COMPACT_FRACTION = 0.25
+# the fused step packs its CPU float32 weights for batches of at least this many new tokens:
+# packing SmolLM2-135M's weights takes 0.09-0.15 s, and saves about 12 ms a token at 16 rows
+PACK_MIN_TOKENS = 16
 
 
 @dataclass(frozen=True)
@@ -300,7 +303,8 @@ class Decoder:
         cache, prefix = self.new_cache(width + steps)
         step = self.step
         if self.fused is not None and prefix and not synced:
-            self.fused.refresh()  # this batch's weights (training changed them since the last)
+            # this batch's weights (training changed them since the last), packed for its rows
+            self.fused.refresh(batch if steps >= PACK_MIN_TOKENS else 0)
             step = self.fused
             if self.graphed is not None and (device.type == "cuda" or self.graphed.eager):
                 step = self.graphed  # the same step, replayed from a CUDA graph
@@ -354,6 +358,8 @@ class Decoder:
             self.graphed.release()  # the graph holds this batch's cache
         if self.fused is not None and device.type == "cuda":
             self.fused.release()  # its weight copies' memory goes to the update (FusedStep.release)
+        elif self.fused is not None:
+            self.fused.unpack()  # the packed weights (CPU) are not kept through the update
         return Decoded(tokens[:rows].cpu(), logprobs[:rows].cpu(), lengths[:rows].cpu())
 
 

@@ -17,6 +17,14 @@ float32 and 201 with a bf16 copy before these changes, 146 and 151 after; 128 x 
 cores, back to back). Fewer kernels a token matter most on a GPU, where a CUDA graph replays them
 (:mod:`hpt.rollout.graphs`).
 
+On a CPU in float32 the step's matmuls read weights packed for the batch's row count: MKL's packed
+GEMM (``cblas_sgemm_pack``, which PyTorch exposes as ``torch.ops.mkl._mkl_reorder_linear_weight``
+and ``_mkl_linear`` for Inductor's frozen CPU graphs) lays each weight out once per batch instead
+of at every call of every token. Measured on 2 CPU cores: SmolLM2-135M, 16 rows x 128 tokens,
+7.7-8.1 s against 9.2-9.6 s (packing all weights 0.09-0.15 s a batch), the same tokens; a matmul's
+result is bit-identical. The packed copies are dropped when the batch is done (:meth:`FusedStep.
+unpack`), and rows leaving the batch fall back to the plain matmul.
+
 Only architectures whose decoder layer is exactly pre-norm RMSNorm -> rotary self-attention
 (q/k/v with or without bias) -> residual -> RMSNorm -> SiLU-gated MLP -> residual are fused
 (:func:`fusable` checks the model type and the config); the rest, PEFT-wrapped models (whose
@@ -117,8 +125,14 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + rotated * sin
 
 
-def _linear(x: torch.Tensor, projection: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
-    return F.linear(x, projection[0], projection[1])
+def mkl_packing() -> bool:
+    """Whether this PyTorch has MKL's packed float32 GEMM (x86 builds with MKL)."""
+    if not torch.backends.mkl.is_available():
+        return False
+    try:
+        return all(hasattr(torch.ops.mkl, n) for n in ("_mkl_linear", "_mkl_reorder_linear_weight"))
+    except (AttributeError, RuntimeError):  # pragma: no cover - a build without the namespace
+        return False
 
 
 class FusedStep:
@@ -156,6 +170,10 @@ class FusedStep:
         # the ids of the parameters cast (and concatenated) into a copy -> that copy
         self._buffers: dict[tuple[int, ...], torch.Tensor] = {}
         self.join = True  # q/k/v and gate/up in one cast copy each, where the step casts
+        # MKL-packed copies of the weights for a batch of `_packed_rows` rows (CPU float32 only)
+        self.pack = mkl_packing()
+        self._packed: dict[int, torch.Tensor] = {}
+        self._packed_rows = 0
 
     @property
     def exact(self) -> bool:
@@ -187,12 +205,14 @@ class FusedStep:
         return buffer
 
     @torch.no_grad()
-    def refresh(self) -> None:
+    def refresh(self, rows: int = 0) -> None:
         """Read the current weights for the next batch (cast into the kept buffers if needed).
 
         Where the step casts (another dtype than the model's), q/k/v and gate/up are cast into one
         concatenated copy each, so a layer runs two matmuls fewer; in the model's own dtype the step
-        keeps the model's tensors (concatenating them would copy them every batch)."""
+        keeps the model's tensors (concatenating them would copy them every batch). ``rows`` > 0:
+        the batch's row count, for which float32 weights on a CPU are packed (:meth:`unpack`
+        drops the copies); 0: no packing."""
         cast = self._cast
         concatenate = self.join and not self.exact
 
@@ -233,6 +253,49 @@ class FusedStep:
         head = self.model.get_output_embeddings()
         self.head_weight, self.head_bias = cast(head.weight), cast(getattr(head, "bias", None))
         self.norm_weight = cast(self.model.model.norm.weight)
+        self.unpack()
+        if rows > 0 and self.pack and self.dtype == torch.float32:
+            self._pack(rows)
+
+    def _pack(self, rows: int) -> None:
+        """MKL-packed copies of every CPU float32 projection and the head, for ``rows`` rows."""
+        weights = [self.head_weight]
+        for layer in self.layers:
+            for projection in (
+                layer.q,
+                layer.k,
+                layer.v,
+                layer.o,
+                layer.gate,
+                layer.up,
+                layer.down,
+            ):
+                weights.append(projection[0] if projection is not None else None)
+            weights += [p[0] for p in (layer.qkv, layer.gate_up) if p is not None]
+        cpu_float = [w for w in weights if w is not None and w.device.type == "cpu"]
+        if not cpu_float or any(w.dtype != torch.float32 for w in cpu_float):
+            return
+        try:
+            for w in cpu_float:
+                self._packed[id(w)] = torch.ops.mkl._mkl_reorder_linear_weight(w, rows)
+        except RuntimeError:  # an MKL build that refuses: plain matmuls, as without MKL
+            self.pack = False
+            self._packed.clear()
+            return
+        self._packed_rows = rows
+
+    def unpack(self) -> None:
+        """Drop the packed weight copies (the decoder calls it when a batch is done, so that the
+        update's memory peak does not hold them)."""
+        self._packed.clear()
+        self._packed_rows = 0
+
+    def _linear(self, x: torch.Tensor, projection: Projection) -> torch.Tensor:
+        """``x W^T + b``, through the weight's packed copy when there is one for ``x``'s rows."""
+        packed = self._packed.get(id(projection[0])) if x.shape[0] == self._packed_rows else None
+        if packed is None:
+            return F.linear(x, projection[0], projection[1])
+        return torch.ops.mkl._mkl_linear(x, packed, projection[0], projection[1], x.shape[0])
 
     def release(self) -> None:
         """Drop the step's weight references and its cast copies (:meth:`refresh` makes new ones).
@@ -243,6 +306,7 @@ class FusedStep:
         would return such blocks to the kernel and fault them in again every batch.
         """
         self._buffers.clear()
+        self.unpack()
         self.layers = []
         self.head_weight = self.head_bias = self.norm_weight = None
 
@@ -277,11 +341,13 @@ class FusedStep:
         for layer, storage in zip(self.layers, cache.layers):
             h = _rms_norm(x, layer.norm_in, layer.eps_in, dtype)
             if layer.qkv is not None:  # one matmul for q, k and v
-                qkv = _linear(h, layer.qkv).to(x.dtype)
+                qkv = self._linear(h, layer.qkv).to(x.dtype)
                 qk, v = qkv[:, :hidden_qk], qkv[:, hidden_qk:]
             else:
-                qk = torch.cat((_linear(h, layer.q), _linear(h, layer.k)), dim=-1).to(x.dtype)
-                v = _linear(h, layer.v).to(x.dtype)
+                qk = torch.cat((self._linear(h, layer.q), self._linear(h, layer.k)), dim=-1).to(
+                    x.dtype
+                )
+                v = self._linear(h, layer.v).to(x.dtype)
             # queries and keys rotated together: [B, heads + kv_heads, d]
             qk = _rotate(qk.reshape(rows, self.heads + self.kv_heads, self.head_dim), cos, sin)
             q, k = qk[:, : self.heads], qk[:, self.heads :]
@@ -296,15 +362,15 @@ class FusedStep:
             q = q.reshape(rows, self.kv_heads, group, self.head_dim)
             attended = F.scaled_dot_product_attention(q, keys, values, bias, scale=self.scale)
             attended = attended.reshape(rows, hidden_q).to(dtype)
-            x = x + _linear(attended, layer.o)
+            x = x + self._linear(attended, layer.o)
             h = _rms_norm(x, layer.norm_post, layer.eps_post, dtype)
             if layer.gate_up is not None:  # one matmul for gate and up
-                gate, up = _linear(h, layer.gate_up).chunk(2, dim=-1)
+                gate, up = self._linear(h, layer.gate_up).chunk(2, dim=-1)
             else:
-                gate, up = _linear(h, layer.gate), _linear(h, layer.up)
-            x = x + _linear(F.silu(gate) * up, layer.down)
+                gate, up = self._linear(h, layer.gate), self._linear(h, layer.up)
+            x = x + self._linear(F.silu(gate) * up, layer.down)
         x = _rms_norm(x, self.norm_weight, _eps(decoder.norm), dtype)
-        return F.linear(x, self.head_weight, self.head_bias)
+        return self._linear(x, (self.head_weight, self.head_bias))
 
 
 def _eps(norm: Any) -> float:
