@@ -359,7 +359,7 @@ class Decoder:
         if self.fused is not None and device.type == "cuda":
             self.fused.release()  # its weight copies' memory goes to the update (FusedStep.release)
         elif self.fused is not None:
-            self.fused.unpack()  # the packed weights (CPU) are not kept through the update
+            self.fused.unpack()  # the cast copies are kept for the next batch, the packed ones not
         return Decoded(tokens[:rows].cpu(), logprobs[:rows].cpu(), lengths[:rows].cpu())
 
 

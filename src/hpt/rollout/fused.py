@@ -255,7 +255,7 @@ class FusedStep:
         self.head_weight, self.head_bias = cast(head.weight), cast(getattr(head, "bias", None))
         self.norm_weight = cast(self.model.model.norm.weight)
         self.unpack()
-        if rows > 0 and self.pack and self.dtype == torch.float32:
+        if rows > 0 and self.pack:
             self._pack(rows)
 
     def _pack(self, rows: int) -> None:
