@@ -904,3 +904,9 @@ def test_packed_weights_decode_as_the_plain_step(tiny, prompts, arch):
     low = HFEngine(model, tokenizer, dtype="bfloat16").decoder.fused
     low.refresh(rows=4)
     assert low._packed == {}
+    # pack_weights=False: plain matmuls for a batch that would be packed
+    off = HFEngine(model, tokenizer, pack_weights=False, **options)
+    off.decoder.fused._pack = lambda rows: calls.append(rows) or pack(rows)
+    z = off.generate(prompts, 1, sampling)
+    assert calls == [] and off.decoder.fused._packed == {}
+    assert [r.response_ids for r in z] == [r.response_ids for r in b]

@@ -462,8 +462,10 @@ def test_rollout_cuda_graphs_reaches_the_engine(
     tmp_path, tiny_dir, task_file, monkeypatch, capsys, graphs
 ):
     """rollout.cuda_graphs (opt-in) gives the hf engine its graphed step (used on CUDA only);
-    on a CPU the run says, once, that the key changes nothing there."""
+    on a CPU the run says, once, that the key changes nothing there. rollout.pack_weights (here
+    off where graphs are on) reaches the fused step."""
     import hpt.rollout
+    from hpt.rollout.fused import mkl_packing
 
     engines = []
     make_engine = hpt.rollout.make_engine
@@ -473,8 +475,13 @@ def test_rollout_cuda_graphs_reaches_the_engine(
         return engines[-1]
 
     monkeypatch.setattr(hpt.rollout, "make_engine", recorded)
-    extra = {"rollout.cuda_graphs": str(graphs).lower(), "max_steps": 1}
+    extra = {
+        "rollout.cuda_graphs": str(graphs).lower(),
+        "rollout.pack_weights": str(not graphs).lower(),
+        "max_steps": 1,
+    }
     run(tmp_path, tiny_dir, task_file, algorithm="grpo", **extra)
     assert (engines[0].decoder.graphed is not None) == graphs
+    assert engines[0].decoder.fused.pack == (not graphs and mkl_packing())
     warned = "warning: rollout.cuda_graphs is on but no CUDA graph is used: the model is on cpu"
     assert capsys.readouterr().err.count(warned) == int(graphs)

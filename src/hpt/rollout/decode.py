@@ -177,6 +177,9 @@ class Decoder:
         cuda_graphs: on a CUDA device, replay the fused step from a CUDA graph
             (:class:`~hpt.rollout.graphs.GraphedStep`; opt-in until a GPU run of the current
             code confirms it); the eager fused step elsewhere.
+        pack_weights: on a CPU in float32, the fused step packs the weights for each batch of at
+            least :data:`PACK_MIN_TOKENS` new tokens (:class:`~hpt.rollout.fused.FusedStep`);
+            False: never.
     """
 
     def __init__(
@@ -190,6 +193,7 @@ class Decoder:
         fused: bool = True,
         fused_dtype: torch.dtype | None = None,
         cuda_graphs: bool = False,
+        pack_weights: bool = True,
     ) -> None:
         from hpt.rollout.fused import FusedStep, fusable
         from hpt.rollout.graphs import GraphedStep
@@ -199,7 +203,9 @@ class Decoder:
         self.stop_token_ids = list(stop_token_ids)
         self.pad_token_id = pad_token_id
         self.fused = (
-            FusedStep(model, fused_dtype) if fused and not compile and fusable(model) else None
+            FusedStep(model, fused_dtype, pack=pack_weights)
+            if fused and not compile and fusable(model)
+            else None
         )
         self.graphed = GraphedStep(self.fused) if self.fused is not None and cuda_graphs else None
         self.step: Callable[..., torch.Tensor] = self._forward_last

@@ -148,6 +148,9 @@ class FusedStep:
             the model's dtype; tokens are then sampled from a slightly different distribution
             than the trainer's (as rollouts from a bf16 vLLM are), so their log-probs are not
             taken as pi_old.
+        pack: on a CPU in float32, let :meth:`refresh` pack the weights for a batch's row count
+            with MKL's packed GEMM where PyTorch has it (:func:`mkl_packing`); False: plain
+            matmuls, and no packed copy (as large as the weights) while a batch decodes.
 
     The weights are read from ``model`` when :meth:`refresh` is called (once per decoded batch):
     in the model's dtype the step holds the model's own tensors (the optimiser's in-place updates
@@ -156,7 +159,7 @@ class FusedStep:
     keys and values [B, kv_heads, L, d].
     """
 
-    def __init__(self, model: Any, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, model: Any, dtype: torch.dtype | None = None, pack: bool = True) -> None:
         self.model = model
         config = model.config
         self.heads = config.num_attention_heads
@@ -172,7 +175,7 @@ class FusedStep:
         self._buffers: dict[tuple[int, ...], torch.Tensor] = {}
         self.join = True  # q/k/v and gate/up in one cast copy each, where the step casts
         # MKL-packed copies of the weights for a batch of `_packed_rows` rows (CPU float32 only)
-        self.pack = mkl_packing()
+        self.pack = pack and mkl_packing()
         self._packed: dict[int, torch.Tensor] = {}
         self._packed_rows = 0
 

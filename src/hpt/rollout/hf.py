@@ -171,6 +171,9 @@ class HFEngine:
         cuda_graphs: on a CUDA device, replay the fused step from a CUDA graph (one launch a token;
             :mod:`hpt.rollout.graphs`; opt-in until a GPU run of the current code confirms it);
             False: the eager fused step.
+        pack_weights: on a CPU in float32, the fused step packs the weights for each batch of at
+            least 16 new tokens with MKL's packed GEMM (faster matmuls; a copy as large as the
+            weights while the batch decodes); False: plain matmuls, no copy.
 
     Example:
         >>> engine = HFEngine(model, tokenizer)
@@ -192,6 +195,7 @@ class HFEngine:
         fused: bool = True,
         dtype: str | torch.dtype | None = None,
         cuda_graphs: bool = False,
+        pack_weights: bool = True,
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"rollout batch_size must be >= 1, got {batch_size}")
@@ -223,6 +227,7 @@ class HFEngine:
                 fused=fused,
                 fused_dtype=fused_dtype,
                 cuda_graphs=cuda_graphs,
+                pack_weights=pack_weights,
             )
         )
         self.cuda_graphs = cuda_graphs

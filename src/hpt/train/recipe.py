@@ -187,6 +187,7 @@ def train_stage(
         compile=config.rollout.compile,
         fused=config.rollout.fused,
         cuda_graphs=config.rollout.cuda_graphs,
+        pack_weights=config.rollout.pack_weights,
         dtype=config.rollout.dtype,
         model_path=config.model.path,
         max_model_len=config.data.max_prompt_tokens + config.rollout.max_new_tokens,

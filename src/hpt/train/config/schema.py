@@ -185,6 +185,13 @@ class RolloutConfig:
         "the current code confirms it (its first GPU run failed at the second capture, fixed "
         "since)",
     )
+    pack_weights: bool = Field(
+        True,
+        description="on a CPU in float32 the hf engine's fused decode step packs the weights for "
+        "each batch of 16 or more new tokens with MKL's packed GEMM (faster matmuls; a copy as "
+        "large as the weights while the batch decodes, dropped before the update); false: plain "
+        "matmuls, no copy",
+    )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto",
         description="weights of the fused decode step; auto: the model's dtype. bfloat16 on a "
