@@ -75,6 +75,9 @@ class Settings:
     rollout_dtype: str = "auto"  # hpt: rollout.dtype (bfloat16: sample from a bf16 weight copy)
     compile_update: bool = False  # hpt: optim.compile (compiled decoder layers in training passes)
     bf16: bool = False  # both in bf16: TRL bf16=True; hpt optim.autocast + rollout.dtype bfloat16
+    # True: both sides' processes run with PyTorch's THP_MEM_ALLOC_ENABLE=1 (transparent huge pages
+    # for CPU tensors of 2 MB and more); False: both with THP_MEM_ALLOC_ENABLE=0
+    thp: bool = False
 
     @property
     def rows(self) -> int:
@@ -440,7 +443,9 @@ def run_side(
         "--child-output",
         str(out),
     ]
-    completed = subprocess.run(command, capture_output=True, text=True)
+    # the same allocator setting for both sides (torch reads it at its first allocation)
+    environment = {**os.environ, "THP_MEM_ALLOC_ENABLE": "1" if settings.thp else "0"}
+    completed = subprocess.run(command, capture_output=True, text=True, env=environment)
     if completed.returncode != 0:
         tail = "\n".join((completed.stdout + completed.stderr).strip().splitlines()[-25:])
         raise RuntimeError(f"the {side} run failed (exit {completed.returncode}):\n{tail}")
@@ -700,6 +705,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--no-share-prompts", action="store_true", help="hpt: run every row's prompt in training"
     )
     parser.add_argument(
+        "--thp",
+        action="store_true",
+        help="both sides with THP_MEM_ALLOC_ENABLE=1 (PyTorch backs CPU tensors of 2 MB and more "
+        "with transparent huge pages); default: both with it set to 0",
+    )
+    parser.add_argument(
         "--rollout-dtype",
         default="auto",
         choices=("auto", "bfloat16", "float16", "float32"),
@@ -777,6 +788,7 @@ def main(argv: list[str] | None = None) -> int:
             rollout_dtype=args.rollout_dtype,
             compile_update=args.compile_update,
             bf16=args.bf16,
+            thp=args.thp,
         )
         if settings.rows % settings.micro_batch:
             print(f"grpo_step: --micro-batch {settings.micro_batch} must divide {settings.rows}")
