@@ -161,3 +161,22 @@ def test_shutdown_leaves_a_process_group_it_did_not_create(tmp_path):
     finally:
         torch_dist.destroy_process_group()
     assert not torch_dist.is_initialized()
+
+
+def test_ddp_with_shared_prompts_ends_as_without(tmp_path, tiny_dir, task_file):
+    """DDP over 2 ranks, a question's 4 rollouts split over passes of 3 rows: passes that run
+    each distinct prompt once end with the weights of running every row whole."""
+    runs = {}
+    for share in ("true", "false"):
+        out = tmp_path / share
+        result = torchrun(
+            settings(out, tiny_dir, task_file, algorithm="grpo")
+            + [f"optim.share_prompts={share}", "data.reward=distributed_rewards:by_answer"]
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[share] = out / "t"
+    shared, whole = metrics(runs["true"]), metrics(runs["false"])
+    assert [m["step"] for m in shared] == [1, 2]
+    for a, b in zip(shared, whole):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
+    assert_same_weights(weights(runs["false"]), weights(runs["true"]), 1e-4)

@@ -344,11 +344,29 @@ def test_shared_prompts_with_one_token_responses(tiny):
 
 @pytest.mark.parametrize(
     "passes",
-    [{"micro_batch_size": 16}, {"micro_batch_size": 3}, {"micro_batch_tokens": 60}],
-    ids=["one-pass", "rows-split-a-question", "by-tokens"],
+    [
+        {"micro_batch_size": 16},
+        {"micro_batch_size": 3},
+        {"micro_batch_tokens": 60},
+        # one update over all four questions: the gradients compared are those of every row (with
+        # one question a mini-batch, only the last mini-batch's, whose question has one row)
+        {"micro_batch_size": 3, "mini_batch_questions": 4},
+        {"micro_batch_tokens": 60, "mini_batch_questions": 4},
+        {"micro_batch_size": 16, "mini_batch_questions": 4},
+    ],
+    ids=[
+        "one-pass",
+        "rows-split-a-question",
+        "by-tokens",
+        "one-update-rows",
+        "one-update-tokens",
+        "one-update-one-pass",
+    ],
 )
 @pytest.mark.parametrize("algorithm_name", ["hpt", "ppo"])
 def test_shared_prompt_update_gradients_equal_the_padded_path(tiny, passes, algorithm_name):
+    """Each distinct prompt of a pass run once: the loss and every gradient of the update equal
+    those of running every row whole."""
     model, tokenizer = tiny
     algorithm = get_algorithm(algorithm_name)
     rows = make_shared_rows(model.config.vocab_size, seed=2)
