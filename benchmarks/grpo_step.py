@@ -69,8 +69,8 @@ class Settings:
     compile: bool = False  # hpt: torch.compile the decode step (HFEngine(compile=True))
     generate_path: bool = False  # hpt: the engine's model.generate fallback (the engine before #12)
     fused: bool = True  # hpt: rollout.fused (the fused Llama-layout decode step)
-    cuda_graphs: bool = True  # hpt: rollout.cuda_graphs (the fused step replayed from CUDA graphs;
-    # main() turns it on on a GPU only)
+    cuda_graphs: bool = False  # hpt: rollout.cuda_graphs (the fused step replayed from CUDA
+    # graphs; main() turns it on where CUDA is available: on a CPU it only prints hpt's warning)
     share_prompts: bool = True  # hpt: optim.share_prompts (each distinct prompt once a pass)
     rollout_dtype: str = "auto"  # hpt: rollout.dtype (bfloat16: sample from a bf16 weight copy)
     compile_update: bool = False  # hpt: optim.compile (compiled decoder layers in training passes)
@@ -781,8 +781,6 @@ def main(argv: list[str] | None = None) -> int:
             compile=args.compile,
             generate_path=args.generate_path,
             fused=not args.no_fused,
-            # only where there are graphs to replay: on a CPU the key would only print hpt's
-            # "no CUDA graph is used" warning line
             cuda_graphs=torch.cuda.is_available() and not args.no_cuda_graphs,
             share_prompts=not args.no_share_prompts,
             rollout_dtype=args.rollout_dtype,

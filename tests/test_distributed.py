@@ -58,6 +58,23 @@ def assert_same_weights(a: dict, b: dict, rtol: float) -> None:
         assert difference <= rtol, f"{name}: relative difference {difference:.2e}"
 
 
+def torchrun_variants(
+    tmp_path: Path, tiny_dir: Path, task_file: Path, algorithm: str, variants: dict[str, list[str]]
+) -> dict[str, Path]:
+    """One 2-process run of ``algorithm`` per variant (its extra overrides), rewards split by
+    answer; returns each variant's run folder."""
+    runs = {}
+    for name, extra in variants.items():
+        out = tmp_path / name
+        result = torchrun(
+            settings(out, tiny_dir, task_file, algorithm=algorithm)
+            + ["data.reward=distributed_rewards:by_answer", *extra]
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = out / "t"
+    return runs
+
+
 def test_fsdp2_two_processes_end_with_the_weights_of_one(tmp_path, tiny_dir, task_file):
     args = settings(tmp_path / "one", tiny_dir, task_file, algorithm="sft")
     assert cli(["train", "--set", *args]) == 0
@@ -78,17 +95,17 @@ def test_fsdp2_two_processes_end_with_the_weights_of_one(tmp_path, tiny_dir, tas
 
 
 def test_fsdp2_matches_ddp_on_hpt_with_uneven_ranks(tmp_path, tiny_dir, task_file):
-    runs = {}
-    for strategy in ("ddp", "fsdp2"):
-        out = tmp_path / strategy
-        result = torchrun(
-            settings(out, tiny_dir, task_file, algorithm="hpt")
-            # the same passes on both (FSDP2 does not share prompts): only the sharding differs
-            + [f"distributed.strategy={strategy}", "data.reward=distributed_rewards:by_answer"]
-            + ["optim.share_prompts=false"]
-        )
-        assert result.returncode == 0, result.stderr[-3000:]
-        runs[strategy] = out / "t"
+    # the same passes on both (FSDP2 does not share prompts): only the sharding differs
+    runs = torchrun_variants(
+        tmp_path,
+        tiny_dir,
+        task_file,
+        "hpt",
+        {
+            strategy: [f"distributed.strategy={strategy}", "optim.share_prompts=false"]
+            for strategy in ("ddp", "fsdp2")
+        },
+    )
     ddp, fsdp = metrics(runs["ddp"]), metrics(runs["fsdp2"])
     # a step routed questions both ways: 1 row (a demonstration) or n rows (rollouts) each, so
     # the ranks held different numbers of rows and of micro-batches
@@ -166,15 +183,13 @@ def test_shutdown_leaves_a_process_group_it_did_not_create(tmp_path):
 def test_ddp_with_shared_prompts_ends_as_without(tmp_path, tiny_dir, task_file):
     """DDP over 2 ranks, a question's 4 rollouts split over passes of 3 rows: passes that run
     each distinct prompt once end with the weights of running every row whole."""
-    runs = {}
-    for share in ("true", "false"):
-        out = tmp_path / share
-        result = torchrun(
-            settings(out, tiny_dir, task_file, algorithm="grpo")
-            + [f"optim.share_prompts={share}", "data.reward=distributed_rewards:by_answer"]
-        )
-        assert result.returncode == 0, result.stderr[-3000:]
-        runs[share] = out / "t"
+    runs = torchrun_variants(
+        tmp_path,
+        tiny_dir,
+        task_file,
+        "grpo",
+        {share: [f"optim.share_prompts={share}"] for share in ("true", "false")},
+    )
     shared, whole = metrics(runs["true"]), metrics(runs["false"])
     assert [m["step"] for m in shared] == [1, 2]
     for a, b in zip(shared, whole):
