@@ -17,7 +17,7 @@ from torch import nn
 
 from hpt.estimator.likelihood import token_logprobs_and_entropy
 from hpt.rollout.decode import forward_signature
-from hpt.train import batch
+from hpt.train import batch, prompt_attention
 
 
 def autocast_dtype(
@@ -178,6 +178,8 @@ class Policy(nn.Module):
         state of a prompt's last token predicts response token 0; that of response token t - 1
         predicts token t.
         """
+        if width > 1 and not self.compile and prompt_attention.applies(self.model):
+            return self._one_call_shared_prompt_hidden(decoder, shared, width - 1)
         signature = forward_signature(decoder)
         cache_name = signature.cache_name if signature is not None else "past_key_values"
         out = decoder(
@@ -199,6 +201,24 @@ class Policy(nn.Module):
             use_cache=True,
             **{cache_name: cache},
         ).last_hidden_state
+        return torch.cat([last, rest], dim=1)
+
+    def _one_call_shared_prompt_hidden(
+        self, decoder: nn.Module, shared: batch.SharedPrompts, steps: int
+    ) -> torch.Tensor:
+        """:meth:`_shared_prompt_hidden` in one decoder call, the prompts and the responses as
+        one sequence (:mod:`hpt.train.prompt_attention`)."""
+        input_ids, position_ids, layout = prompt_attention.one_sequence(shared, steps)
+        with prompt_attention.swapped_attention(self.model):
+            hidden = decoder(
+                input_ids=input_ids,
+                position_ids=position_ids,
+                use_cache=False,
+                **{prompt_attention.LAYOUT_KEYWORD: layout},
+            ).last_hidden_state[0]
+        rows = shared.prompt_of_row
+        last = hidden[rows * layout.width + shared.prompt_lengths - 1][:, None]  # [N, 1, H]
+        rest = hidden[layout.groups * layout.width :].unflatten(0, (layout.rows, steps))
         return torch.cat([last, rest], dim=1)
 
     def _head(
