@@ -519,10 +519,10 @@ def test_autocast_with_gradient_checkpointing_recomputes_in_bf16(tiny):
         torch.testing.assert_close(grads[1][name], g, atol=1e-5, rtol=1e-3, msg=name)
 
 
-def test_prompts_are_shared_only_when_that_saves_enough_tokens(tiny):
+def test_prompts_are_shared_only_when_that_saves_enough_tokens(tiny, monkeypatch):
     """share_prompts as a threshold: below it the pass runs every row whole (same numbers)."""
     from hpt.train.batch import share_prompts
-    from hpt.train.step import AUTO_SHARE_MIN_SAVED
+    from hpt.train.step import AUTO_SHARE_MIN_SAVED, AUTO_SHARE_MIN_SAVED_ONE_CALL
 
     model, tokenizer = tiny
     rows = make_shared_rows(model.config.vocab_size, seed=3)
@@ -540,8 +540,14 @@ def test_prompts_are_shared_only_when_that_saves_enough_tokens(tiny):
     for threshold in (saved, saved + 1):
         shared = policy(*args, batch.labels, share_prompts=threshold)[0][mask]
         torch.testing.assert_close(shared, full, atol=1e-5, rtol=1e-5)
-    assert AUTO_SHARE_MIN_SAVED == shares_prompts(settings(share_prompts="auto"), policy, False)
+    auto = settings(share_prompts="auto")
     assert shares_prompts(settings(share_prompts=True), policy, False) == 1
+    # one decoder call a shared pass (the tiny Qwen2): auto shares wherever a prompt repeats
+    assert AUTO_SHARE_MIN_SAVED_ONE_CALL == shares_prompts(auto, policy, False) == 1
+    compiled = dataclasses.replace(auto, optim=dataclasses.replace(auto.optim, compile=True))
+    assert AUTO_SHARE_MIN_SAVED == shares_prompts(compiled, policy, False)  # two calls
+    monkeypatch.setattr(prompt_attention, "applies", lambda model: False)  # two calls
+    assert AUTO_SHARE_MIN_SAVED == shares_prompts(auto, policy, False) > 1
 
 
 def test_one_call_shared_prompts_apply_to_full_attention_llama_families():

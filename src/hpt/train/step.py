@@ -290,12 +290,18 @@ def packs(config: TrainConfig, policy: torch.nn.Module | None = None) -> bool:
     return implementation in VARLEN_ATTENTION
 
 
-# auto shares a pass's prompts when that saves at least this many prompt tokens: the prompt pass
-# is a second decoder call, which reads every weight and accumulates every weight gradient once
-# more. Measured on 2 CPU cores: a 360M-parameter model, passes of 2 questions x 2 rows (60
-# tokens saved): update 3.63 s shared against 2.53 s not; the tiny model, 8 rows of one
-# 27-token prompt (189 saved): 0.90-1.00 s shared against 1.02-1.13 s.
+# auto shares a pass's prompts when that saves at least this many prompt tokens, where the pass
+# runs as two decoder calls (the prompts' KV cache, then the responses): the second call reads
+# every weight and accumulates every weight gradient once more. Measured on 2 CPU cores: a
+# 360M-parameter model, passes of 2 questions x 2 rows (60 tokens saved): update 3.63 s shared
+# against 2.53 s not; the tiny model, 8 rows of one 27-token prompt (189 saved): 0.90-1.00 s
+# shared against 1.02-1.13 s.
 AUTO_SHARE_MIN_SAVED = 128
+# ... and wherever a prompt repeats where the pass is one decoder call (hpt.train.prompt_attention):
+# the same 360M-parameter passes of 2 x 2 rows (30-token prompts, 8 response tokens) forward and
+# backward in 1.0-1.4 s shared against 1.4-2.0 s not (two calls: 1.6-1.9 s); the tiny model's 8
+# rows of a 27-token prompt 57-58 ms against 64-70 ms (two calls) and 67-69 ms (not shared).
+AUTO_SHARE_MIN_SAVED_ONE_CALL = 1
 # ... on the CPU only. A GPU at these sizes waits on the host launching kernels, not on FLOPs, and
 # the second decoder call launches them all again: counted on the CPU (tiny model, bf16, 8 rows
 # a pass), a shared pass's model forward + backward issued 2350 ATen ops against 1030 unshared,
@@ -308,11 +314,14 @@ def shares_prompts(config: TrainConfig, policy: torch.nn.Module | None, packed: 
     """When padded passes run each distinct prompt once (``optim.share_prompts``): the prompt
     tokens a pass must save for it (0: never; 1: wherever a prompt repeats).
 
-    ``auto``: :data:`AUTO_SHARE_MIN_SAVED` for padded passes on the CPU
-    (:data:`AUTO_SHARE_DEVICES`) under DDP (or one process) without gradient checkpointing
-    (which turns the prompt's KV cache off); FSDP2 runs every layer's forward once a pass.
+    ``auto``: for padded passes on the CPU (:data:`AUTO_SHARE_DEVICES`) under DDP (or one
+    process) without gradient checkpointing (which turns the prompt's KV cache off); FSDP2 runs
+    every layer's forward once a pass. :data:`AUTO_SHARE_MIN_SAVED_ONE_CALL` where a shared pass
+    is one decoder call (:func:`hpt.train.prompt_attention.applies`, ``optim.compile`` off),
+    :data:`AUTO_SHARE_MIN_SAVED` where it is two.
     """
     from hpt.rollout.decode import forward_signature
+    from hpt.train import prompt_attention
 
     setting = config.optim.share_prompts
     if packed or setting is False:
@@ -328,7 +337,10 @@ def shares_prompts(config: TrainConfig, policy: torch.nn.Module | None, packed: 
         and config.distributed.strategy == "ddp"
         and forward_signature(model) is not None
     )
-    return AUTO_SHARE_MIN_SAVED if applies else 0
+    if not applies:
+        return 0
+    one_call = prompt_attention.applies(model) and not config.optim.compile
+    return AUTO_SHARE_MIN_SAVED_ONE_CALL if one_call else AUTO_SHARE_MIN_SAVED
 
 
 def plan_passes(
