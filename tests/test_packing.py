@@ -568,3 +568,32 @@ def test_one_call_shared_prompts_apply_to_full_attention_llama_families():
     assert not prompt_attention.applies(model_of(windowed))
     assert not prompt_attention.applies(model_of(GPT2Config()))
     assert not prompt_attention.applies(types.SimpleNamespace())  # no config at all
+
+
+def test_one_call_shared_prompts_through_lora_adapters(tiny):
+    """A PEFT-wrapped model takes the one-call path too (its base model's attention is swapped),
+    with the adapters on and, for the reference policy, off: the unshared pass's numbers."""
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = tiny
+    lora = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
+    peft_model = get_peft_model(copy.deepcopy(model), lora)
+    rows = make_shared_rows(model.config.vocab_size, seed=4)
+    batch = collate(rows, tokenizer.pad_token_id, KIND_ID)
+    args = (batch.input_ids, batch.attention_mask, batch.response_index, batch.labels)
+    mask = batch.response_mask
+    calls = []
+    peft_model.get_decoder().register_forward_pre_hook(lambda *_: calls.append(1))
+    adapted = []
+    for adapter_disabled in (False, True):
+        policy = Policy(peft_model, adapter_disabled=adapter_disabled)
+        with torch.no_grad():
+            full = policy(*args)[0]
+            before = len(calls)
+            shared = policy(*args, share_prompts=True)[0]
+        assert len(calls) == before + 1  # one decoder call
+        torch.testing.assert_close(shared[mask], full[mask], atol=1e-5, rtol=1e-5)
+        adapted.append(shared[mask])
+    assert not torch.allclose(adapted[0], adapted[1])  # the adapters changed something

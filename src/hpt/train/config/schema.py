@@ -252,11 +252,12 @@ class OptimConfig:
     )
     share_prompts: bool | Literal["auto"] = Field(
         "auto",
-        description="a padded pass runs each distinct prompt once and its rows' responses on its "
-        "KV cache (the rollouts and demonstration of a question share its prompt); auto: on "
-        "where it applies (padded passes on the CPU, DDP or one process, no gradient "
-        "checkpointing) and saves at least 128 prompt tokens a pass; off on GPUs, where the "
-        "second decoder call of a shared pass costs more kernel launches than its FLOPs save",
+        description="a padded pass runs each distinct prompt once and its rows' responses on "
+        "top of it (the rollouts and demonstration of a question share its prompt): one decoder "
+        "call for Llama/Qwen2/Qwen3/Mistral without sliding windows, two (a KV cache) elsewhere; "
+        "auto: on where it applies (padded passes on the CPU, DDP or one process, no gradient "
+        "checkpointing), wherever a prompt repeats in one call and where a pass saves at least "
+        "128 prompt tokens in two; off on GPUs (not yet measured there with one call)",
     )
     compile: bool = Field(
         False,
