@@ -216,10 +216,9 @@ class Policy(nn.Module):
                 use_cache=False,
                 **{prompt_attention.LAYOUT_KEYWORD: layout},
             ).last_hidden_state[0]
-        rows = shared.prompt_of_row
-        last = hidden[rows * layout.width + shared.prompt_lengths - 1][:, None]  # [N, 1, H]
-        rest = hidden[layout.groups * layout.width :].unflatten(0, (layout.rows, steps))
-        return torch.cat([last, rest], dim=1)
+        prompts, responses = hidden.split([layout.groups * layout.width, layout.rows * steps])
+        last = prompts[shared.prompt_of_row * layout.width + shared.prompt_lengths - 1]
+        return torch.cat([last[:, None], responses.unflatten(0, (layout.rows, steps))], dim=1)
 
     def _head(
         self, hidden: torch.Tensor, labels: torch.Tensor

@@ -118,23 +118,22 @@ def shared_prompt_attention(
     split = layout.groups * layout.width
     gqa = heads != kv_heads
 
-    def prompts(x: torch.Tensor) -> torch.Tensor:  # [1, h, G*W, d] -> [G, h, W, d]
-        return x[0, :, :split].unflatten(1, (layout.groups, layout.width)).transpose(0, 1)
+    def parts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[1, h, G*W + N*T, d] -> prompts [G, h, W, d], responses [N, h, T, d] (``split``,
+        whose backward is one ``cat``: slices would each zero-fill a full-size gradient)."""
+        prompt, response = x[0].split([split, x.shape[2] - split], dim=1)
+        prompt = prompt.unflatten(1, (layout.groups, layout.width)).transpose(0, 1)
+        return prompt, response.unflatten(1, (layout.rows, layout.steps)).transpose(0, 1)
 
-    def responses(x: torch.Tensor) -> torch.Tensor:  # [1, h, N*T, d] -> [N, h, T, d]
-        return x[0, :, split:].unflatten(1, (layout.rows, layout.steps)).transpose(0, 1)
-
-    p_query, p_key, p_value = prompts(query), prompts(key), prompts(value)
+    (p_query, r_query), (p_key, r_key), (p_value, r_value) = parts(query), parts(key), parts(value)
     p_out = F.scaled_dot_product_attention(
         p_query, p_key, p_value, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa
     )
     rows = layout.prompt_of_row
-    r_key = torch.cat([p_key[rows], responses(key)], dim=2)
-    r_value = torch.cat([p_value[rows], responses(value)], dim=2)
     r_out = F.scaled_dot_product_attention(
-        responses(query),
-        r_key,
-        r_value,
+        r_query,
+        torch.cat([p_key[rows], r_key], dim=2),
+        torch.cat([p_value[rows], r_value], dim=2),
         attn_mask=layout.response_mask,
         dropout_p=dropout,
         scale=scaling,
