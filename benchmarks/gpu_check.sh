@@ -67,17 +67,18 @@ EOF
 mkdir -p "$RESULTS"
 deadline=$((SECONDS + LIMIT))
 # The GPU-only tests first (the fused decode step replayed from real CUDA graphs against the eager
-# step). A failure is reported and the benchmark still runs: each capture is checked against its
+# step; a one-call shared-prompt pass against the unshared one). A failure is reported and the benchmark still runs: each capture is checked against its
 # eager run at run time (a bad one turns graphs off with a warning), and the last case decodes
 # eagerly anyway.
 tests=passed
-timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_rollout.py -k cuda || tests=FAILED
+timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_rollout.py tests/test_packing.py \
+    -k cuda || tests=FAILED
 echo "gpu_check: CUDA tests $tests"
 # One case at a time under one deadline, so that a case that fails or runs long still leaves the
 # others' numbers (and its own traceback) behind: the tiny model first (a minute: does each side
 # run on this device at all?), then Qwen2.5-0.5B's layers at the SmolLM2 CPU case's 4 x 4 x 128,
 # then at 16 questions x 8 rollouts x 256 tokens. 1 repeat, 1 warm-up step and 2 timed steps a side.
-# Last (GPU_CHECK_EAGER=0 skips it), the 4 x 4 x 128 case with hpt's fused step run eagerly (the
+# Then (GPU_CHECK_EAGER=0 skips it), the 4 x 4 x 128 case with hpt's fused step run eagerly (the
 # step before CUDA graphs).
 failed=0
 run_case() {  # run_case NAME EXTRA-ARGS...: one grpo_step.py run, within what is left of LIMIT
@@ -98,6 +99,13 @@ done
 if [[ ${GPU_CHECK_EAGER:-1} == 1 ]]; then
     run_case "eager decode qwen0.5b-shape-4x4x128" --no-cuda-graphs \
         --cases qwen0.5b-shape-4x4x128 --output "$RESULTS/grpo_step_gpu_eager.json"
+fi
+# Then (GPU_CHECK_SHARED=0 skips it) the 16 x 8 x 256 case with hpt's prompts shared
+# (optim.share_prompts=true; auto leaves them unshared on a GPU): one decoder call a pass, fewer
+# FLOPs, about 40% more operations, which decides whether auto should share on GPUs too.
+if [[ ${GPU_CHECK_SHARED:-1} == 1 ]]; then
+    run_case "shared prompts qwen0.5b-shape-16x8x256" --share-prompts true \
+        --cases qwen0.5b-shape-16x8x256 --output "$RESULTS/grpo_step_gpu_shared.json"
 fi
 echo "gpu_check: CUDA tests $tests"
 [[ $tests == passed ]] || failed=1

@@ -71,7 +71,7 @@ class Settings:
     fused: bool = True  # hpt: rollout.fused (the fused Llama-layout decode step)
     cuda_graphs: bool = False  # hpt: rollout.cuda_graphs (the fused step replayed from CUDA
     # graphs; main() turns it on where CUDA is available: on a CPU it only prints hpt's warning)
-    share_prompts: bool = True  # hpt: optim.share_prompts (each distinct prompt once a pass)
+    share_prompts: str = "auto"  # hpt: optim.share_prompts (each distinct prompt once a pass)
     rollout_dtype: str = "auto"  # hpt: rollout.dtype (bfloat16: sample from a bf16 weight copy)
     compile_update: bool = False  # hpt: optim.compile (compiled decoder layers in training passes)
     bf16: bool = False  # both in bf16: TRL bf16=True; hpt optim.autocast + rollout.dtype bfloat16
@@ -316,7 +316,7 @@ def hpt_overrides(
         f"rollout.cuda_graphs={str(settings.cuda_graphs).lower()}",
         f"rollout.dtype={'bfloat16' if settings.bf16 else settings.rollout_dtype}",
         f"optim.autocast={'bfloat16' if settings.bf16 else 'false'}",
-        f"optim.share_prompts={'auto' if settings.share_prompts else 'false'}",
+        f"optim.share_prompts={settings.share_prompts}",
         f"optim.compile={str(settings.compile_update).lower()}",
         f"algo.clip_low={settings.clip}",
         f"algo.clip_high={settings.clip}",
@@ -705,6 +705,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--no-share-prompts", action="store_true", help="hpt: run every row's prompt in training"
     )
     parser.add_argument(
+        "--share-prompts",
+        choices=("auto", "true", "false"),
+        default="auto",
+        help="hpt: optim.share_prompts (auto: on the CPU only; true: also on a GPU)",
+    )
+    parser.add_argument(
         "--thp",
         action="store_true",
         help="both sides with THP_MEM_ALLOC_ENABLE=1 (PyTorch backs CPU tensors of 2 MB and more "
@@ -782,7 +788,7 @@ def main(argv: list[str] | None = None) -> int:
             generate_path=args.generate_path,
             fused=not args.no_fused,
             cuda_graphs=torch.cuda.is_available() and not args.no_cuda_graphs,
-            share_prompts=not args.no_share_prompts,
+            share_prompts="false" if args.no_share_prompts else args.share_prompts,
             rollout_dtype=args.rollout_dtype,
             compile_update=args.compile_update,
             bf16=args.bf16,

@@ -597,3 +597,28 @@ def test_one_call_shared_prompts_through_lora_adapters(tiny):
         torch.testing.assert_close(shared[mask], full[mask], atol=1e-5, rtol=1e-5)
         adapted.append(shared[mask])
     assert not torch.allclose(adapted[0], adapted[1])  # the adapters changed something
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_one_call_shared_prompts_on_cuda(tiny):
+    """On a GPU (benchmarks/gpu_check.sh): the one-call shared pass gives the unshared pass's
+    log-probs and gradients (float32; SDPA with a boolean mask and grouped-query heads)."""
+    model, tokenizer = tiny
+    model = copy.deepcopy(model).cuda()
+    rows = make_shared_rows(model.config.vocab_size, seed=5)
+    batch = collate(rows, tokenizer.pad_token_id, KIND_ID)
+    args = [t.cuda() for t in (batch.input_ids, batch.attention_mask, batch.response_index)]
+    labels, mask = batch.labels.cuda(), batch.response_mask.cuda()
+    policy = Policy(model)
+    results = []
+    for share in (False, True):
+        model.zero_grad(set_to_none=True)
+        logprobs = policy(*args, labels, share_prompts=share)[0]
+        (logprobs * mask).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((logprobs[mask].detach(), grads))
+    (full, full_grads), (shared, shared_grads) = results
+    torch.testing.assert_close(shared, full, atol=1e-4, rtol=1e-4)
+    assert shared_grads.keys() == full_grads.keys()
+    for name, g in full_grads.items():
+        torch.testing.assert_close(shared_grads[name], g, atol=1e-4, rtol=1e-3, msg=name)
