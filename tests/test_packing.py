@@ -431,20 +431,26 @@ def test_auto_shares_prompts_on_the_cpu_only(tiny):
 
 @pytest.mark.slow
 def test_compiled_layers_give_the_eager_gradients(tiny):
-    """optim.compile: the training passes' compiled layers compute what the eager ones do, and
-    the engine's forward outside them stays eager."""
+    """optim.compile: the training passes' compiled layers (shared prompts in one decoder call
+    through them) compute what the eager unshared ones do, and the engine's forward outside them
+    stays eager."""
     model, tokenizer = tiny
     algorithm = get_algorithm("grpo")
     rows = make_shared_rows(model.config.vocab_size, seed=3)
     pad = tokenizer.pad_token_id
-    loss_ref, grads_ref, _ = gradients_after_update(model, rows, pad, settings(), algorithm)
+    unshared, shared = settings(share_prompts=False), settings(share_prompts=True)
+    loss_ref, grads_ref, _ = gradients_after_update(model, rows, pad, unshared, algorithm)
     compiled = copy.deepcopy(model)
     policy = Policy(compiled, compile=True)
     batch = collate(rows, pad, KIND_ID)
-    prepare(batch, policy, None, algorithm, settings(), False)
+    prepare(batch, policy, None, algorithm, shared, False)
+    calls = []
+    compiled.get_decoder().register_forward_pre_hook(lambda *_: calls.append(1))
     metrics = update(
-        batch, policy, torch.optim.SGD(policy.parameters(), lr=0.0), algorithm, settings(), False
+        batch, policy, torch.optim.SGD(policy.parameters(), lr=0.0), algorithm, shared, False
     )
+    # one mini-batch a question, one pass each, one decoder call a pass (two if shared in two)
+    assert len(calls) == len({row.group for row in rows})
     assert abs(metrics["loss"] - loss_ref) <= 1e-5 * max(1.0, abs(loss_ref))
     for name, p in policy.named_parameters():
         if name in grads_ref:
@@ -545,7 +551,7 @@ def test_prompts_are_shared_only_when_that_saves_enough_tokens(tiny, monkeypatch
     # one decoder call a shared pass (the tiny Qwen2): auto shares wherever a prompt repeats
     assert AUTO_SHARE_MIN_SAVED_ONE_CALL == shares_prompts(auto, policy, False) == 1
     compiled = dataclasses.replace(auto, optim=dataclasses.replace(auto.optim, compile=True))
-    assert AUTO_SHARE_MIN_SAVED == shares_prompts(compiled, policy, False)  # two calls
+    assert shares_prompts(compiled, policy, False) == 1  # compiled layers take one call too
     monkeypatch.setattr(prompt_attention, "applies", lambda model: False)  # two calls
     assert AUTO_SHARE_MIN_SAVED == shares_prompts(auto, policy, False) > 1
 

@@ -178,7 +178,7 @@ class Policy(nn.Module):
         state of a prompt's last token predicts response token 0; that of response token t - 1
         predicts token t.
         """
-        if width > 1 and not self.compile and prompt_attention.applies(self.model):
+        if width > 1 and prompt_attention.applies(self.model):
             return self._one_call_shared_prompt_hidden(decoder, shared, width - 1)
         signature = forward_signature(decoder)
         cache_name = signature.cache_name if signature is not None else "past_key_values"

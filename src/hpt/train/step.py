@@ -317,7 +317,7 @@ def shares_prompts(config: TrainConfig, policy: torch.nn.Module | None, packed: 
     ``auto``: for padded passes on the CPU (:data:`AUTO_SHARE_DEVICES`) under DDP (or one
     process) without gradient checkpointing (which turns the prompt's KV cache off); FSDP2 runs
     every layer's forward once a pass. :data:`AUTO_SHARE_MIN_SAVED_ONE_CALL` where a shared pass
-    is one decoder call (:func:`hpt.train.prompt_attention.applies`, ``optim.compile`` off),
+    is one decoder call (:func:`hpt.train.prompt_attention.applies`),
     :data:`AUTO_SHARE_MIN_SAVED` where it is two.
     """
     from hpt.rollout.decode import forward_signature
@@ -339,7 +339,7 @@ def shares_prompts(config: TrainConfig, policy: torch.nn.Module | None, packed: 
     )
     if not applies:
         return 0
-    one_call = prompt_attention.applies(model) and not config.optim.compile
+    one_call = prompt_attention.applies(model)
     return AUTO_SHARE_MIN_SAVED_ONE_CALL if one_call else AUTO_SHARE_MIN_SAVED
 
 
