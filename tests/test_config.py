@@ -454,6 +454,15 @@ def test_shared_prompts_are_refused_under_fsdp2():
     load_config(None, ["optim.share_prompts=auto", "distributed.strategy=fsdp2"])  # auto: off
 
 
+def test_shared_prompts_are_refused_with_gradient_checkpointing():
+    """Checkpointed layers recompute in backward without the shared pass's KV cache (two calls)
+    or its swapped attention (one call): both failed with a traceback; now one line."""
+    message = error_of(None, ["optim.share_prompts=true", "model.gradient_checkpointing=true"])
+    assert "optim.share_prompts=true (--set optim.share_prompts=true)" in message
+    assert "gradient checkpointing" in message
+    load_config(None, ["optim.share_prompts=auto", "model.gradient_checkpointing=true"])
+
+
 def test_autocast_is_refused_under_fsdp2():
     message = error_of(None, ["optim.autocast=bfloat16", "distributed.strategy=fsdp2"])
     assert "optim.autocast=bfloat16 (--set optim.autocast=bfloat16)" in message

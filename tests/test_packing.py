@@ -628,3 +628,30 @@ def test_one_call_shared_prompts_on_cuda(tiny):
     assert shared_grads.keys() == full_grads.keys()
     for name, g in full_grads.items():
         torch.testing.assert_close(shared_grads[name], g, atol=1e-4, rtol=1e-3, msg=name)
+
+
+def test_gradient_checkpointing_runs_rows_whole(tiny):
+    """Checkpointed layers recompute in backward without the shared pass's prompt cache or
+    swapped attention: a pass asked to share runs every row whole instead (it raised before)."""
+    model, tokenizer = tiny
+    model = copy.deepcopy(model).train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    rows = make_shared_rows(model.config.vocab_size, seed=6)
+    batch = collate(rows, tokenizer.pad_token_id, KIND_ID)
+    args = (batch.input_ids, batch.attention_mask, batch.response_index, batch.labels)
+    policy, mask = Policy(model), batch.response_mask
+    inputs = []
+    model.get_decoder().register_forward_pre_hook(
+        lambda _, args, kwargs: inputs.append(kwargs["input_ids"]), with_kwargs=True
+    )
+    grads = []
+    for share in (False, True):
+        model.zero_grad(set_to_none=True)
+        (policy(*args, share_prompts=share)[0] * mask).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert [x.shape for x in inputs] == [batch.input_ids.shape] * 2  # every row whole, twice
+    for shared, whole in zip(*grads):
+        torch.testing.assert_close(shared, whole)
+    with torch.no_grad():  # no backward, nothing recomputed: shared in one call
+        policy(*args, share_prompts=True)
+    assert inputs[-1].shape[0] == 1

@@ -112,7 +112,7 @@ class Policy(nn.Module):
         decoder = self.model.get_decoder()
         shared = (
             batch.share_prompts(input_ids, attention_mask, response_index, int(share_prompts))
-            if share_prompts and position_ids is None
+            if share_prompts and position_ids is None and not self._recomputes(decoder)
             else None
         )
         if shared is not None:
@@ -132,6 +132,15 @@ class Policy(nn.Module):
         else:
             hidden = hidden[0][response_index]  # [N, T, H] from the one packed sequence
         return self._head(hidden, labels)
+
+    @staticmethod
+    def _recomputes(decoder: nn.Module) -> bool:
+        """Whether backward recomputes the layers (gradient checkpointing in training): then a
+        pass runs every row whole, since the recomputation has neither the shared pass's prompt
+        cache nor its swapped attention."""
+        return torch.is_grad_enabled() and bool(
+            decoder.training and getattr(decoder, "gradient_checkpointing", False)
+        )
 
     def _precision(self, device: torch.device) -> Any:
         """``torch.autocast`` to ``autocast`` for the whole pass; a no-op without one."""

@@ -194,8 +194,15 @@ def _check_combinations(config: TrainConfig, prefix: str, source: _Source) -> No
     key = f"{prefix}optim.share_prompts"
     if config.optim.share_prompts is True and config.distributed.strategy == "fsdp2":
         raise ConfigError(
-            f"{key}=true{source.where(key)}: shared prompts run each decoder layer twice a pass, "
-            "which FSDP2 does not support; use auto (off under fsdp2) or false"
+            f"{key}=true{source.where(key)}: shared prompts run each decoder layer twice a pass "
+            "for models outside the one-call families, which FSDP2 does not support; use auto "
+            "(off under fsdp2) or false"
+        )
+    if config.optim.share_prompts is True and config.model.gradient_checkpointing:
+        raise ConfigError(
+            f"{key}=true{source.where(key)}: gradient checkpointing recomputes each layer in "
+            "backward without the shared pass's prompt cache or attention layout; use auto (off "
+            "with model.gradient_checkpointing) or false"
         )
     key = f"{prefix}optim.autocast"
     if config.optim.autocast in (True, "bfloat16") and config.distributed.strategy == "fsdp2":
