@@ -655,3 +655,42 @@ def test_gradient_checkpointing_runs_rows_whole(tiny):
     with torch.no_grad():  # no backward, nothing recomputed: shared in one call
         policy(*args, share_prompts=True)
     assert inputs[-1].shape[0] == 1
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])
+def test_one_call_shared_prompts_for_each_family(family):
+    """Each family the one-call path applies to (a small random model of its own architecture,
+    grouped-query heads): one decoder call, and the unshared pass's log-probs and gradients."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    small = dict(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+    )
+    extra = {"mistral": {"sliding_window": None}}.get(family, {})
+    config = AutoConfig.for_model(family, **small, **extra)
+    model = AutoModelForCausalLM.from_config(config).float().train()
+    assert prompt_attention.applies(model)
+    rows = make_shared_rows(97, seed=7)
+    batch = collate(rows, 0, KIND_ID)
+    args = (batch.input_ids, batch.attention_mask, batch.response_index, batch.labels)
+    policy, mask = Policy(model), batch.response_mask
+    calls = []
+    model.get_decoder().register_forward_pre_hook(lambda *_: calls.append(1))
+    results = []
+    for share in (False, True):
+        model.zero_grad(set_to_none=True)
+        logprobs = policy(*args, share_prompts=share)[0]
+        (logprobs * mask).sum().backward()
+        results.append((logprobs[mask].detach(), [p.grad.clone() for p in model.parameters()]))
+    assert len(calls) == 2  # the unshared pass, then the shared one: one call each
+    (whole, whole_grads), (shared, shared_grads) = results
+    torch.testing.assert_close(shared, whole, atol=1e-5, rtol=1e-5)
+    for s, w in zip(shared_grads, whole_grads):
+        torch.testing.assert_close(s, w, atol=1e-5, rtol=1e-4)
