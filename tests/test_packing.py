@@ -558,13 +558,28 @@ def test_prompts_are_shared_only_when_that_saves_enough_tokens(tiny, monkeypatch
 
 def test_one_call_shared_prompts_apply_to_full_attention_llama_families():
     """One decoder call for a shared pass where every layer's attention is full causal attention
-    through transformers' attention interface; two calls for windows and other architectures."""
-    from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    through transformers' attention interface, reading the model's config; two calls for
+    windows, other architectures, and attention layers with a config of their own."""
+    from transformers import (
+        AutoModelForCausalLM,
+        GPT2Config,
+        LlamaConfig,
+        MistralConfig,
+        Qwen2Config,
+        Qwen3Config,
+    )
 
     def model_of(config):
-        return types.SimpleNamespace(config=config)
+        return AutoModelForCausalLM.from_config(config)
 
-    small = {"hidden_size": 16, "num_attention_heads": 2, "num_hidden_layers": 2}
+    small = {
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "num_hidden_layers": 2,
+        "vocab_size": 64,
+    }
     assert prompt_attention.applies(model_of(LlamaConfig(**small)))
     assert prompt_attention.applies(model_of(Qwen2Config(**small)))
     assert prompt_attention.applies(model_of(Qwen3Config(**small)))
@@ -572,8 +587,12 @@ def test_one_call_shared_prompts_apply_to_full_attention_llama_families():
     assert not prompt_attention.applies(model_of(MistralConfig(sliding_window=8, **small)))
     windowed = Qwen2Config(use_sliding_window=True, sliding_window=8, max_window_layers=1, **small)
     assert not prompt_attention.applies(model_of(windowed))
-    assert not prompt_attention.applies(model_of(GPT2Config()))
+    gpt2 = GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=64)
+    assert not prompt_attention.applies(model_of(gpt2))
     assert not prompt_attention.applies(types.SimpleNamespace())  # no config at all
+    own = model_of(LlamaConfig(**small))
+    own.model.layers[1].self_attn.config = copy.deepcopy(own.config)  # would not see the swap
+    assert not prompt_attention.applies(own)
 
 
 def test_one_call_shared_prompts_through_lora_adapters(tiny):

@@ -181,7 +181,9 @@ class Policy(nn.Module):
     ) -> torch.Tensor:
         """[N, width, H] hidden states predicting each response token, each prompt run once.
 
-        The distinct prompts go through the decoder with a cache; its keys and values are copied
+        One decoder call where :func:`hpt.train.prompt_attention.applies` (the prompts and the
+        responses as one sequence). Elsewhere two: the distinct prompts go through the decoder
+        with a cache; its keys and values are copied
         to every row of the prompt (an ``index_select``, so gradients flow back to the one
         prompt pass), and the responses run on top of them with their own positions. The hidden
         state of a prompt's last token predicts response token 0; that of response token t - 1

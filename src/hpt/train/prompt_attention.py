@@ -57,7 +57,8 @@ class Layout:
 
 def applies(model: Any) -> bool:
     """Whether ``model``'s attention layers all go through transformers' attention interface
-    with full (not windowed) causal attention (:data:`MODEL_TYPES`)."""
+    with full (not windowed) causal attention (:data:`MODEL_TYPES`), each reading the model's
+    own config (the one :func:`swapped_attention` changes)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(base, "config", None)
     if config is None or getattr(config, "model_type", None) not in MODEL_TYPES:
@@ -67,7 +68,15 @@ def applies(model: Any) -> bool:
     windowed = getattr(config, "use_sliding_window", None)
     if windowed or (windowed is None and getattr(config, "sliding_window", None)):
         return False
-    return all(kind == "full_attention" for kind in getattr(config, "layer_types", None) or ())
+    if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or ()):
+        return False
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    layers = getattr(decoder, "layers", None)
+    # an attention layer with a config of its own would not see the swap, and would attend
+    # across the rows of the one sequence
+    return bool(layers) and all(
+        getattr(getattr(layer, "self_attn", None), "config", None) is config for layer in layers
+    )
 
 
 def one_sequence(shared: SharedPrompts, steps: int) -> tuple[torch.Tensor, torch.Tensor, Layout]:
