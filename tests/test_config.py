@@ -447,11 +447,21 @@ def test_rollout_dtype_needs_the_fused_hf_step(tmp_path):
     assert load_config(None, ["rollout.dtype=bfloat16"]).rollout.dtype == "bfloat16"
 
 
-def test_shared_prompts_are_refused_under_fsdp2():
-    message = error_of(None, ["optim.share_prompts=true", "distributed.strategy=fsdp2"])
-    assert "optim.share_prompts=true (--set optim.share_prompts=true)" in message
-    assert "FSDP2" in message
-    load_config(None, ["optim.share_prompts=auto", "distributed.strategy=fsdp2"])  # auto: off
+def test_shared_prompts_under_fsdp2_need_the_one_call_pass(tiny):
+    """FSDP2 runs each layer's forward once a pass: shared prompts there need the one-call pass,
+    which the model decides (checked once it is loaded, before anything is trained)."""
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    from hpt.train.step import check_shared_prompts
+
+    config = load_config(None, ["optim.share_prompts=true", "distributed.strategy=fsdp2"])
+    check_shared_prompts(config, tiny[0])  # a Qwen2: one call, accepted
+    gpt2 = AutoModelForCausalLM.from_config(GPT2Config(n_embd=16, n_layer=1, n_head=2))
+    with pytest.raises(ConfigError, match="optim.share_prompts=true: under fsdp2") as error:
+        check_shared_prompts(config, gpt2)
+    assert "gpt2 models" in str(error.value) and "\n" not in str(error.value)
+    check_shared_prompts(load_config(None, ["distributed.strategy=fsdp2"]), gpt2)  # auto
+    check_shared_prompts(load_config(None, ["optim.share_prompts=true"]), gpt2)  # ddp: two calls
 
 
 def test_shared_prompts_are_refused_with_gradient_checkpointing():

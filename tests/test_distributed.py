@@ -95,25 +95,28 @@ def test_fsdp2_two_processes_end_with_the_weights_of_one(tmp_path, tiny_dir, tas
 
 
 def test_fsdp2_matches_ddp_on_hpt_with_uneven_ranks(tmp_path, tiny_dir, task_file):
-    # the same passes on both (FSDP2 does not share prompts): only the sharding differs
+    # the same passes on ddp and fsdp2 (prompts unshared): only the sharding differs; and fsdp2
+    # with shared prompts (one decoder call a pass, so each layer's forward runs once)
+    strategies = {"ddp": "false", "fsdp2": "false", "fsdp2-shared": "true"}
     runs = torchrun_variants(
         tmp_path,
         tiny_dir,
         task_file,
         "hpt",
         {
-            strategy: [f"distributed.strategy={strategy}", "optim.share_prompts=false"]
-            for strategy in ("ddp", "fsdp2")
+            name: [f"distributed.strategy={name.split('-')[0]}", f"optim.share_prompts={share}"]
+            for name, share in strategies.items()
         },
     )
-    ddp, fsdp = metrics(runs["ddp"]), metrics(runs["fsdp2"])
+    ddp = metrics(runs["ddp"])
     # a step routed questions both ways: 1 row (a demonstration) or n rows (rollouts) each, so
     # the ranks held different numbers of rows and of micro-batches
     assert any(0 < m["route_sft"] < 1 for m in ddp)
-    for a, b in zip(ddp, fsdp):
-        assert b["route_sft"] == a["route_sft"]
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6)
-    assert_same_weights(weights(runs["ddp"]), weights(runs["fsdp2"]), 1e-4)
+    for name in ("fsdp2", "fsdp2-shared"):
+        for a, b in zip(ddp, metrics(runs[name])):
+            assert b["route_sft"] == a["route_sft"]
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6)
+        assert_same_weights(weights(runs["ddp"]), weights(runs[name]), 1e-4)
 
 
 def test_fsdp2_resume_is_bit_exact(tmp_path, tiny_dir, task_file, capsys):

@@ -399,7 +399,9 @@ def test_shared_prompt_update_gradients_equal_the_padded_path(
     assert_same_update(loss, grads, loss_ref, grads_ref)
 
 
-def test_auto_shares_prompts_only_where_it_applies(tiny):
+def test_auto_shares_prompts_only_where_it_applies(tiny, monkeypatch):
+    from hpt.train.step import AUTO_SHARE_MIN_SAVED
+
     model, _ = tiny
     policy = Policy(model)
     auto = settings(share_prompts="auto")
@@ -414,7 +416,11 @@ def test_auto_shares_prompts_only_where_it_applies(tiny):
     fsdp = dataclasses.replace(
         auto, distributed=dataclasses.replace(auto.distributed, strategy="fsdp2")
     )
+    # FSDP2 runs each layer's forward once a pass: shared in one call, never in two
+    assert shares_prompts(fsdp, policy, packed=False) == 1
+    monkeypatch.setattr(prompt_attention, "applies", lambda model: False)
     assert not shares_prompts(fsdp, policy, packed=False)
+    assert shares_prompts(auto, policy, packed=False) == AUTO_SHARE_MIN_SAVED  # ddp: two calls
 
 
 def test_auto_shares_prompts_on_the_cpu_only(tiny):

@@ -37,6 +37,7 @@ from hpt.train.setup import (
     rounded_away_fraction,
 )
 from hpt.train.step import (
+    check_shared_prompts,
     collect_rows,
     old_logprobs_from_engine,
     prepare,
@@ -82,6 +83,8 @@ def _train(config: TrainConfig, callbacks: list[Callback]) -> dict[str, Any]:
         heldout = HeldOut(stages[0])
         model, tokenizer = load_model_and_tokenizer(config.model, tokenizer)
         model = apply_lora(model, config.lora)  # r = 0: the model itself
+        for stage in stages:
+            check_shared_prompts(stage, model)  # before anything is evaluated or trained
 
         before = run.eval_before()
         if before is None:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from hpt.algorithms import Algorithm, outcome_advantages
+from hpt.errors import ConfigError
 from hpt.estimator.advantage import ADVANTAGES, gae
 from hpt.estimator.unified import KIND_ID, batch_counts, unified_loss
 from hpt.gate import assignments
@@ -314,11 +315,12 @@ def shares_prompts(config: TrainConfig, policy: torch.nn.Module | None, packed: 
     """When padded passes run each distinct prompt once (``optim.share_prompts``): the prompt
     tokens a pass must save for it (0: never; 1: wherever a prompt repeats).
 
-    ``auto``: for padded passes on the CPU (:data:`AUTO_SHARE_DEVICES`) under DDP (or one
-    process) without gradient checkpointing (which turns the prompt's KV cache off); FSDP2 runs
-    every layer's forward once a pass. :data:`AUTO_SHARE_MIN_SAVED_ONE_CALL` where a shared pass
-    is one decoder call (:func:`hpt.train.prompt_attention.applies`),
-    :data:`AUTO_SHARE_MIN_SAVED` where it is two.
+    ``auto``: for padded passes on the CPU (:data:`AUTO_SHARE_DEVICES`) without gradient
+    checkpointing (whose recomputation has neither the prompt's KV cache nor the swapped
+    attention), under DDP (or one process), or under FSDP2 where a shared pass is one decoder
+    call (FSDP2 runs every layer's forward once a pass; two calls would run it twice).
+    :data:`AUTO_SHARE_MIN_SAVED_ONE_CALL` where a shared pass is one decoder call
+    (:func:`hpt.train.prompt_attention.applies`), :data:`AUTO_SHARE_MIN_SAVED` where it is two.
     """
     from hpt.rollout.decode import forward_signature
     from hpt.train import prompt_attention
@@ -334,13 +336,30 @@ def shares_prompts(config: TrainConfig, policy: torch.nn.Module | None, packed: 
         model is not None
         and next(module.parameters()).device.type in AUTO_SHARE_DEVICES
         and not config.model.gradient_checkpointing
-        and config.distributed.strategy == "ddp"
         and forward_signature(model) is not None
     )
-    if not applies:
+    one_call = applies and prompt_attention.applies(model)
+    if not applies or (config.distributed.strategy == "fsdp2" and not one_call):
         return 0
-    one_call = prompt_attention.applies(model)
     return AUTO_SHARE_MIN_SAVED_ONE_CALL if one_call else AUTO_SHARE_MIN_SAVED
+
+
+def check_shared_prompts(config: TrainConfig, model: Any) -> None:
+    """``optim.share_prompts: true`` under FSDP2 needs the one-call shared pass (FSDP2 runs each
+    layer's forward once a pass): one line naming the key otherwise (checked once the model is
+    loaded, before anything is trained)."""
+    from hpt.train import prompt_attention
+
+    strategy = config.distributed.strategy
+    if config.optim.share_prompts is True and strategy == "fsdp2":
+        if not prompt_attention.applies(model):
+            kind = getattr(getattr(model, "config", None), "model_type", "this model")
+            raise ConfigError(
+                f"optim.share_prompts=true: under fsdp2 shared prompts need one decoder call a "
+                f"pass, which {kind} models do not support (families: "
+                f"{', '.join(prompt_attention.MODEL_TYPES)}, without sliding windows); use auto "
+                "or false"
+            )
 
 
 def plan_passes(

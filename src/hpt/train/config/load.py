@@ -192,12 +192,8 @@ def _fill_derived(config: TrainConfig) -> TrainConfig:
 def _check_combinations(config: TrainConfig, prefix: str, source: _Source) -> None:
     """Keys that contradict each other (checked here, before any model is loaded)."""
     key = f"{prefix}optim.share_prompts"
-    if config.optim.share_prompts is True and config.distributed.strategy == "fsdp2":
-        raise ConfigError(
-            f"{key}=true{source.where(key)}: shared prompts run each decoder layer twice a pass "
-            "for models outside the one-call families, which FSDP2 does not support; use auto "
-            "(off under fsdp2) or false"
-        )
+    # under fsdp2, true needs the one-call shared pass: hpt.train.step.check_shared_prompts,
+    # once the model is loaded
     if config.optim.share_prompts is True and config.model.gradient_checkpointing:
         raise ConfigError(
             f"{key}=true{source.where(key)}: gradient checkpointing recomputes each layer in "

@@ -255,9 +255,9 @@ class OptimConfig:
         description="a padded pass runs each distinct prompt once and its rows' responses on "
         "top of it (the rollouts and demonstration of a question share its prompt): one decoder "
         "call for Llama/Qwen2/Qwen3/Mistral without sliding windows, two (a KV cache) elsewhere; "
-        "auto: on where it applies (padded passes on the CPU, DDP or one process, no gradient "
-        "checkpointing), wherever a prompt repeats in one call and where a pass saves at least "
-        "128 prompt tokens in two; off on GPUs (not yet measured there with one call)",
+        "auto: on where it applies (padded passes on the CPU, no gradient checkpointing; under "
+        "FSDP2 in one call only), wherever a prompt repeats in one call and where a pass saves "
+        "at least 128 prompt tokens in two; off on GPUs (not yet measured there with one call)",
     )
     compile: bool = Field(
         False,
