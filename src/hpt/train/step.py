@@ -307,7 +307,9 @@ AUTO_SHARE_MIN_SAVED_ONE_CALL = 1
 # the second decoder call launches them all again: counted on the CPU (tiny model, bf16, 8 rows
 # a pass), a shared pass's model forward + backward issued 2350 ATen ops against 1030 unshared,
 # and the update of 16 x 8 x 64 tokens 37.6k ops shared against 21.8k (TRL's: 23.4k); on an
-# H200, hpt's update with prompts shared took about twice TRL's.
+# H200, hpt's update with prompts shared took about twice TRL's. In one call (float32) a pass
+# issues 1380 ATen ops against 986 unshared, views included; not yet measured on a GPU
+# (benchmarks/gpu_check.sh runs a case with optim.share_prompts=true for it).
 AUTO_SHARE_DEVICES = ("cpu",)
 
 
