@@ -206,6 +206,31 @@ def test_token_micro_batches_respect_the_budget():
     ]
 
 
+def test_token_micro_batches_count_a_shared_prompt_once():
+    """Passes that run each distinct prompt once cost its prompt once (at a multiple of 16
+    tokens) plus rows x the longest response: a question's rows fit where whole rows would not."""
+    # two questions of four rows: 20-token prompts, 10-token responses (30 a row)
+    lengths, keys, prompt_lengths = torch.full((8,), 30), torch.arange(8) // 4, torch.full((8,), 20)
+    whole = token_micro_batches(lengths, 150, False)
+    assert [len(p) for p in whole] == [5, 3]  # 5 x 30 = 150
+    shared = token_micro_batches(lengths, 150, False, (keys, prompt_lengths))
+    assert [p.tolist() for p in shared] == [list(range(8))]  # 2 x 32 + 8 x 10 = 144
+    by_question = token_micro_batches(lengths, 100, False, (keys, prompt_lengths))
+    assert [p.tolist() for p in by_question] == [[0, 1, 2, 3], [4, 5, 6, 7]]  # 72 each, 114 both
+    # ragged rows: every pass within budget at its real cost (or a row alone)
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randint(0, 5, (40,), generator=g)
+    prompt_lengths = keys * 7 + 5  # a question's rows share its prompt length
+    lengths = prompt_lengths + torch.randint(1, 40, (40,), generator=g)
+    passes = token_micro_batches(lengths, 200, False, (keys, prompt_lengths))
+    assert torch.cat(passes).sort().values.tolist() == list(range(40))
+    for rows in passes:
+        width = -(-int(prompt_lengths[rows].max()) // 16) * 16
+        responses = lengths[rows] - prompt_lengths[rows]
+        cost = len(set(keys[rows].tolist())) * width + len(rows) * int(responses.max())
+        assert cost <= 200 or len(rows) == 1
+
+
 def test_old_logprobs_from_the_engine_equal_a_recomputed_pass(tiny):
     """Several updates a step: pi_old of rollout tokens is the hf engine's sampling log-probs
     (no forward pass), and equals what the trainer's own pass would compute."""

@@ -168,29 +168,50 @@ def micro_batches(n: int, size: int) -> list[slice]:
     return [slice(start, min(start + size, n)) for start in range(0, n, size)]
 
 
-def token_micro_batches(lengths: torch.Tensor, max_tokens: int, packed: bool) -> list[torch.Tensor]:
+def token_micro_batches(
+    lengths: torch.Tensor,
+    max_tokens: int,
+    packed: bool,
+    prompts: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> list[torch.Tensor]:
     """Rows grouped into passes of at most ``max_tokens`` tokens (verl's dynamic batch size).
 
-    First-fit decreasing: rows, longest first, go into the first pass with room. A pass costs the
-    rows' total length when ``packed``, else rows x its longest row (the padded width). A row
-    longer than ``max_tokens`` gets a pass of its own. Returns each pass's row indices, ascending.
-    The loss is normalised over the whole mini-batch, so how rows are grouped does not change it.
+    First-fit decreasing: rows, longest first (with ``prompts``: question by question, the
+    largest first), go into the first pass with room. A pass costs the
+    rows' total length when ``packed``; else rows x its longest row (the padded width), or, with
+    ``prompts`` = (each row's prompt key [N], its prompt length [N]) for passes that run each
+    distinct prompt once (:func:`share_prompts` wherever a prompt repeats), its distinct prompts
+    at the widest one's width (a multiple of :data:`PROMPT_WIDTH_MULTIPLE`) plus rows x its
+    longest response. A row longer than ``max_tokens`` gets a pass of its own. Returns each
+    pass's row indices, ascending. The loss is normalised over the whole mini-batch, so how rows
+    are grouped does not change it.
     """
     order = torch.argsort(lengths, descending=True, stable=True).tolist()
     passes: list[list[int]] = []
-    costs: list[tuple[int, int]] = []  # (rows, tokens) of each pass; its longest row comes first
+    size = lengths.tolist()
+    keys, widths = (prompts[0].tolist(), prompts[1].tolist()) if prompts is not None else ([], [])
+    if prompts is not None:  # a question's rows one after another (largest question first)
+        total: dict[int, int] = {}
+        for i, key in enumerate(keys):
+            total[key] = total.get(key, 0) + size[i]
+        order.sort(key=lambda i: (-total[keys[i]], keys[i]))  # stable: longest row first within
+
+    def cost(rows: list[int]) -> int:
+        if packed:
+            return sum(size[i] for i in rows)
+        if prompts is None:
+            return len(rows) * max(size[i] for i in rows)
+        width = -(-max(widths[i] for i in rows) // PROMPT_WIDTH_MULTIPLE) * PROMPT_WIDTH_MULTIPLE
+        longest_response = max(size[i] - widths[i] for i in rows)
+        return len({keys[i] for i in rows}) * width + len(rows) * longest_response
+
     for i in order:
-        n = int(lengths[i])
-        for k, (count, tokens) in enumerate(costs):
-            longest = int(lengths[passes[k][0]])
-            cost = tokens + n if packed else (count + 1) * longest
-            if cost <= max_tokens:
-                passes[k].append(i)
-                costs[k] = (count + 1, tokens + n)
+        for rows in passes:
+            if cost([*rows, i]) <= max_tokens:
+                rows.append(i)
                 break
         else:
             passes.append([i])
-            costs.append((1, n))
     return [torch.tensor(sorted(p), dtype=torch.long) for p in passes]
 
 

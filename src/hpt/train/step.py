@@ -212,7 +212,7 @@ def prepare(
     device = next(policy.parameters()).device
     packed = packs(config, policy)
     share = shares_prompts(config, policy, packed)
-    parts = plan_passes(batch, torch.arange(len(batch)), config, packed)
+    parts = plan_passes(batch, torch.arange(len(batch)), config, packed, share)
     for k in range(dist.same_count(policy, len(parts))):
         part = parts[min(k, len(parts) - 1)]
         micro = micro_batch(batch, part, packed).to(device)
@@ -365,18 +365,22 @@ def check_shared_prompts(config: TrainConfig, model: Any) -> None:
 
 
 def plan_passes(
-    batch: Batch, rows: torch.Tensor, config: TrainConfig, packed: bool
+    batch: Batch, rows: torch.Tensor, config: TrainConfig, packed: bool, share: int = 0
 ) -> list[torch.Tensor]:
     """The row indices (into ``batch``) of each forward pass over ``rows``.
 
     ``optim.micro_batch_tokens`` > 0: passes of at most that many tokens (dynamic batch size;
-    a pass costs its tokens when ``packed``, else rows x its longest row); else
-    ``optim.micro_batch_size`` rows a pass, in order.
+    a pass costs its tokens when ``packed``; else rows x its longest row, or, when passes share
+    every repeated prompt (``share`` 1, :func:`shares_prompts`), its questions' prompts once
+    plus rows x its longest response); else ``optim.micro_batch_size`` rows a pass, in order.
     """
     optim = config.optim
     if optim.micro_batch_tokens:
         lengths = batch.lengths()[rows]
-        return [rows[g] for g in token_micro_batches(lengths, optim.micro_batch_tokens, packed)]
+        # a question's rows share its prompt (the first response_index + 1 tokens of each row)
+        prompts = (batch.group[rows], batch.response_index[rows, 0] + 1) if share == 1 else None
+        planned = token_micro_batches(lengths, optim.micro_batch_tokens, packed, prompts)
+        return [rows[g] for g in planned]
     return [rows[part] for part in micro_batches(len(rows), optim.micro_batch_size)]
 
 
@@ -473,7 +477,7 @@ def update(
             counts = batch_counts(algorithm, batch.kinds[rows], batch.response_mask[rows])
             counts = dist.all_reduce_counts(counts)  # normalise over every rank's rows
             optimizer.zero_grad(set_to_none=True)
-            parts = plan_passes(batch, rows, config, packed)
+            parts = plan_passes(batch, rows, config, packed, share)
             passes = dist.same_count(policy, len(parts))
             for k in range(passes):
                 real = k < len(parts)  # else: a zero-loss pass keeping step with other ranks
