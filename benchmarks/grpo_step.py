@@ -702,13 +702,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "warm-up step pays the compilation)",
     )
     parser.add_argument(
-        "--no-share-prompts", action="store_true", help="hpt: run every row's prompt in training"
-    )
-    parser.add_argument(
         "--share-prompts",
         choices=("auto", "true", "false"),
         default="auto",
         help="hpt: optim.share_prompts (auto: on the CPU only; true: also on a GPU)",
+    )
+    parser.add_argument(
+        "--no-share-prompts",
+        action="store_const",
+        const="false",
+        dest="share_prompts",
+        help="hpt: run every row's prompt in training (--share-prompts false)",
     )
     parser.add_argument(
         "--thp",
@@ -788,7 +792,7 @@ def main(argv: list[str] | None = None) -> int:
             generate_path=args.generate_path,
             fused=not args.no_fused,
             cuda_graphs=torch.cuda.is_available() and not args.no_cuda_graphs,
-            share_prompts="false" if args.no_share_prompts else args.share_prompts,
+            share_prompts=args.share_prompts,
             rollout_dtype=args.rollout_dtype,
             compile_update=args.compile_update,
             bf16=args.bf16,

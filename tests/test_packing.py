@@ -18,6 +18,15 @@ from hpt.train.config import TrainConfig
 from hpt.train.policy import Policy
 from hpt.train.step import packs, plan_passes, prepare, shares_prompts, update
 
+# a small random decoder for tests that build one from a config (grouped-query heads)
+SMALL_LAYERS = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
+
 
 def make_rows(vocab: int, seed: int = 0) -> list[Row]:
     """Rollout and demonstration rows of uneven prompt and response lengths (two questions)."""
@@ -154,14 +163,7 @@ def test_packing_changes_gradients_when_rows_leak():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=50,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
+    config = Qwen2Config(vocab_size=50, **SMALL_LAYERS)
     model = Qwen2ForCausalLM(config).eval()
     rows = make_rows(50, seed=2)
     batch = collate(rows, 0, KIND_ID)
@@ -603,14 +605,7 @@ def test_one_call_shared_prompts_apply_to_full_attention_llama_families():
     def model_of(config):
         return AutoModelForCausalLM.from_config(config)
 
-    small = {
-        "hidden_size": 16,
-        "intermediate_size": 32,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 1,
-        "num_hidden_layers": 2,
-        "vocab_size": 64,
-    }
+    small = {**SMALL_LAYERS, "vocab_size": 64}
     assert prompt_attention.applies(model_of(LlamaConfig(**small)))
     assert prompt_attention.applies(model_of(Qwen2Config(**small)))
     assert prompt_attention.applies(model_of(Qwen3Config(**small)))
@@ -714,15 +709,7 @@ def test_one_call_shared_prompts_for_each_family(family):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
-    small = dict(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-    )
+    small = {**SMALL_LAYERS, "vocab_size": 97, "head_dim": 8}
     extra = {"mistral": {"sliding_window": None}}.get(family, {})
     config = AutoConfig.for_model(family, **small, **extra)
     model = AutoModelForCausalLM.from_config(config).float().train()

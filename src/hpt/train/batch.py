@@ -168,6 +168,44 @@ def micro_batches(n: int, size: int) -> list[slice]:
     return [slice(start, min(start + size, n)) for start in range(0, n, size)]
 
 
+PROMPT_WIDTH_MULTIPLE = 16  # shared prompt passes are padded to a multiple of this width
+
+
+@dataclass
+class _Pass:
+    """A pass being filled by :func:`token_micro_batches`: its rows and what its cost depends on."""
+
+    rows: list[int] = field(default_factory=list)
+    tokens: int = 0  # the rows' total length
+    longest: int = 0  # the longest row
+    prompts: set[int] = field(default_factory=set)  # the distinct prompt keys (shared passes)
+    width: int = 0  # the longest prompt
+    response: int = 0  # the longest response
+
+    def cost_with(self, length: int, shared: tuple[int, int] | None, packed: bool) -> int:
+        """The pass's tokens with one more row of ``length`` (``shared``: its prompt key and
+        length, for passes that run each distinct prompt once)."""
+        if packed:
+            return self.tokens + length
+        count = len(self.rows) + 1
+        if shared is None:
+            return count * max(self.longest, length)
+        key, prompt = shared
+        width = -(-max(self.width, prompt) // PROMPT_WIDTH_MULTIPLE) * PROMPT_WIDTH_MULTIPLE
+        groups = len(self.prompts) + (key not in self.prompts)
+        return groups * width + count * max(self.response, length - prompt)
+
+    def add(self, row: int, length: int, shared: tuple[int, int] | None) -> _Pass:
+        self.rows.append(row)
+        self.tokens += length
+        self.longest = max(self.longest, length)
+        if shared is not None:
+            self.prompts.add(shared[0])
+            self.width = max(self.width, shared[1])
+            self.response = max(self.response, length - shared[1])
+        return self
+
+
 def token_micro_batches(
     lengths: torch.Tensor,
     max_tokens: int,
@@ -187,7 +225,6 @@ def token_micro_batches(
     are grouped does not change it.
     """
     order = torch.argsort(lengths, descending=True, stable=True).tolist()
-    passes: list[list[int]] = []
     size = lengths.tolist()
     keys, widths = (prompts[0].tolist(), prompts[1].tolist()) if prompts is not None else ([], [])
     if prompts is not None:  # a question's rows one after another (largest question first)
@@ -195,27 +232,16 @@ def token_micro_batches(
         for i, key in enumerate(keys):
             total[key] = total.get(key, 0) + size[i]
         order.sort(key=lambda i: (-total[keys[i]], keys[i]))  # stable: longest row first within
-
-    def cost(rows: list[int]) -> int:
-        if packed:
-            return sum(size[i] for i in rows)
-        if prompts is None:
-            return len(rows) * max(size[i] for i in rows)
-        width = -(-max(widths[i] for i in rows) // PROMPT_WIDTH_MULTIPLE) * PROMPT_WIDTH_MULTIPLE
-        longest_response = max(size[i] - widths[i] for i in rows)
-        return len({keys[i] for i in rows}) * width + len(rows) * longest_response
-
+    passes: list[_Pass] = []
     for i in order:
-        for rows in passes:
-            if cost([*rows, i]) <= max_tokens:
-                rows.append(i)
+        shared = (keys[i], widths[i]) if prompts is not None else None
+        for candidate in passes:
+            if candidate.cost_with(size[i], shared, packed) <= max_tokens:
+                candidate.add(i, size[i], shared)
                 break
         else:
-            passes.append([i])
-    return [torch.tensor(sorted(p), dtype=torch.long) for p in passes]
-
-
-PROMPT_WIDTH_MULTIPLE = 16  # shared prompt passes are padded to a multiple of this width
+            passes.append(_Pass().add(i, size[i], shared))
+    return [torch.tensor(sorted(p.rows), dtype=torch.long) for p in passes]
 
 
 @dataclass
