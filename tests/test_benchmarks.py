@@ -107,3 +107,19 @@ def test_table_adds_the_cuda_peak_where_measured():
     header, _, trl, _ = table.splitlines()[:4]
     assert "peak CUDA MiB" in header
     assert "1536" in trl.split()
+
+
+def test_share_prompts_flags_reach_hpt_overrides():
+    """--share-prompts auto|true|false (and --no-share-prompts, = false) become hpt's
+    optim.share_prompts."""
+    grpo_step = load_grpo_step()
+    for argv, expected in (
+        ([], "auto"),
+        (["--share-prompts", "true"], "true"),
+        (["--no-share-prompts"], "false"),
+    ):
+        setting = grpo_step.parse_args(argv).share_prompts
+        assert setting == expected
+        settings = grpo_step.Settings(share_prompts=setting)
+        overrides = grpo_step.hpt_overrides(settings, Path("m"), Path("q.jsonl"), Path("w"))
+        assert f"optim.share_prompts={expected}" in overrides
