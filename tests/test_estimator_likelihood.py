@@ -5,7 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hpt.estimator import likelihood
 from hpt.estimator.likelihood import token_entropy, token_logprobs, token_logprobs_and_entropy
+
+# backward from log-probs kept by forward (the default's budget), or recomputed chunk by chunk (0)
+KEEP = [likelihood.KEEP_LOGPROBS_MAX_BYTES, 0]
 
 
 def _inputs(seed=0, n=3, t=7, h=16, v=50, dtype=torch.float64):
@@ -34,12 +38,13 @@ def test_plain_matches_log_softmax_and_entropy_definition():
     )
 
 
+@pytest.mark.parametrize("keep", KEEP)
 @pytest.mark.parametrize("chunk_size", [1, 4, 5, 21, 1000])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_chunked_equals_plain_in_values_and_gradients(chunk_size, temperature):
+def test_chunked_equals_plain_in_values_and_gradients(chunk_size, temperature, keep):
     hidden, weight, labels = _inputs()
     lp_c, ent_c = token_logprobs_and_entropy(
-        hidden, weight, labels, chunk_size, temperature=temperature
+        hidden, weight, labels, chunk_size, temperature=temperature, keep_max_bytes=keep
     )
     probe_a, probe_b = (
         torch.randn(3, 7, dtype=torch.float64),
@@ -57,7 +62,7 @@ def test_chunked_equals_plain_in_values_and_gradients(chunk_size, temperature):
 
 
 def test_chunks_never_save_or_hold_the_whole_logits():
-    """Autograd saves only chunk inputs, and no live tensor has N*T*V elements."""
+    """Past the keep budget autograd saves only chunk inputs, and nothing holds N*T*V elements."""
     hidden, weight, labels = _inputs(n=4, t=16, v=64, dtype=torch.float32)
     whole = 4 * 16 * 64
     saved: list[int] = []
@@ -67,9 +72,12 @@ def test_chunks_never_save_or_hold_the_whole_logits():
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        lp, ent = token_logprobs_and_entropy(hidden, weight, labels, chunk_size=8)
+        lp, ent = token_logprobs_and_entropy(
+            hidden, weight, labels, chunk_size=8, keep_max_bytes=whole * 4 - 1
+        )
     assert max(saved) <= max(weight.numel(), 8 * 64)  # the head's weight, or one chunk's worth
     assert max(saved) < whole
+    assert all(node.logp is None for node in _head_nodes(lp))
     (lp.sum() + ent.sum()).backward()
     assert hidden.grad is not None and torch.isfinite(hidden.grad).all()
     # plain logits for contrast: the hook sees the full [N, T, V] tensor
@@ -77,6 +85,52 @@ def test_chunks_never_save_or_hold_the_whole_logits():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         token_logprobs(hidden @ weight.T, labels)
     assert max(saved) >= whole
+
+
+def _head_nodes(out):
+    """The chunked head's autograd nodes behind ``out`` (through the concatenation)."""
+    nodes = [out.grad_fn]
+    found = []
+    while nodes:
+        node = nodes.pop()
+        if node is None:
+            continue
+        if type(node).__name__ == "_HeadChunkBackward":
+            found.append(node)
+            continue
+        nodes.extend(n for n, _ in node.next_functions)
+    return found
+
+
+@pytest.mark.parametrize("entropy_in_loss", [False, True])
+def test_kept_logprobs_spare_the_recomputed_logits_once(monkeypatch, entropy_in_loss):
+    """Within the budget, forward keeps each chunk's log p and the first backward builds no logits;
+    a second backward through the same graph (retain_graph) recomputes them, with equal gradients."""
+    hidden, weight, labels = _inputs(n=4, t=16, v=64, dtype=torch.float64)
+    whole = 4 * 16 * 64 * 8  # float64 bytes
+    calls = []
+    real = likelihood._scaled_logits
+    monkeypatch.setattr(
+        likelihood, "_scaled_logits", lambda *a: calls.append(a[0].shape[0]) or real(*a)
+    )
+    lp, ent = token_logprobs_and_entropy(
+        hidden, weight, labels, chunk_size=24, temperature=0.8, keep_max_bytes=whole
+    )
+    assert calls == [24, 24, 16]  # forward's three chunks
+    nodes = _head_nodes(lp)
+    assert len(nodes) == 3 and all(node.logp is not None for node in nodes)
+    loss = (lp * torch.linspace(-1, 1, 16)).sum() + (ent.sum() if entropy_in_loss else 0.0)
+    first = torch.autograd.grad(loss, (hidden, weight), retain_graph=True)
+    assert calls == [24, 24, 16]  # no logits rebuilt
+    assert all(node.logp is None for node in nodes)  # dropped once used
+    second = torch.autograd.grad(loss, (hidden, weight))
+    assert sorted(calls) == [16, 16, 24, 24, 24, 24]  # recomputed
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b)
+    # one byte short of the whole: nothing kept
+    calls.clear()
+    lp, _ = token_logprobs_and_entropy(hidden, weight, labels, 24, keep_max_bytes=whole - 1)
+    assert all(node.logp is None for node in _head_nodes(lp))
 
 
 def test_bf16_model_no_grad_and_without_entropy():
@@ -94,25 +148,34 @@ def test_bf16_model_no_grad_and_without_entropy():
     )
 
 
+@pytest.mark.parametrize("keep", KEEP)
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_hand_written_backward_passes_gradcheck(with_bias):
+def test_hand_written_backward_passes_gradcheck(with_bias, keep):
     """The closed-form backward against finite differences (float64), bias and temperature too."""
     hidden, weight, labels = _inputs(n=2, t=3, h=5, v=7)
     bias = torch.randn(7, dtype=torch.float64, requires_grad=True) if with_bias else None
 
     def both(h, w, b):
-        lp, ent = token_logprobs_and_entropy(h, w, labels, 4, bias=b, temperature=0.8)
+        lp, ent = token_logprobs_and_entropy(
+            h, w, labels, 4, bias=b, temperature=0.8, keep_max_bytes=keep
+        )
         return lp, ent
 
-    assert torch.autograd.gradcheck(both, (hidden, weight, bias))
+    # gradcheck runs backward repeatedly on one graph: the first from the kept log p, the rest
+    # recomputed, equal up to float64 rounding
+    nondet = 1e-12 if keep else 0.0
+    assert torch.autograd.gradcheck(both, (hidden, weight, bias), nondet_tol=nondet)
 
     def lp_only(h, w, b):
-        return token_logprobs_and_entropy(h, w, labels, 4, bias=b, with_entropy=False)[0]
+        return token_logprobs_and_entropy(
+            h, w, labels, 4, bias=b, with_entropy=False, keep_max_bytes=keep
+        )[0]
 
-    assert torch.autograd.gradcheck(lp_only, (hidden, weight, bias))
+    assert torch.autograd.gradcheck(lp_only, (hidden, weight, bias), nondet_tol=nondet)
 
 
-def test_autocast_backward_runs_in_the_forward_dtype():
+@pytest.mark.parametrize("keep", KEEP)
+def test_autocast_backward_runs_in_the_forward_dtype(keep):
     """Under torch.autocast (bf16) the chunked head equals autograd through the plain formula
     under the same autocast: its backward matmuls run in bf16 too (autograd runs a Function's
     backward outside autocast), and every gradient keeps its input's float32 dtype."""
@@ -120,7 +183,9 @@ def test_autocast_backward_runs_in_the_forward_dtype():
     g = torch.Generator().manual_seed(1)  # fixed probes: the comparison below is of one draw
     probe_a, probe_b = torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        lp_c, ent_c = token_logprobs_and_entropy(hidden, weight, labels, 5, temperature=0.9)
+        lp_c, ent_c = token_logprobs_and_entropy(
+            hidden, weight, labels, 5, temperature=0.9, keep_max_bytes=keep
+        )
         logits = hidden @ weight.T
         assert logits.dtype == torch.bfloat16
         lp_p = token_logprobs(logits, labels, 0.9)
@@ -139,12 +204,15 @@ def test_autocast_backward_runs_in_the_forward_dtype():
         assert (a - b).abs().max() < (c - b).abs().max()
 
 
+@pytest.mark.parametrize("keep", KEEP)
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
-def test_gradient_when_the_loss_leaves_the_entropy_out(temperature):
+def test_gradient_when_the_loss_leaves_the_entropy_out(temperature, keep):
     """Entropy computed but unused by the loss (GRPO: no entropy bonus): backward takes the
     softmax-only path, and the gradients still equal autograd through the plain formula."""
     hidden, weight, labels = _inputs()
-    lp_c, ent_c = token_logprobs_and_entropy(hidden, weight, labels, 4, temperature=temperature)
+    lp_c, ent_c = token_logprobs_and_entropy(
+        hidden, weight, labels, 4, temperature=temperature, keep_max_bytes=keep
+    )
     probe = torch.randn(3, 7, dtype=torch.float64)
     g_chunked = torch.autograd.grad((lp_c * probe).sum(), (hidden, weight))
     lp_p = token_logprobs(hidden @ weight.T, labels, temperature)
@@ -153,7 +221,9 @@ def test_gradient_when_the_loss_leaves_the_entropy_out(temperature):
     for a, b in zip(g_chunked, g_plain):
         torch.testing.assert_close(a, b)
     # and only the entropy in the loss
-    _, ent_c = token_logprobs_and_entropy(hidden, weight, labels, 4, temperature=temperature)
+    _, ent_c = token_logprobs_and_entropy(
+        hidden, weight, labels, 4, temperature=temperature, keep_max_bytes=keep
+    )
     g_chunked = torch.autograd.grad(ent_c.sum(), (hidden, weight))
     g_plain = torch.autograd.grad(
         token_entropy(hidden @ weight.T, temperature).sum(), (hidden, weight)

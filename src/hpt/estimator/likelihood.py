@@ -8,7 +8,9 @@ Two routes to the same numbers:
   reduced to a log-probability and an entropy, and dropped; backward recomputes one chunk at a time
   and applies the closed-form gradients (:class:`_HeadChunk`), so neither pass holds a
   ``[tokens x vocab]`` float tensor of the whole batch. With V = 152k (Qwen2.5) and 8k-token
-  responses that tensor alone is ~5 GB a row.
+  responses that tensor alone is ~5 GB a row. A pass whose whole ``[tokens x vocab]`` float32
+  log-probabilities fit in ``keep_max_bytes`` (256 MiB by default: SmolLM2's 8 x 129 tokens x 49k)
+  keeps them for backward instead, which then skips the recomputed head matmul.
 
 Both work in float32 whatever the model's dtype (the matmul runs in the model's dtype, or in
 the ``torch.autocast`` dtype the caller runs under); float64 inputs stay float64.
@@ -21,6 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 DEFAULT_CHUNK_SIZE = 1024  # tokens per chunk: 1024 x 152k float32 logits = 0.6 GB
+# a pass keeps its float32 log-probs [tokens, vocab] for backward when they fit in this many bytes
+# (backward then skips recomputing the head's logits); larger passes recompute chunk by chunk
+KEEP_LOGPROBS_MAX_BYTES = 256 * 2**20
 
 
 def _upcast(logits: Tensor) -> Tensor:
@@ -86,8 +91,9 @@ def _chunk(
     labels: Tensor,
     temperature: float,
     with_entropy: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Log-probs, entropy and log-sum-exp of one chunk of tokens: hidden [C, H] -> 3 x [C].
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Log-probs, entropy and log-sum-exp of one chunk of tokens: hidden [C, H] -> 3 x [C], and
+    the chunk's ``log p`` [C, V] (float32; float64 stays), which backward may keep.
 
     ``log softmax(z)`` is one fused kernel over the logits ``z = (h W^T + b) / T``, in float32
     (float64 stays); the entropy's ``p = exp(log p)`` is written into the logits' buffer, dead by
@@ -103,9 +109,9 @@ def _chunk(
     lse = logits.gather(-1, index[:, None]).squeeze(-1).to(dtype) - picked
     logprobs = torch.where(valid, picked, 0.0)
     if not with_entropy:
-        return logprobs, torch.zeros_like(logprobs), lse
+        return logprobs, torch.zeros_like(logprobs), lse, logp
     probs = torch.exp(logp, out=logits) if logits.dtype == dtype else logp.exp()
-    return logprobs, -probs.mul_(logp).sum(-1), lse  # -sum p log p
+    return logprobs, -probs.mul_(logp).sum(-1), lse, logp  # -sum p log p
 
 
 def _row_grad(grad: Tensor | None, valid: Tensor, dtype: torch.dtype) -> Tensor:
@@ -123,15 +129,20 @@ class _HeadChunk(torch.autograd.Function):
     ``dH / dz = -p (log p + H)``, then ``/ T`` and the head's matmuls: a few in-place passes over
     one [C, V] buffer, instead of autograd's graph of log-sum-exp, softmax, product and sum and
     their saved [C, V] intermediates. Forward saves only the chunk's inputs, its entropy and
-    its log-sum-exp ([C] each).
+    its log-sum-exp ([C] each), and, with ``keep``, its ``log p`` [C, V]: backward then uses it
+    (once; a second backward recomputes) instead of recomputing the logits.
     Under ``torch.autocast`` backward runs under the same autocast state as forward (autograd
     runs backward outside it), so its matmuls use the forward's dtype too.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, temperature, with_entropy):  # type: ignore[override]
-        logprobs, entropy, lse = _chunk(hidden, weight, bias, labels, temperature, with_entropy)
+    def forward(ctx, hidden, weight, bias, labels, temperature, with_entropy, keep):  # type: ignore[override]
+        logprobs, entropy, lse, logp = _chunk(
+            hidden, weight, bias, labels, temperature, with_entropy
+        )
         ctx.save_for_backward(hidden, weight, bias, labels, entropy, lse)
+        # an intermediate, not an input or output: held on ctx and dropped by the backward using it
+        ctx.logp = logp if keep else None
         ctx.set_materialize_grads(False)  # an output the loss does not use has no gradient
         ctx.temperature, ctx.with_entropy = temperature, with_entropy
         device = hidden.device.type
@@ -154,7 +165,7 @@ class _HeadChunk(torch.autograd.Function):
         hidden, weight, bias = ctx.saved_tensors[:3]
         return tuple(  # autocast matmuls return its dtype; each gradient takes its input's
             g.to(x.dtype) if g is not None else None
-            for g, x in zip(grads, (hidden, weight, bias, None, None, None))
+            for g, x in zip(grads, (hidden, weight, bias, None, None, None, None))
         )
 
     @staticmethod
@@ -165,13 +176,17 @@ class _HeadChunk(torch.autograd.Function):
         # and an unused entropy (None: gradients are not materialised) needs only p = exp(log p),
         # in place: one [C, V] buffer, two with the entropy's gradient
         hidden, weight, bias, labels, entropy, lse = ctx.saved_tensors
+        kept, ctx.logp = ctx.logp, None
         if grad_logprobs is None and grad_entropy is None:
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         index, valid = _valid_labels(labels)
         inv_t = 1.0 / ctx.temperature
-        logits = _scaled_logits(hidden, weight, bias, ctx.temperature)
-        dtype = _float_dtype(logits)
-        logp = (logits if logits.dtype == dtype else logits.to(dtype)).sub_(lse[:, None])
+        if kept is not None:  # forward's log p, written over in place below (no one else holds it)
+            logp, dtype = kept, kept.dtype
+        else:
+            logits = _scaled_logits(hidden, weight, bias, ctx.temperature)
+            dtype = _float_dtype(logits)
+            logp = (logits if logits.dtype == dtype else logits.to(dtype)).sub_(lse[:, None])
         g_lp = _row_grad(grad_logprobs, valid, dtype)
         if ctx.with_entropy and grad_entropy is not None:
             g_h = grad_entropy.to(dtype)[:, None]
@@ -185,7 +200,7 @@ class _HeadChunk(torch.autograd.Function):
         grad_hidden = grad_z @ weight if ctx.needs_input_grad[0] else None
         grad_weight = grad_z.T @ hidden if ctx.needs_input_grad[1] else None
         grad_bias = grad_z.sum(0) if bias is not None and ctx.needs_input_grad[2] else None
-        return grad_hidden, grad_weight, grad_bias, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
 
 
 def token_logprobs_and_entropy(
@@ -197,12 +212,14 @@ def token_logprobs_and_entropy(
     bias: Tensor | None = None,
     temperature: float = 1.0,
     with_entropy: bool = True,
+    keep_max_bytes: int = KEEP_LOGPROBS_MAX_BYTES,
 ) -> tuple[Tensor, Tensor | None]:
     """Token log-probs and entropies from final hidden states and the output head, in chunks.
 
     Equal in value and gradient to ``token_logprobs(hidden @ W.T, labels)`` and
-    ``token_entropy(hidden @ W.T)``, without a full ``[N*T, V]`` logits tensor in forward or
-    backward: each chunk runs under ``torch.utils.checkpoint`` (only its inputs are saved).
+    ``token_entropy(hidden @ W.T)``. Where all the tokens' float32 log-probs ``[N*T, V]`` fit in
+    ``keep_max_bytes``, forward keeps them for backward; else only each chunk's inputs are saved
+    and backward recomputes its logits, so no ``[N*T, V]`` tensor is ever held.
 
     Args:
         hidden: [N, T, H] final hidden states (after the final norm), aligned with ``labels``.
@@ -210,6 +227,7 @@ def token_logprobs_and_entropy(
         chunk_size: tokens per chunk. bias: optional [V] head bias.
         temperature: sampling temperature the logits are divided by.
         with_entropy: also return the entropy (False: None, and a cheaper pass).
+        keep_max_bytes: the most bytes of log-probs kept for backward (0: always recompute).
 
     Returns:
         (logprobs [N, T] float32, entropy [N, T] float32 or None).
@@ -224,6 +242,8 @@ def token_logprobs_and_entropy(
         or lm_head_weight.requires_grad
         or (bias is not None and bias.requires_grad)
     )
+    element = 8 if torch.float64 in (hidden.dtype, lm_head_weight.dtype) else 4
+    keep = flat_labels.shape[0] * lm_head_weight.shape[0] * element <= keep_max_bytes
     logprobs, entropies = [], []
     for start in range(0, flat_labels.shape[0], chunk_size):
         piece = (
@@ -235,9 +255,9 @@ def token_logprobs_and_entropy(
             with_entropy,
         )
         if needs_grad:
-            lp, ent = _HeadChunk.apply(*piece)
+            lp, ent = _HeadChunk.apply(*piece, keep)
         else:
-            lp, ent, _ = _chunk(*piece)
+            lp, ent, _, _ = _chunk(*piece)
         logprobs.append(lp)
         entropies.append(ent)
     if not logprobs:
