@@ -8,8 +8,8 @@ import torch
 from hpt.estimator import likelihood
 from hpt.estimator.likelihood import token_entropy, token_logprobs, token_logprobs_and_entropy
 
-# backward from log-probs kept by forward (the default's budget), or recomputed chunk by chunk (0)
-KEEP = [likelihood.KEEP_LOGPROBS_MAX_BYTES, 0]
+# backward from the log-probs kept by forward, or from logits recomputed chunk by chunk
+KEEP = [True, False]
 
 
 def _inputs(seed=0, n=3, t=7, h=16, v=50, dtype=torch.float64):
@@ -44,7 +44,7 @@ def test_plain_matches_log_softmax_and_entropy_definition():
 def test_chunked_equals_plain_in_values_and_gradients(chunk_size, temperature, keep):
     hidden, weight, labels = _inputs()
     lp_c, ent_c = token_logprobs_and_entropy(
-        hidden, weight, labels, chunk_size, temperature=temperature, keep_max_bytes=keep
+        hidden, weight, labels, chunk_size, temperature=temperature, keep=keep
     )
     probe_a, probe_b = (
         torch.randn(3, 7, dtype=torch.float64),
@@ -62,7 +62,7 @@ def test_chunked_equals_plain_in_values_and_gradients(chunk_size, temperature, k
 
 
 def test_chunks_never_save_or_hold_the_whole_logits():
-    """Past the keep budget autograd saves only chunk inputs, and nothing holds N*T*V elements."""
+    """Past one chunk autograd saves only chunk inputs, and nothing holds N*T*V elements."""
     hidden, weight, labels = _inputs(n=4, t=16, v=64, dtype=torch.float32)
     whole = 4 * 16 * 64
     saved: list[int] = []
@@ -72,9 +72,7 @@ def test_chunks_never_save_or_hold_the_whole_logits():
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        lp, ent = token_logprobs_and_entropy(
-            hidden, weight, labels, chunk_size=8, keep_max_bytes=whole * 4 - 1
-        )
+        lp, ent = token_logprobs_and_entropy(hidden, weight, labels, chunk_size=8)
     assert max(saved) <= max(weight.numel(), 8 * 64)  # the head's weight, or one chunk's worth
     assert max(saved) < whole
     assert all(node.logp is None for node in _head_nodes(lp))
@@ -104,17 +102,16 @@ def _head_nodes(out):
 
 @pytest.mark.parametrize("entropy_in_loss", [False, True])
 def test_kept_logprobs_spare_the_recomputed_logits_once(monkeypatch, entropy_in_loss):
-    """Within the budget, forward keeps each chunk's log p and the first backward builds no logits;
-    a second backward through the same graph (retain_graph) recomputes them, with equal gradients."""
+    """With keep, forward keeps each chunk's log p and the first backward builds no logits; a
+    second backward through the same graph (retain_graph) recomputes them, with equal gradients."""
     hidden, weight, labels = _inputs(n=4, t=16, v=64, dtype=torch.float64)
-    whole = 4 * 16 * 64 * 8  # float64 bytes
     calls = []
     real = likelihood._scaled_logits
     monkeypatch.setattr(
         likelihood, "_scaled_logits", lambda *a: calls.append(a[0].shape[0]) or real(*a)
     )
     lp, ent = token_logprobs_and_entropy(
-        hidden, weight, labels, chunk_size=24, temperature=0.8, keep_max_bytes=whole
+        hidden, weight, labels, chunk_size=24, temperature=0.8, keep=True
     )
     assert calls == [24, 24, 16]  # forward's three chunks
     nodes = _head_nodes(lp)
@@ -127,10 +124,10 @@ def test_kept_logprobs_spare_the_recomputed_logits_once(monkeypatch, entropy_in_
     assert sorted(calls) == [16, 16, 24, 24, 24, 24]  # recomputed
     for a, b in zip(first, second):
         torch.testing.assert_close(a, b)
-    # one byte short of the whole: nothing kept
-    calls.clear()
-    lp, _ = token_logprobs_and_entropy(hidden, weight, labels, 24, keep_max_bytes=whole - 1)
-    assert all(node.logp is None for node in _head_nodes(lp))
+    # by default only tokens that fit in one chunk are kept: 64 tokens in chunks of 24, 64, 100
+    for chunk, kept in ((24, False), (64, True), (100, True)):
+        lp, _ = token_logprobs_and_entropy(hidden, weight, labels, chunk)
+        assert [node.logp is not None for node in _head_nodes(lp)] == [kept] * -(-64 // chunk)
 
 
 def test_bf16_model_no_grad_and_without_entropy():
@@ -157,7 +154,7 @@ def test_hand_written_backward_passes_gradcheck(with_bias, keep):
 
     def both(h, w, b):
         lp, ent = token_logprobs_and_entropy(
-            h, w, labels, 4, bias=b, temperature=0.8, keep_max_bytes=keep
+            h, w, labels, 4, bias=b, temperature=0.8, keep=keep
         )
         return lp, ent
 
@@ -168,7 +165,7 @@ def test_hand_written_backward_passes_gradcheck(with_bias, keep):
 
     def lp_only(h, w, b):
         return token_logprobs_and_entropy(
-            h, w, labels, 4, bias=b, with_entropy=False, keep_max_bytes=keep
+            h, w, labels, 4, bias=b, with_entropy=False, keep=keep
         )[0]
 
     assert torch.autograd.gradcheck(lp_only, (hidden, weight, bias), nondet_tol=nondet)
@@ -184,7 +181,7 @@ def test_autocast_backward_runs_in_the_forward_dtype(keep):
     probe_a, probe_b = torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         lp_c, ent_c = token_logprobs_and_entropy(
-            hidden, weight, labels, 5, temperature=0.9, keep_max_bytes=keep
+            hidden, weight, labels, 5, temperature=0.9, keep=keep
         )
         logits = hidden @ weight.T
         assert logits.dtype == torch.bfloat16
@@ -211,7 +208,7 @@ def test_gradient_when_the_loss_leaves_the_entropy_out(temperature, keep):
     softmax-only path, and the gradients still equal autograd through the plain formula."""
     hidden, weight, labels = _inputs()
     lp_c, ent_c = token_logprobs_and_entropy(
-        hidden, weight, labels, 4, temperature=temperature, keep_max_bytes=keep
+        hidden, weight, labels, 4, temperature=temperature, keep=keep
     )
     probe = torch.randn(3, 7, dtype=torch.float64)
     g_chunked = torch.autograd.grad((lp_c * probe).sum(), (hidden, weight))
@@ -222,7 +219,7 @@ def test_gradient_when_the_loss_leaves_the_entropy_out(temperature, keep):
         torch.testing.assert_close(a, b)
     # and only the entropy in the loss
     _, ent_c = token_logprobs_and_entropy(
-        hidden, weight, labels, 4, temperature=temperature, keep_max_bytes=keep
+        hidden, weight, labels, 4, temperature=temperature, keep=keep
     )
     g_chunked = torch.autograd.grad(ent_c.sum(), (hidden, weight))
     g_plain = torch.autograd.grad(

@@ -8,9 +8,9 @@ Two routes to the same numbers:
   reduced to a log-probability and an entropy, and dropped; backward recomputes one chunk at a time
   and applies the closed-form gradients (:class:`_HeadChunk`), so neither pass holds a
   ``[tokens x vocab]`` float tensor of the whole batch. With V = 152k (Qwen2.5) and 8k-token
-  responses that tensor alone is ~5 GB a row. A pass whose whole ``[tokens x vocab]`` float32
-  log-probabilities fit in ``keep_max_bytes`` (256 MiB by default: SmolLM2's 8 x 129 tokens x 49k)
-  keeps them for backward instead, which then skips the recomputed head matmul.
+  responses that tensor alone is ~5 GB a row. Tokens that fit in one chunk keep their log-probs
+  from forward to backward instead, which then skips the recomputed head matmul: the memory
+  backward would have allocated for the recomputed chunk, held a little longer.
 
 Both work in float32 whatever the model's dtype (the matmul runs in the model's dtype, or in
 the ``torch.autocast`` dtype the caller runs under); float64 inputs stay float64.
@@ -23,9 +23,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 DEFAULT_CHUNK_SIZE = 1024  # tokens per chunk: 1024 x 152k float32 logits = 0.6 GB
-# a pass keeps its float32 log-probs [tokens, vocab] for backward when they fit in this many bytes
-# (backward then skips recomputing the head's logits); larger passes recompute chunk by chunk
-KEEP_LOGPROBS_MAX_BYTES = 256 * 2**20
 
 
 def _upcast(logits: Tensor) -> Tensor:
@@ -212,14 +209,15 @@ def token_logprobs_and_entropy(
     bias: Tensor | None = None,
     temperature: float = 1.0,
     with_entropy: bool = True,
-    keep_max_bytes: int = KEEP_LOGPROBS_MAX_BYTES,
+    keep: bool | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Token log-probs and entropies from final hidden states and the output head, in chunks.
 
     Equal in value and gradient to ``token_logprobs(hidden @ W.T, labels)`` and
-    ``token_entropy(hidden @ W.T)``. Where all the tokens' float32 log-probs ``[N*T, V]`` fit in
-    ``keep_max_bytes``, forward keeps them for backward; else only each chunk's inputs are saved
-    and backward recomputes its logits, so no ``[N*T, V]`` tensor is ever held.
+    ``token_entropy(hidden @ W.T)``. Where all the tokens fit in one chunk, forward keeps their
+    log-probs ``[N*T, V]`` for backward (which would otherwise allocate as much to recompute them);
+    else only each chunk's inputs are saved and backward recomputes its logits, one chunk at a time,
+    so no ``[N*T, V]`` tensor of more than one chunk is ever held.
 
     Args:
         hidden: [N, T, H] final hidden states (after the final norm), aligned with ``labels``.
@@ -227,7 +225,8 @@ def token_logprobs_and_entropy(
         chunk_size: tokens per chunk. bias: optional [V] head bias.
         temperature: sampling temperature the logits are divided by.
         with_entropy: also return the entropy (False: None, and a cheaper pass).
-        keep_max_bytes: the most bytes of log-probs kept for backward (0: always recompute).
+        keep: keep each chunk's log-probs for backward (True), recompute them there (False);
+            None: keep when the tokens fit in one chunk.
 
     Returns:
         (logprobs [N, T] float32, entropy [N, T] float32 or None).
@@ -242,8 +241,8 @@ def token_logprobs_and_entropy(
         or lm_head_weight.requires_grad
         or (bias is not None and bias.requires_grad)
     )
-    element = 8 if torch.float64 in (hidden.dtype, lm_head_weight.dtype) else 4
-    keep = flat_labels.shape[0] * lm_head_weight.shape[0] * element <= keep_max_bytes
+    if keep is None:
+        keep = flat_labels.shape[0] <= chunk_size
     logprobs, entropies = [], []
     for start in range(0, flat_labels.shape[0], chunk_size):
         piece = (
