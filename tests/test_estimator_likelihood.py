@@ -153,9 +153,7 @@ def test_hand_written_backward_passes_gradcheck(with_bias, keep):
     bias = torch.randn(7, dtype=torch.float64, requires_grad=True) if with_bias else None
 
     def both(h, w, b):
-        lp, ent = token_logprobs_and_entropy(
-            h, w, labels, 4, bias=b, temperature=0.8, keep=keep
-        )
+        lp, ent = token_logprobs_and_entropy(h, w, labels, 4, bias=b, temperature=0.8, keep=keep)
         return lp, ent
 
     # gradcheck runs backward repeatedly on one graph: the first from the kept log p, the rest
@@ -164,9 +162,7 @@ def test_hand_written_backward_passes_gradcheck(with_bias, keep):
     assert torch.autograd.gradcheck(both, (hidden, weight, bias), nondet_tol=nondet)
 
     def lp_only(h, w, b):
-        return token_logprobs_and_entropy(
-            h, w, labels, 4, bias=b, with_entropy=False, keep=keep
-        )[0]
+        return token_logprobs_and_entropy(h, w, labels, 4, bias=b, with_entropy=False, keep=keep)[0]
 
     assert torch.autograd.gradcheck(lp_only, (hidden, weight, bias), nondet_tol=nondet)
 
