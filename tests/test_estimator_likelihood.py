@@ -223,3 +223,87 @@ def test_gradient_when_the_loss_leaves_the_entropy_out(temperature, keep):
     )
     for a, b in zip(g_chunked, g_plain):
         torch.testing.assert_close(a, b)
+
+
+# ----------------------------------------------------------------------------------------------
+# reused [tokens, vocab] buffers on a CPU (likelihood.reusing_head_buffers, the trainer's update)
+
+
+def _loss_and_grads(hidden, weight, labels, chunk, keep, probe):
+    lp, ent = token_logprobs_and_entropy(hidden, weight, labels, chunk, temperature=0.9, keep=keep)
+    loss = (lp * probe).sum() + 0.3 * ent.sum()
+    return (lp, ent, *torch.autograd.grad(loss, (hidden, weight)))
+
+
+@pytest.mark.parametrize("keep", KEEP)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_reused_buffers_give_the_same_numbers(keep, dtype):
+    """Inside reusing_head_buffers the chunks write into reused buffers: values and gradients
+    equal those of fresh buffers, over several passes, and the free buffers go at the end."""
+    hidden, weight, labels = _inputs(n=4, t=16, v=64, dtype=dtype)
+    probe = torch.linspace(-1, 1, 16, dtype=dtype)
+    fresh = _loss_and_grads(hidden, weight, labels, 24, keep, probe)
+    assert len(likelihood.HEAD_BUFFERS._mine) == 0  # outside the block: nothing pooled
+    with likelihood.reusing_head_buffers():
+        for _ in range(3):
+            reused = _loss_and_grads(hidden, weight, labels, 24, keep, probe)
+            for a, b in zip(reused, fresh):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+        # a logits and a log p buffer (a probs one for the entropy's gradient): not one per chunk
+        assert 2 <= len(likelihood.HEAD_BUFFERS._mine) <= 3
+        with torch.no_grad():
+            lp, _ = token_logprobs_and_entropy(hidden, weight, labels, 24, temperature=0.9)
+        torch.testing.assert_close(lp, fresh[0], rtol=0, atol=0)
+    assert likelihood.HEAD_BUFFERS._free == []
+
+
+def test_a_kept_buffer_is_not_handed_out_again_before_its_backward():
+    """Two forwards before one backward (chosen and rejected, say): the first one's kept log p
+    is not overwritten by the second's chunks."""
+    hidden, weight, labels = _inputs(n=4, t=16, v=64, dtype=torch.float64)
+    other = torch.randn_like(hidden, requires_grad=True)
+    probe = torch.linspace(-1, 1, 16, dtype=torch.float64)
+
+    def both():
+        lp_a, ent_a = token_logprobs_and_entropy(hidden, weight, labels, 64)  # one chunk: kept
+        lp_b, ent_b = token_logprobs_and_entropy(other, weight, labels, 64)
+        loss = (lp_a * probe).sum() + ent_a.sum() - (lp_b * probe).sum() + 0.5 * ent_b.sum()
+        return torch.autograd.grad(loss, (hidden, other, weight))
+
+    fresh = both()
+    with likelihood.reusing_head_buffers():
+        reused = both()
+    for a, b in zip(reused, fresh):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_buffers_are_not_reused_under_autocast_or_for_foreign_tensors():
+    hidden, weight, labels = _inputs(n=2, t=8, h=16, v=32, dtype=torch.float32)
+    with likelihood.reusing_head_buffers():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            lp, ent = token_logprobs_and_entropy(hidden, weight, labels, 8)
+        (lp.sum() + ent.sum()).backward()
+        assert len(likelihood.HEAD_BUFFERS._mine) == 0
+        stranger = torch.zeros(100)
+        likelihood.HEAD_BUFFERS.give(stranger[:10].view(2, 5))
+        likelihood.HEAD_BUFFERS.give(None)
+        assert likelihood.HEAD_BUFFERS._free == []
+
+
+def test_head_buffers_hand_out_the_smallest_fit_and_grow_by_a_quarter():
+    buffers = likelihood.HeadBuffers(max_free=2)
+    a = buffers.take(4, 10, torch.float32)  # 40 elements asked: 50 allocated
+    assert a.shape == (4, 10) and a._base.numel() == 50 and buffers.allocated == 1
+    buffers.give(a)
+    b = buffers.take(5, 10, torch.float32)  # 50 fit in the free 50
+    assert b._base is a._base and buffers.allocated == 1
+    c = buffers.take(2, 10, torch.float32)  # nothing free: a new one
+    d = buffers.take(2, 10, torch.float64)  # another dtype: a new one
+    assert buffers.allocated == 3
+    for t in (b, c, d):
+        buffers.give(t)
+    assert len(buffers._free) == 2  # at most max_free: the smallest (c's 25) was dropped
+    assert all(base is not c._base for base in buffers._free)
+    e = buffers.take(10, 10, torch.float32)  # outgrows the free float32 one, which it replaces
+    assert e._base.numel() == 125 and [f.dtype for f in buffers._free] == [torch.float64]
+    assert buffers.taken == 5

@@ -142,3 +142,24 @@ def test_unified_loss_reads_nothing_until_its_metrics_are(host_reads):
     assert metrics["sequences_sft"] == 2 and metrics["tokens_rollout"] == float(
         mask[kinds == 0].sum()
     )
+
+
+def test_update_reuses_the_output_heads_buffers_and_frees_them_after(tiny):
+    """On a CPU the update's passes take their [tokens, vocab] head buffers from
+    ``likelihood.HEAD_BUFFERS``: 7 passes share a few buffers, and none outlives the update."""
+    from hpt.estimator import likelihood
+
+    model, tokenizer = tiny
+    policy = Policy(model)
+    batch = collate(make_rows(model.config.vocab_size, seed=2), tokenizer.pad_token_id, KIND_ID)
+    batch.extras["advantages"] = torch.linspace(-1.0, 1.0, len(batch))
+    config = settings(micro_batch_size=1, share_prompts=False)  # 7 rows: 7 passes
+    optimizer = torch.optim.SGD(policy.parameters(), lr=0.0)
+    buffers = likelihood.HEAD_BUFFERS
+    taken, allocated = buffers.taken, buffers.allocated
+    update(batch, policy, optimizer, get_algorithm("grpo"), config, need_old=False)
+    taken, allocated = buffers.taken - taken, buffers.allocated - allocated
+    assert taken >= 2 * 7  # a logits and a log p buffer each pass
+    # passes of 4 to 27 tokens: a new buffer only when a pass outgrows the free ones
+    assert allocated <= taken // 2, (taken, allocated)
+    assert buffers._free == [] and buffers.active == 0

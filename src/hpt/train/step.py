@@ -18,6 +18,7 @@ import torch
 from hpt.algorithms import Algorithm, outcome_advantages
 from hpt.errors import ConfigError
 from hpt.estimator.advantage import ADVANTAGES, gae
+from hpt.estimator.likelihood import reusing_head_buffers
 from hpt.estimator.unified import KIND_ID, batch_counts, unified_loss
 from hpt.gate import assignments
 from hpt.train import distributed as dist
@@ -175,6 +176,7 @@ def old_logprobs_from_engine(
 
 
 @torch.no_grad()
+@reusing_head_buffers()  # its no-grad passes too (old and reference log-probs)
 def prepare(
     batch: Batch,
     policy: Policy,
@@ -453,6 +455,8 @@ def throughput(
 # 3. the update: mini-batches of questions, micro-batches of rows
 
 
+# on a CPU, the output head's [tokens, vocab] buffers are reused from pass to pass of one update
+@reusing_head_buffers()
 def update(
     batch: Batch,
     policy: torch.nn.Module,
