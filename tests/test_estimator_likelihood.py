@@ -292,6 +292,7 @@ def test_buffers_are_not_reused_under_autocast_or_for_foreign_tensors():
 
 def test_head_buffers_hand_out_the_smallest_fit_and_grow_by_a_quarter():
     buffers = likelihood.HeadBuffers(max_free=2)
+    buffers.active = 1  # as inside reusing_head_buffers
     a = buffers.take(4, 10, torch.float32)  # 40 elements asked: 50 allocated
     assert a.shape == (4, 10) and a._base.numel() == 50 and buffers.allocated == 1
     buffers.give(a)
@@ -307,3 +308,15 @@ def test_head_buffers_hand_out_the_smallest_fit_and_grow_by_a_quarter():
     e = buffers.take(10, 10, torch.float32)  # outgrows the free float32 one, which it replaces
     assert e._base.numel() == 125 and [f.dtype for f in buffers._free] == [torch.float64]
     assert buffers.taken == 5
+
+
+def test_a_backward_after_the_block_frees_its_buffers():
+    hidden, weight, labels = _inputs(n=2, t=8, h=16, v=32, dtype=torch.float32)
+    with likelihood.reusing_head_buffers():
+        lp, _ = token_logprobs_and_entropy(hidden, weight, labels, 16)  # kept for backward
+    lp.sum().backward()
+    assert likelihood.HEAD_BUFFERS._free == []
+    torch.testing.assert_close(
+        hidden.grad,
+        torch.autograd.grad(token_logprobs(hidden @ weight.T, labels).sum(), hidden)[0],
+    )

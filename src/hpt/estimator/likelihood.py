@@ -125,10 +125,11 @@ class HeadBuffers:
         return base[:size].view(rows, cols)
 
     def give(self, tensor: Tensor | None) -> None:
-        """Take back a buffer from :meth:`take` (anything else is ignored)."""
+        """Take back a buffer from :meth:`take` (anything else is ignored; outside
+        :func:`reusing_head_buffers`, e.g. a backward run after the block, it is freed)."""
         base = getattr(tensor, "_base", None)
         with self._lock:
-            if base is None or self._mine.get(id(base)) is not base:
+            if base is None or self.active == 0 or self._mine.get(id(base)) is not base:
                 return
             if any(b is base for b in self._free):
                 return
