@@ -81,11 +81,11 @@ class HeadBuffers:
     pass. Reused buffers are already faulted in. CUDA's caching allocator reuses memory itself, so
     only CPU float32 / float64 buffers come from here, and only outside autocast.
 
-    Buffers are reused only inside :func:`reusing_head_buffers` (the trainer's update), which drops
-    the free ones when it ends; elsewhere every chunk allocates its own, as before. :meth:`take`
-    hands out a buffer (a free one large enough, else a new one), :meth:`give` takes it back (a
-    tensor that is not one of its buffers is ignored, and a buffer never given back is freed by
-    Python as usual).
+    Buffers are reused only inside :func:`reusing_head_buffers` (the trainer's update and its
+    no-grad log-prob passes), which drops the free ones when it ends; elsewhere every chunk
+    allocates its own, as before. :meth:`take` hands out a buffer (a free one large enough, else a
+    new one), :meth:`give` takes it back (a tensor that is not one of its buffers is ignored, and a
+    buffer never given back is freed by Python as usual).
     """
 
     def __init__(self, max_free: int = 3) -> None:
@@ -138,9 +138,16 @@ class HeadBuffers:
                 smallest = min(range(len(self._free)), key=lambda i: self._free[i].numel())
                 del self._free[smallest]
 
-    def release(self) -> None:
+    def enter(self) -> None:
         with self._lock:
-            self._free.clear()
+            self.active += 1
+
+    def exit(self) -> None:
+        """Leave one :func:`reusing_head_buffers` block; the outermost drops the free buffers."""
+        with self._lock:
+            self.active -= 1
+            if self.active == 0:
+                self._free.clear()
 
 
 HEAD_BUFFERS = HeadBuffers()
@@ -150,13 +157,11 @@ HEAD_BUFFERS = HeadBuffers()
 def reusing_head_buffers() -> Iterator[None]:
     """Within this block the head's CPU chunks reuse their ``[tokens, vocab]`` buffers
     (:class:`HeadBuffers`); the free ones are dropped when the outermost block ends."""
-    HEAD_BUFFERS.active += 1
+    HEAD_BUFFERS.enter()
     try:
         yield
     finally:
-        HEAD_BUFFERS.active -= 1
-        if HEAD_BUFFERS.active == 0:
-            HEAD_BUFFERS.release()
+        HEAD_BUFFERS.exit()
 
 
 def _scaled_logits(
