@@ -275,7 +275,10 @@ class OptimConfig:
     ppo_epochs: Int = Field(1, description="passes over each step's batch", gt=0)
     value_coef: Float = Field(0.5, description="weight of the value loss (PPO with GAE only)", ge=0)
     logits_chunk_size: Int = Field(
-        4096, description="tokens per chunk of the output head (bounds the logits memory)", gt=0
+        4096,
+        description="tokens per chunk of the output head (bounds the logits memory); a pass "
+        "within one chunk keeps its log-probs for backward instead of recomputing the logits",
+        gt=0,
     )
 
 
