@@ -225,6 +225,7 @@ def run_trl(
             self.open = False
             self.current: dict[str, float] = {}  # stage -> seconds, this step
             self.stages: list[dict[str, float]] = []
+            self.response_tokens: list[float] = []  # tokens generated, each step
 
         def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if not self.open:  # the first micro-step of an optimiser step
@@ -236,6 +237,10 @@ def run_trl(
             self.open = False
             self.stages.append(dict(self.current))
             self.current.clear()
+            # TRL appends each generation batch's mean completion length (logging is off, so
+            # the list is never cleared); one batch a step here
+            lengths = trainer._metrics["train"].get("completions/mean_length") or [math.nan]
+            self.response_tokens.append(lengths[-1] * settings.rows)
 
         def wrap(self, trainer: Any, method: str, stage: str) -> None:
             """Time ``trainer.<method>`` calls into ``stage`` of the open step."""
@@ -279,6 +284,7 @@ def run_trl(
         stages.append(step)
     return {
         "stages": stages,
+        "response_tokens": timer.response_tokens,
         "step_times": timer.clock.wall,
         "cpu_times": timer.clock.cpu,
         "setup_s": setup_seconds,
@@ -366,6 +372,7 @@ def run_hpt(
         stages.append(step)
     return {
         "stages": stages,
+        "response_tokens": [float(r["tokens/generated"]) for r in records if "time/step" in r],
         "step_times": times,
         "cpu_times": clock.cpu,
         "setup_s": seconds - sum(times),
@@ -483,7 +490,8 @@ def flop_bound(
 ) -> dict[str, float]:
     """Seconds the step's FLOPs take at the matmul peak: 2 x params x tokens to generate, 6 x to train.
 
-    Tokens per row: the mean chat-prompt length plus ``max_new_tokens`` (full length forced).
+    Tokens per row: the mean chat-prompt length plus ``max_new_tokens`` (full length forced; at
+    free length :func:`side_bound` scales it to each side's mean response length).
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -508,6 +516,7 @@ def flop_bound(
     generate, train = 2 * params * tokens / peak, 6 * params * tokens / peak
     return {
         "params": params,
+        "prompt_tokens": prompt,  # the mean prompt length
         "tokens": tokens,
         "peak_flops": peak,
         "generate_s": generate,
@@ -523,6 +532,7 @@ def summarise(settings: Settings, measured: dict[str, list[dict[str, Any]]]) -> 
         timed = [t for r in repeats for t in r["step_times"][settings.warmup :]]
         cpu = [t for r in repeats for t in r["cpu_times"][settings.warmup :]]
         cuda = [r["peak_cuda_mib"] for r in repeats if r["peak_cuda_mib"] is not None]
+        generated = [t for r in repeats for t in r["response_tokens"][settings.warmup :]]
         sides[side] = {
             "median_step_s": statistics.median(timed),
             "median_cpu_s": statistics.median(cpu),
@@ -536,6 +546,12 @@ def summarise(settings: Settings, measured: dict[str, list[dict[str, Any]]]) -> 
             "peak_rss_mib": max(r["peak_rss_mib"] for r in repeats),
             "peak_cuda_mib": max(cuda) if cuda else None,
             "rollouts_per_s": settings.rows / statistics.median(timed),
+            # the mean response length (forced: max_new_tokens) and the step's seconds per
+            # response token, both medians over the timed steps
+            "mean_response_tokens": statistics.median(generated) / settings.rows,
+            "median_s_per_response_token": statistics.median(
+                step / tokens for step, tokens in zip(timed, generated)
+            ),
             "median_stage_s": median_stages(
                 [step for r in repeats for step in r["stages"][settings.warmup :]]
             ),
@@ -544,11 +560,17 @@ def summarise(settings: Settings, measured: dict[str, list[dict[str, Any]]]) -> 
         }
     ratio = sides["hpt"]["median_step_s"] / sides["trl"]["median_step_s"]
     cpu_ratio = sides["hpt"]["median_cpu_s"] / sides["trl"]["median_cpu_s"]
+    per_token = (
+        sides["hpt"]["median_s_per_response_token"] / sides["trl"]["median_s_per_response_token"]
+    )
     return {
         "settings": asdict(settings),
         "sides": sides,
         "ratio_hpt_over_trl": ratio,
         "cpu_ratio_hpt_over_trl": cpu_ratio,
+        # at free length the sides' responses differ in length (each samples its own): compare
+        # the step's time per response token
+        "per_token_ratio_hpt_over_trl": per_token,
     }
 
 
@@ -578,6 +600,21 @@ def mfu_text(mfu: float) -> str:
     return f"{mfu:.2f}" if mfu >= 0.1 else f"{mfu:.2g}"
 
 
+def side_bound(summary: dict[str, Any], side: str) -> float:
+    """The FLOP bound of ``side``'s step (s): the case's, whose rows run to full length, scaled
+    at free length to the side's mean response length."""
+    bound = summary["flop_bound"]
+    if summary.get("settings", {}).get("force_length", True):
+        return bound["step_s"]
+    settings, sides = summary["settings"], summary["sides"]
+    prompt = bound["prompt_tokens"]
+    return (
+        bound["step_s"]
+        * (prompt + sides[side]["mean_response_tokens"])
+        / (prompt + settings["max_new_tokens"])
+    )
+
+
 def format_table(cases: dict[str, dict[str, Any]]) -> str:
     """A plain-text table: one row per case and side, the stages, memory, FLOP bound and ratios.
 
@@ -590,15 +627,15 @@ def format_table(cases: dict[str, dict[str, Any]]) -> str:
         for summary in cases.values()
         for side in SIDES
     )
-    header = ["case", "side", "step s", "CPU s", "stages (median s)", "peak RSS MiB"]
+    header = ["case", "side", "step s", "CPU s", "stages (median s)", "resp tok", "peak RSS MiB"]
     header += ["peak CUDA MiB"] * cuda + ["bound s", "MFU (bound/step)", "hpt/TRL"]
     lines = [header]
     for name, summary in cases.items():
-        bound = summary["flop_bound"]
         for side in SIDES:
             s = summary["sides"][side]
             stages = " ".join(f"{k}={v:.2f}" for k, v in s["median_stage_s"].items())
             ratio = f"{summary['ratio_hpt_over_trl']:.2f}" if side == "hpt" else ""
+            bound = side_bound(summary, side)
             lines.append(
                 [
                     name,
@@ -606,10 +643,11 @@ def format_table(cases: dict[str, dict[str, Any]]) -> str:
                     f"{s['median_step_s']:.3f}",
                     f"{s['median_cpu_s']:.3f}",
                     stages,
+                    f"{s.get('mean_response_tokens', math.nan):.1f}",
                     f"{s['peak_rss_mib']:.0f}",
                     *[f"{s.get('peak_cuda_mib') or 0:.0f}"] * cuda,
-                    f"{bound['step_s']:.3f}",
-                    mfu_text(bound["step_s"] / s["median_step_s"]),
+                    f"{bound:.3f}",
+                    mfu_text(bound / s["median_step_s"]),
                     ratio,
                 ]
             )
@@ -632,6 +670,13 @@ def format_table(cases: dict[str, dict[str, Any]]) -> str:
             f"generation bound {bound['generate_s']:.3f} s (hpt at {bound['generate_s'] / generate:.0%}), "
             f"training bound {bound['train_s']:.3f} s"
         )
+        if not summary.get("settings", {}).get("force_length", True):
+            text.append(
+                f"{name}: free length, responses of {summary['sides']['hpt']['mean_response_tokens']:.1f} "
+                f"(hpt) and {summary['sides']['trl']['mean_response_tokens']:.1f} (TRL) tokens: "
+                f"hpt/TRL time per response token {summary['per_token_ratio_hpt_over_trl']:.2f}; "
+                "the bound above is for full-length rows"
+            )
     return "\n".join(text)
 
 

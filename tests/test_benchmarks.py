@@ -101,6 +101,28 @@ def test_table_reports_mfu_as_the_bound_over_the_step():
     assert [grpo_step.mfu_text(x) for x in (0.0107, 0.00042, 0.5)] == ["0.011", "0.00042", "0.50"]
 
 
+def test_free_length_scales_the_bound_and_compares_time_per_response_token():
+    """At free length each side's bound counts its own mean response length, and the summary
+    line gives the ratio of the step's time per response token."""
+    grpo_step = load_grpo_step()
+    summary = fake_summary(2.0, 0.8, None)
+    summary["settings"] = {"force_length": False, "max_new_tokens": 64}
+    summary["flop_bound"]["prompt_tokens"] = 16.0
+    summary["sides"]["trl"]["mean_response_tokens"] = 64.0  # full length: the case's bound
+    summary["sides"]["hpt"]["mean_response_tokens"] = 24.0  # (16 + 24) / (16 + 64) of it
+    summary["per_token_ratio_hpt_over_trl"] = 0.8 / 24 / (2.0 / 64)
+    assert grpo_step.side_bound(summary, "trl") == 0.4
+    assert abs(grpo_step.side_bound(summary, "hpt") - 0.2) < 1e-12
+    lines = grpo_step.format_table({"case": summary}).splitlines()
+    trl, hpt = lines[2].split(), lines[3].split()
+    assert trl[-1] == "0.20" and "64.0" in trl  # MFU 0.4 / 2.0; the mean response length
+    assert hpt[-2:] == ["0.25", "0.40"] and "24.0" in hpt  # MFU 0.2 / 0.8, then hpt / TRL
+    assert "hpt/TRL time per response token 1.07" in lines[-1]
+    # forced length (the default): the case's bound for both sides, whatever the lengths
+    summary["settings"]["force_length"] = True
+    assert grpo_step.side_bound(summary, "hpt") == 0.4
+
+
 def test_table_adds_the_cuda_peak_where_measured():
     grpo_step = load_grpo_step()
     table = grpo_step.format_table({"case": fake_summary(2.0, 1.0, 1536.0)})

@@ -856,6 +856,46 @@ def test_draw_inverts_the_float64_cdf_and_leaves_its_input_alone(dtype):
 
 
 @pytest.mark.skipif(not mkl_packing(), reason="this PyTorch has no MKL packed GEMM")
+def test_compaction_repacks_the_weights_for_the_rows_left(tiny, prompts):
+    """When rows leave a packed batch with at least PACK_MIN_TOKENS steps to go, the weights
+    are packed again for the rows left (MKL's packed GEMM computes for the row count it was
+    packed for); the tokens and log-probs stay the plain step's."""
+    from hpt.rollout.decode import PACK_MIN_TOKENS
+
+    model, tokenizer = tiny
+    stop = common_token(model, tokenizer, prompts)
+    options = dict(batch_size=8, stop_token_ids=[stop], min_new_tokens=3)
+    packed, plain = HFEngine(model, tokenizer, **options), HFEngine(model, tokenizer, **options)
+    plain.decoder.fused.pack = False
+    step = packed.decoder.fused
+    packs, used = [], []  # the row counts packed for; the rows of each packed matmul's input
+    pack, linear = step._pack, step._linear
+    step._pack = lambda rows: packs.append(rows) or pack(rows)
+
+    def counting_linear(x, projection):
+        if step._packed.get(id(projection[0])) is not None and x.shape[0] == step._packed_rows:
+            used.append(x.shape[0])
+        return linear(x, projection)
+
+    step._linear = counting_linear
+    sampling = SamplingParams(0.0, max_new_tokens=3 * PACK_MIN_TOKENS)
+    a, b = packed.generate(prompts, 1, sampling), plain.generate(prompts, 1, sampling)
+    lengths = sorted(len(r.response_ids) for r in b)
+    assert lengths[0] < 2 * PACK_MIN_TOKENS and lengths[-1] == 3 * PACK_MIN_TOKENS
+    assert packs[0] == len(prompts) and len(packs) >= 2  # packed again after a compaction
+    assert all(later < earlier for earlier, later in zip(packs, packs[1:]))
+    assert set(used) == set(packs)  # each packing served the matmuls of its row count
+    assert step._packed == {}  # dropped with the batch
+    for x, y in zip(a, b):
+        assert x.response_ids == y.response_ids and x.finish_reason == y.finish_reason
+        assert x.logprobs == pytest.approx(y.logprobs, abs=1e-5)
+    # rows leaving with fewer than PACK_MIN_TOKENS steps to go: no new packing
+    packs.clear()
+    packed.generate(prompts, 1, SamplingParams(0.0, max_new_tokens=PACK_MIN_TOKENS))
+    assert packs == [len(prompts)]
+
+
+@pytest.mark.skipif(not mkl_packing(), reason="this PyTorch has no MKL packed GEMM")
 @pytest.mark.parametrize("arch", ["qwen2", "llama-biases"])
 def test_packed_weights_decode_as_the_plain_step(tiny, prompts, arch):
     """CPU float32 weights packed for the batch (MKL) give the plain fused step's tokens and

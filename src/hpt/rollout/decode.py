@@ -355,6 +355,8 @@ class Decoder:
                 cache.reorder_cache(keep)
                 token, mask, last_position = token[keep], mask[keep], last_position[keep]
                 index, done = index[keep], done[keep]
+                if step is self.fused and steps - t - 1 >= PACK_MIN_TOKENS:
+                    self.fused.repack(keep.numel())  # packed weights for the rows left
             mask[:, width + t] = 1
             last_position = last_position + 1
             seen = mask[:, : width + t + 1] if prefix else mask
