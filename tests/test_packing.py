@@ -731,3 +731,75 @@ def test_one_call_shared_prompts_for_each_family(family):
     torch.testing.assert_close(shared, whole, atol=1e-5, rtol=1e-5)
     for s, w in zip(shared_grads, whole_grads):
         torch.testing.assert_close(s, w, atol=1e-5, rtol=1e-4)
+
+
+def spy(function, calls):
+    """``function``, recording each call's arguments in ``calls``."""
+
+    def recorded(*args, **kwargs):
+        calls.append(args)
+        return function(*args, **kwargs)
+
+    return recorded
+
+
+@pytest.mark.parametrize("path", ["padded", "packed", "shared"])
+def test_head_runs_on_the_real_tokens_only(tiny, monkeypatch, path):
+    """Given the response mask, the output head computes the real tokens only: their log-probs,
+    entropies and the gradients of a masked loss are those of the whole head, padding gets 0."""
+    from hpt.train import policy as policy_module
+
+    model, tokenizer = tiny
+    make = make_shared_rows if path == "shared" else make_rows  # shared: prompts repeat
+    rows = make(model.config.vocab_size, seed=3)
+    batch = collate(rows, tokenizer.pad_token_id, KIND_ID)
+    everything = torch.arange(len(batch))
+    micro = batch.pack(everything) if path == "packed" else batch.select(everything)
+    mask = micro.response_mask
+    assert not mask.all()  # responses of uneven lengths: padding to skip
+    if path == "shared":  # the pass does share its prompts
+        shares = []
+        monkeypatch.setattr(
+            Policy, "_shared_prompt_hidden", spy(Policy._shared_prompt_hidden, shares)
+        )
+    heads = []  # the tokens each head call computed
+    original = policy_module.token_logprobs_and_entropy
+
+    def counted(hidden, *args, **kwargs):
+        heads.append(hidden.shape[0] * hidden.shape[1])
+        return original(hidden, *args, **kwargs)
+
+    monkeypatch.setattr(policy_module, "token_logprobs_and_entropy", counted)
+
+    def run(response_mask):
+        policy = Policy(copy.deepcopy(model))
+        logprobs, entropy, _ = policy(
+            micro.input_ids,
+            micro.attention_mask,
+            micro.response_index,
+            micro.labels,
+            position_ids=micro.position_ids,
+            share_prompts=True if path == "shared" else 0,
+            response_mask=response_mask,
+        )
+        (logprobs[mask].sum() + 0.1 * entropy[mask].sum()).backward()
+        grads = {n: p.grad for n, p in policy.named_parameters() if p.grad is not None}
+        return logprobs.detach(), entropy.detach(), grads
+
+    whole = run(None)
+    assert heads == [mask.numel()]
+    if path == "shared":
+        assert shares
+    real = run(mask)
+    assert heads[1:] == [int(mask.sum())]
+    torch.testing.assert_close(real[0][mask], whole[0][mask], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(real[1][mask], whole[1][mask], atol=1e-6, rtol=1e-5)
+    assert (real[0][~mask] == 0).all() and (real[1][~mask] == 0).all()
+    assert real[2].keys() == whole[2].keys() and whole[2]
+    for name, grad in whole[2].items():
+        torch.testing.assert_close(real[2][name], grad, atol=1e-6, rtol=1e-4, msg=name)
+    # no padding: the head runs as before, on every position
+    full = torch.ones_like(mask)
+    heads.clear()
+    run(full)
+    assert heads == [mask.numel()]

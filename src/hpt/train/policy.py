@@ -38,6 +38,15 @@ def autocast_dtype(
     return torch.bfloat16 if on_gpu and parameter.dtype == torch.float32 else None
 
 
+def _real_tokens(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The flat indices of ``mask``'s true positions where some are false and ``mask`` is on a
+    CPU; None otherwise (the head then runs on every position). On a GPU finding them would read
+    the mask back to the host every pass, where an update reads once."""
+    if mask is None or mask.device.type != "cpu" or bool(mask.all()):
+        return None
+    return mask.reshape(-1).nonzero().squeeze(1)
+
+
 class Policy(nn.Module):
     """``forward(input_ids, attention_mask, response_index, labels) -> (logprobs, entropy, values)``.
 
@@ -49,6 +58,9 @@ class Policy(nn.Module):
     rollouts' sampling temperature, so the ratio pi_theta / pi_old compares the sampling policy.
     ``share_prompts`` (forward): run each distinct prompt of the rows once when that saves at
     least this many prompt tokens (``True``: whenever a prompt repeats; 0: never).
+    ``response_mask`` (forward, [N, T] bool): the positions that count; on a CPU the output head
+    runs on those only (padding skips its ``[tokens x vocab]`` work) and the others get log-prob
+    and entropy 0. None: every position.
     ``autocast``: a dtype (bfloat16) every pass runs under ``torch.autocast`` in (mixed
     precision: matmuls in it, the weights, their gradients and the optimiser stay as they are;
     log-probs, entropy and values come out float32); None: the weights' own dtype.
@@ -94,10 +106,17 @@ class Policy(nn.Module):
         labels: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         share_prompts: int = 0,
+        response_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         with self._precision(input_ids.device):
             return self._forward(
-                input_ids, attention_mask, response_index, labels, position_ids, share_prompts
+                input_ids,
+                attention_mask,
+                response_index,
+                labels,
+                position_ids,
+                share_prompts,
+                response_mask,
             )
 
     def _forward(
@@ -108,6 +127,7 @@ class Policy(nn.Module):
         labels: torch.Tensor,
         position_ids: torch.Tensor | None,
         share_prompts: int,
+        response_mask: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         decoder = self.model.get_decoder()
         shared = (
@@ -118,7 +138,7 @@ class Policy(nn.Module):
         if shared is not None:
             with self._adapters(), self._compiled_layers(decoder):
                 hidden = self._shared_prompt_hidden(decoder, shared, labels.shape[1])
-            return self._head(hidden, labels)
+            return self._head(hidden, labels, response_mask)
         if position_ids is None:
             inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         else:  # packed: no 2-D mask, so transformers builds the block-diagonal one from positions
@@ -131,7 +151,7 @@ class Policy(nn.Module):
             hidden = hidden.gather(1, index)  # [N, T, H]
         else:
             hidden = hidden[0][response_index]  # [N, T, H] from the one packed sequence
-        return self._head(hidden, labels)
+        return self._head(hidden, labels, response_mask)
 
     @staticmethod
     def _recomputes(decoder: nn.Module) -> bool:
@@ -232,13 +252,31 @@ class Policy(nn.Module):
         return torch.cat([last[:, None], responses.unflatten(0, (layout.rows, steps))], dim=1)
 
     def _head(
-        self, hidden: torch.Tensor, labels: torch.Tensor
+        self, hidden: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Log-probs, entropy and values of the [N, T, H] hidden states predicting ``labels``."""
+        """Log-probs, entropy and values of the [N, T, H] hidden states predicting ``labels``;
+        the head's log-probs and entropy at ``mask``'s positions only (0 elsewhere)."""
         head = self.model.get_output_embeddings()
-        logprobs, entropy = token_logprobs_and_entropy(
-            hidden, head.weight, labels, chunk_size=self.chunk_size, temperature=self.temperature
-        )
+        where = _real_tokens(mask)
+        if where is not None:  # padding: the head on the real tokens only
+            picked, entropy_picked = token_logprobs_and_entropy(
+                hidden.reshape(-1, hidden.shape[-1])[where][None],
+                head.weight,
+                labels.reshape(-1)[where][None],
+                chunk_size=self.chunk_size,
+                temperature=self.temperature,
+            )
+            zeros = picked.new_zeros(labels.numel())
+            logprobs = zeros.index_put((where,), picked[0]).reshape(labels.shape)
+            entropy = zeros.index_put((where,), entropy_picked[0]).reshape(labels.shape)
+        else:
+            logprobs, entropy = token_logprobs_and_entropy(
+                hidden,
+                head.weight,
+                labels,
+                chunk_size=self.chunk_size,
+                temperature=self.temperature,
+            )
         values = (
             self.value_head(hidden.float()).squeeze(-1).float()
             if self.value_head is not None

@@ -401,6 +401,7 @@ def forward(policy: torch.nn.Module, micro: Batch, share_prompts: int = 0) -> An
         micro.labels,
         position_ids=micro.position_ids,
         share_prompts=share_prompts,
+        response_mask=micro.response_mask,
     )
 
 
