@@ -377,6 +377,35 @@ def test_share_prompts_splits_rows_by_prompt():
     assert share_prompts(alone.input_ids, alone.attention_mask, alone.response_index) is None
 
 
+def test_one_sequence_leaves_the_response_padding_out(tiny):
+    """On a CPU the one shared-prompt sequence holds the prompts and the response tokens only;
+    the layout puts them back on the rows x steps grid, zeros at the padding."""
+    from hpt.train.batch import share_prompts
+
+    model, tokenizer = tiny
+    rows = make_shared_rows(model.config.vocab_size)
+    batch = collate(rows, tokenizer.pad_token_id, KIND_ID)
+    shared = share_prompts(batch.input_ids, batch.attention_mask, batch.response_index)
+    steps = batch.labels.shape[1] - 1
+    input_ids, positions, layout = prompt_attention.one_sequence(shared, steps)
+    running = shared.response_mask[:, :steps].bool()
+    assert not running.all()
+    groups, width = shared.prompt_ids.shape
+    assert input_ids.shape == positions.shape == (1, groups * width + int(running.sum()))
+    on_grid = layout.to_grid(input_ids[0, groups * width :]).view(len(rows), steps)
+    assert torch.equal(on_grid[running], shared.response_ids[:, :steps][running])
+    assert (on_grid[~running] == 0).all()
+    for i, row in enumerate(rows):  # each response token after its own prompt
+        r = min(len(row.response_ids), steps)
+        expected = torch.arange(len(row.prompt_ids), len(row.prompt_ids) + r)
+        grid_positions = layout.to_grid(positions[0, groups * width :]).view(len(rows), steps)
+        assert torch.equal(grid_positions[i, :r], expected)
+    # no padding (every response as long as the pass): the whole grid, as before
+    full = dataclasses.replace(shared, response_mask=torch.ones_like(shared.response_mask))
+    input_ids, _, layout = prompt_attention.one_sequence(full, steps)
+    assert layout.real is None and input_ids.shape[1] == groups * width + len(rows) * steps
+
+
 def test_shared_prompts_with_one_token_responses(tiny, prompt_calls):
     model, tokenizer = tiny
     rows = [r for r in make_shared_rows(model.config.vocab_size) if r.group == 1]

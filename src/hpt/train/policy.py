@@ -247,7 +247,9 @@ class Policy(nn.Module):
                 use_cache=False,
                 **{prompt_attention.LAYOUT_KEYWORD: layout},
             ).last_hidden_state[0]
-        prompts, responses = hidden.split([layout.groups * layout.width, layout.rows * steps])
+        split = layout.groups * layout.width
+        prompts, responses = hidden.split([split, hidden.shape[0] - split])
+        responses = layout.to_grid(responses)  # [rows * steps, H], zeros at the padding
         last = prompts[shared.prompt_of_row * layout.width + shared.prompt_lengths - 1]
         return torch.cat([last[:, None], responses.unflatten(0, (layout.rows, steps))], dim=1)
 

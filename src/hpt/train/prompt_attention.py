@@ -42,9 +42,12 @@ class Layout:
     """Where the prompts and the responses lie in the one sequence of a shared-prompt pass.
 
     The first ``groups x width`` tokens are the prompts (right padded to ``width``), the next
-    ``rows x steps`` the responses (right padded to ``steps``). ``prompt_of_row`` [rows]: each
-    response's prompt; ``response_mask`` [rows, 1, steps, width + steps] (bool): the keys each
-    response query sees, its prompt's real tokens and its own tokens up to itself.
+    the responses: ``rows x steps`` right padded to ``steps``, or, where ``real`` is given, only
+    those positions of that grid (the response tokens, no padding: the layers' projections and
+    MLPs then skip the padding, and attention lays the tokens out on the grid again).
+    ``prompt_of_row`` [rows]: each response's prompt; ``response_mask`` [rows, 1, steps, width +
+    steps] (bool): the keys each response query sees, its prompt's real tokens and its own tokens
+    up to itself.
     """
 
     groups: int
@@ -53,6 +56,15 @@ class Layout:
     steps: int
     prompt_of_row: torch.Tensor
     response_mask: torch.Tensor
+    real: torch.Tensor | None = None  # flat indices into the rows x steps grid; None: all of it
+
+    def to_grid(self, responses: torch.Tensor) -> torch.Tensor:
+        """``responses`` [R, ...] of the sequence on the full grid [rows x steps, ...] (zeros at
+        the padding)."""
+        if self.real is None:
+            return responses
+        grid = responses.new_zeros((self.rows * self.steps, *responses.shape[1:]))
+        return grid.index_copy(0, self.real, responses)
 
 
 def applies(model: Any) -> bool:
@@ -85,12 +97,15 @@ def one_sequence(shared: SharedPrompts, steps: int) -> tuple[torch.Tensor, torch
     groups, width = shared.prompt_ids.shape
     rows = shared.prompt_of_row.shape[0]
     device = shared.prompt_ids.device
-    responses = shared.response_ids[:, :steps]
-    input_ids = torch.cat([shared.prompt_ids.reshape(-1), responses.reshape(-1)])[None]
+    responses = shared.response_ids[:, :steps].reshape(-1)
     own = torch.arange(steps, device=device)
+    response_positions = (shared.prompt_lengths[:, None] + own).reshape(-1)  # after its prompt
+    real = _response_tokens(shared.response_mask[:, :steps])
+    if real is not None:  # the padding left out of the sequence
+        responses, response_positions = responses[real], response_positions[real]
+    input_ids = torch.cat([shared.prompt_ids.reshape(-1), responses])[None]
     prompt_positions = torch.arange(width, device=device).repeat(groups)
-    response_positions = shared.prompt_lengths[:, None] + own  # each after its own prompt
-    position_ids = torch.cat([prompt_positions, response_positions.reshape(-1)])[None]
+    position_ids = torch.cat([prompt_positions, response_positions])[None]
     lengths = shared.prompt_lengths  # [rows]: the real tokens of each row's prompt
     sees_prompt = torch.arange(width, device=device) < lengths[:, None]  # [rows, width]
     causal = own[None, :] <= own[:, None]  # [steps (query), steps (key)]
@@ -98,8 +113,18 @@ def one_sequence(shared: SharedPrompts, steps: int) -> tuple[torch.Tensor, torch
         [sees_prompt[:, None, :].expand(rows, steps, width), causal.expand(rows, steps, steps)],
         dim=2,
     )
-    layout = Layout(groups, width, rows, steps, shared.prompt_of_row, mask[:, None])
+    layout = Layout(groups, width, rows, steps, shared.prompt_of_row, mask[:, None], real)
     return input_ids, position_ids, layout
+
+
+def _response_tokens(mask: torch.Tensor) -> torch.Tensor | None:
+    """The flat indices of ``mask``'s true positions (the response tokens of the [rows, steps]
+    grid) where some are padding and the mask is on a CPU; None otherwise (the sequence then holds
+    the whole grid). On a GPU finding them would read the mask back to the host every pass."""
+    mask = mask.bool()
+    if mask.device.type != "cpu" or bool(mask.all()):
+        return None
+    return mask.reshape(-1).nonzero().squeeze(1)
 
 
 def shared_prompt_attention(
@@ -132,6 +157,7 @@ def shared_prompt_attention(
         whose backward is one ``cat``: slices would each zero-fill a full-size gradient)."""
         prompt, response = x[0].split([split, x.shape[2] - split], dim=1)
         prompt = prompt.unflatten(1, (layout.groups, layout.width)).transpose(0, 1)
+        response = layout.to_grid(response.transpose(0, 1)).transpose(0, 1)  # [h, rows*steps, d]
         return prompt, response.unflatten(1, (layout.rows, layout.steps)).transpose(0, 1)
 
     (p_query, r_query), (p_key, r_key), (p_value, r_value) = parts(query), parts(key), parts(value)
@@ -148,12 +174,10 @@ def shared_prompt_attention(
         scale=scaling,
         enable_gqa=gqa,
     )
-    out = torch.cat(
-        [
-            p_out.transpose(1, 2).reshape(split, heads, dim),
-            r_out.transpose(1, 2).reshape(-1, heads, dim),
-        ]
-    )
+    r_out = r_out.transpose(1, 2).reshape(-1, heads, dim)
+    if layout.real is not None:  # back to the sequence's response tokens
+        r_out = r_out.index_select(0, layout.real)
+    out = torch.cat([p_out.transpose(1, 2).reshape(split, heads, dim), r_out])
     return out[None], None
 
 
