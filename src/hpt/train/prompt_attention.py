@@ -8,7 +8,11 @@ padded to the same width, each response to the same length), with their own posi
 model's attention is swapped, for that call only, for :func:`shared_prompt_attention`, which
 splits the sequence again inside each layer: prompts attend causally within themselves, each
 response to its prompt's keys and values and causally to its own. Everything else of a layer
-(norms, projections, rotary, MLP) runs once, on all the tokens.
+(norms, projections, rotary, MLP) runs once, on all the tokens. On a CPU the responses'
+padding is left out of the sequence (:attr:`Layout.real`): attention lays the response tokens out
+on the padded rows x steps grid again and takes them back from it, and nothing else of a layer
+sees the padding (SmolLM2-135M, 8 responses of 40-128 tokens, 27% padding, forward and backward:
+3.03-3.20 s against 3.69-3.77 s, 2 CPU cores).
 
 Measured on 2 CPU cores (tiny model, 8 rows of one 27-token prompt and 64 response tokens, forward
 and backward): 57-58 ms a pass against 64-70 ms for the two calls (and 67-69 ms for every row
