@@ -25,9 +25,9 @@ from test_packing import make_rows, settings
 READ_OPS = {"_local_scalar_dense", "nonzero", "masked_select"}
 # where a pass may read by design: the model's own code, and the batch's CPU copy, which
 # Batch.select reads to trim a pass to its rows' longest sequence (no device involved); kind ids
-# are checked only where they are CPU tensors (_as_long), which on a GPU they are not; the head
-# skips padded positions only where the mask is on a CPU (policy.py:_real_tokens)
-EXEMPT = ("/transformers/", "batch.py:select", "unified.py:_as_long", "policy.py:_real_tokens")
+# are checked only where they are CPU tensors (_as_long), which on a GPU they are not; padding is
+# skipped only where the mask is on a CPU (batch.py:real_positions)
+EXEMPT = ("/transformers/", "batch.py:select", "unified.py:_as_long", "batch.py:real_positions")
 
 
 def _origin() -> str:

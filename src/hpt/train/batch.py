@@ -265,6 +265,18 @@ class SharedPrompts:
     response_mask: torch.Tensor
 
 
+def real_positions(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The flat indices of ``mask``'s true positions (the tokens, not the padding) where some are
+    false and ``mask`` is on a CPU; None otherwise (every position then runs). On a GPU finding
+    them would read the mask back to the host every pass, where an update reads once."""
+    if mask is None:
+        return None
+    mask = mask.bool()
+    if mask.device.type != "cpu" or bool(mask.all()):
+        return None
+    return mask.reshape(-1).nonzero().squeeze(1)
+
+
 def share_prompts(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,

@@ -38,15 +38,6 @@ def autocast_dtype(
     return torch.bfloat16 if on_gpu and parameter.dtype == torch.float32 else None
 
 
-def _real_tokens(mask: torch.Tensor | None) -> torch.Tensor | None:
-    """The flat indices of ``mask``'s true positions where some are false and ``mask`` is on a
-    CPU; None otherwise (the head then runs on every position). On a GPU finding them would read
-    the mask back to the host every pass, where an update reads once."""
-    if mask is None or mask.device.type != "cpu" or bool(mask.all()):
-        return None
-    return mask.reshape(-1).nonzero().squeeze(1)
-
-
 class Policy(nn.Module):
     """``forward(input_ids, attention_mask, response_index, labels) -> (logprobs, entropy, values)``.
 
@@ -259,7 +250,7 @@ class Policy(nn.Module):
         """Log-probs, entropy and values of the [N, T, H] hidden states predicting ``labels``;
         the head's log-probs and entropy at ``mask``'s positions only (0 elsewhere)."""
         head = self.model.get_output_embeddings()
-        where = _real_tokens(mask)
+        where = batch.real_positions(mask)
         if where is not None:  # padding: the head on the real tokens only
             picked, entropy_picked = token_logprobs_and_entropy(
                 hidden.reshape(-1, hidden.shape[-1])[where][None],

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from hpt.train.batch import SharedPrompts
+from hpt.train.batch import SharedPrompts, real_positions
 
 IMPLEMENTATION = "hpt_shared_prompts"  # the name it is registered under in transformers
 LAYOUT_KEYWORD = "hpt_shared_layout"  # the decoder-call keyword that carries the layout
@@ -104,7 +104,7 @@ def one_sequence(shared: SharedPrompts, steps: int) -> tuple[torch.Tensor, torch
     responses = shared.response_ids[:, :steps].reshape(-1)
     own = torch.arange(steps, device=device)
     response_positions = (shared.prompt_lengths[:, None] + own).reshape(-1)  # after its prompt
-    real = _response_tokens(shared.response_mask[:, :steps])
+    real = real_positions(shared.response_mask[:, :steps])  # None: the whole grid
     if real is not None:  # the padding left out of the sequence
         responses, response_positions = responses[real], response_positions[real]
     input_ids = torch.cat([shared.prompt_ids.reshape(-1), responses])[None]
@@ -119,16 +119,6 @@ def one_sequence(shared: SharedPrompts, steps: int) -> tuple[torch.Tensor, torch
     )
     layout = Layout(groups, width, rows, steps, shared.prompt_of_row, mask[:, None], real)
     return input_ids, position_ids, layout
-
-
-def _response_tokens(mask: torch.Tensor) -> torch.Tensor | None:
-    """The flat indices of ``mask``'s true positions (the response tokens of the [rows, steps]
-    grid) where some are padding and the mask is on a CPU; None otherwise (the sequence then holds
-    the whole grid). On a GPU finding them would read the mask back to the host every pass."""
-    mask = mask.bool()
-    if mask.device.type != "cpu" or bool(mask.all()):
-        return None
-    return mask.reshape(-1).nonzero().squeeze(1)
 
 
 def shared_prompt_attention(
