@@ -832,3 +832,74 @@ def test_head_runs_on_the_real_tokens_only(tiny, monkeypatch, path):
     heads.clear()
     run(full)
     assert heads == [mask.numel()]
+
+
+def own_prompt_rows(vocab: int, response_lengths: list[int], seed: int = 0) -> list[Row]:
+    """One row per question (prompts of 5-8 tokens, none repeated), responses as long as given."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for q, n in enumerate(response_lengths):
+        prompt = torch.randint(5, vocab, (5 + q % 4,), generator=g).tolist()
+        response = torch.randint(5, vocab, (n,), generator=g).tolist()
+        rows.append(Row(prompt, response, "sft", q, 1.0))
+    return rows
+
+
+def test_rows_with_their_own_prompts_split_where_that_drops_the_padding():
+    """unpad_at: rows whose prompts are all their own still split into prompts and responses
+    when the responses' padding is at least that share of the padded tokens, and only then."""
+    from hpt.train.batch import UNPAD_AT, share_prompts
+
+    uneven = collate(own_prompt_rows(50, [2, 40, 3, 38]), 0, KIND_ID)
+    args = (uneven.input_ids, uneven.attention_mask, uneven.response_index)
+    assert share_prompts(*args) is None  # nothing repeats: no split without unpad_at
+    split = share_prompts(*args, unpad_at=UNPAD_AT)
+    assert split is not None
+    assert split.prompt_of_row.tolist() == [0, 1, 2, 3]  # each row its own prompt
+    assert split.response_mask.sum(1).tolist() == [2, 40, 3, 38]
+    # prompts at width 16 and 83 response tokens: 147 of the 4 x 46 padded tokens
+    assert split.prompt_ids.shape == (4, 16) and uneven.input_ids.numel() == 4 * 46
+    assert share_prompts(*args, unpad_at=1 - 147.5 / 184) is not None
+    assert share_prompts(*args, unpad_at=1 - 146.5 / 184) is None
+    even = collate(own_prompt_rows(50, [38, 40, 39, 40]), 0, KIND_ID)
+    args = (even.input_ids, even.attention_mask, even.response_index)
+    assert share_prompts(*args, unpad_at=UNPAD_AT) is None  # little padding to drop
+
+
+def test_rows_with_their_own_prompts_skip_the_padding_with_the_padded_gradients(tiny):
+    """On a CPU a pass whose rows have their own prompts and uneven responses runs as one
+    sequence without the responses' padding: the padded pass's log-probs and gradients."""
+    model, tokenizer = tiny
+    rows = own_prompt_rows(model.config.vocab_size, [2, 60, 3, 58, 2, 61])
+    batch = collate(rows, tokenizer.pad_token_id, KIND_ID)
+    mask = batch.response_mask
+    sequences = []  # the tokens each decoder call ran
+
+    def run(share):
+        policy = Policy(copy.deepcopy(model))
+        hook = policy.model.get_decoder().register_forward_pre_hook(
+            lambda module, args, kwargs: sequences.append(kwargs["input_ids"].numel()),
+            with_kwargs=True,
+        )
+        logprobs, entropy, _ = policy(
+            batch.input_ids,
+            batch.attention_mask,
+            batch.response_index,
+            batch.labels,
+            share_prompts=share,
+            response_mask=mask,
+        )
+        hook.remove()
+        (logprobs[mask].sum() + 0.1 * entropy[mask].sum()).backward()
+        return logprobs.detach(), {n: p.grad for n, p in policy.named_parameters()}
+
+    padded = run(0)
+    unpadded = run(1)
+    assert sequences[0] == batch.input_ids.numel()
+    # one call: each prompt at the padded width 16, then the response tokens (none at the last
+    # step, which predicts nothing)
+    assert sequences[1:] == [len(rows) * 16 + int(mask[:, :-1].sum())]
+    assert sequences[1] < 0.75 * sequences[0]
+    torch.testing.assert_close(unpadded[0][mask], padded[0][mask], atol=1e-5, rtol=1e-5)
+    for name, grad in padded[1].items():
+        torch.testing.assert_close(unpadded[1][name], grad, atol=1e-5, rtol=1e-4, msg=name)

@@ -48,7 +48,9 @@ class Policy(nn.Module):
     Log-probs and entropy are those of ``softmax(logits / temperature)``: the trainer passes the
     rollouts' sampling temperature, so the ratio pi_theta / pi_old compares the sampling policy.
     ``share_prompts`` (forward): run each distinct prompt of the rows once when that saves at
-    least this many prompt tokens (``True``: whenever a prompt repeats; 0: never).
+    least this many prompt tokens (``True``: whenever a prompt repeats; 0: never); on a CPU,
+    where the pass is one decoder call, also rows whose prompts are all their own when leaving
+    the responses' padding out drops at least :data:`~hpt.train.batch.UNPAD_AT` of the tokens.
     ``response_mask`` (forward, [N, T] bool): the positions that count; on a CPU the output head
     runs on those only (padding skips its ``[tokens x vocab]`` work) and the others get log-prob
     and entropy 0. None: every position.
@@ -121,8 +123,17 @@ class Policy(nn.Module):
         response_mask: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         decoder = self.model.get_decoder()
+        # one decoder call on a CPU leaves the responses' padding out: worth it without a repeat
+        unpads = input_ids.device.type == "cpu" and labels.shape[1] > 1
+        unpads = unpads and prompt_attention.applies(self.model)
         shared = (
-            batch.share_prompts(input_ids, attention_mask, response_index, int(share_prompts))
+            batch.share_prompts(
+                input_ids,
+                attention_mask,
+                response_index,
+                int(share_prompts),
+                unpad_at=batch.UNPAD_AT if unpads else None,
+            )
             if share_prompts and position_ids is None and not self._recomputes(decoder)
             else None
         )

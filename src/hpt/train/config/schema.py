@@ -257,7 +257,9 @@ class OptimConfig:
         "call for Llama/Qwen2/Qwen3/Mistral without sliding windows, two (a KV cache) elsewhere; "
         "auto: on where it applies (padded passes on the CPU, no gradient checkpointing; under "
         "FSDP2 in one call only), wherever a prompt repeats in one call and where a pass saves "
-        "at least 128 prompt tokens in two; off on GPUs (not yet measured there with one call)",
+        "at least 128 prompt tokens in two; off on GPUs (not yet measured there with one call); "
+        "on, a CPU pass in one call also runs rows whose prompts are all their own as one "
+        "sequence when leaving the responses' padding out drops at least 1/8 of its tokens",
     )
     compile: bool = Field(
         False,
