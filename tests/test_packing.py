@@ -298,6 +298,31 @@ def test_engine_old_logprobs_refused_when_demonstrations_need_them():
 # --- shared prompts: each distinct prompt runs once, the responses on its KV cache ---------------
 
 
+def rounded_up(tokens: int, grid: int, multiple: int = 16) -> int:
+    """How many positions of a ``grid``-position pass run for ``tokens`` real ones (on a CPU):
+    those, and padding up to a multiple of 16, or the whole grid where that is no more."""
+    return min(-(-tokens // multiple) * multiple, grid)
+
+
+def test_real_positions_round_up_with_the_first_padding():
+    from hpt.train.batch import real_positions
+
+    mask = torch.zeros(4, 25, dtype=torch.bool)
+    mask[0, :20], mask[1, :3], mask[2, :14] = True, True, True  # 37 tokens of 100
+    where = real_positions(mask)
+    assert where.numel() == 48 and torch.equal(where, where.sort().values)
+    assert mask.reshape(-1)[where].sum() == 37  # every token, and 11 padding positions:
+    padding = (~mask).reshape(-1).nonzero().squeeze(1)
+    assert torch.equal(where[~mask.reshape(-1)[where]], padding[:11])  # the first ones
+    mask[3, :] = mask[2, :] = True  # 73 tokens: 80 positions, not yet the whole grid
+    assert real_positions(mask).numel() == 80
+    mask[1, :] = True  # 95 tokens: 96 positions
+    assert real_positions(mask).numel() == 96
+    mask[0, 20:22] = True  # 97 tokens: 112 would be more than the grid, so the whole grid
+    assert real_positions(mask) is None
+    assert real_positions(torch.ones(3, 5, dtype=torch.bool)) is None
+
+
 def make_shared_rows(vocab: int, seed: int = 0, longest: int = 15) -> list[Row]:
     """Three questions (prompts of 4, 9 and 13 tokens), each with rollouts and a demonstration of
     uneven response lengths (one of a single token), plus one question with a single row."""
@@ -391,7 +416,9 @@ def test_one_sequence_leaves_the_response_padding_out(tiny):
     running = shared.response_mask[:, :steps].bool()
     assert not running.all()
     groups, width = shared.prompt_ids.shape
-    assert input_ids.shape == positions.shape == (1, groups * width + int(running.sum()))
+    # the response tokens, and the first padding positions up to a multiple of 16
+    tokens = rounded_up(int(running.sum()), running.numel())
+    assert input_ids.shape == positions.shape == (1, groups * width + tokens)
     on_grid = layout.to_grid(input_ids[0, groups * width :]).view(len(rows), steps)
     assert torch.equal(on_grid[running], shared.response_ids[:, :steps][running])
     assert (on_grid[~running] == 0).all()
@@ -820,7 +847,7 @@ def test_head_runs_on_the_real_tokens_only(tiny, monkeypatch, path):
     if path == "shared":
         assert shares
     real = run(mask)
-    assert heads[1:] == [int(mask.sum())]
+    assert heads[1:] == [rounded_up(int(mask.sum()), mask.numel())]
     torch.testing.assert_close(real[0][mask], whole[0][mask], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(real[1][mask], whole[1][mask], atol=1e-6, rtol=1e-5)
     assert (real[0][~mask] == 0).all() and (real[1][~mask] == 0).all()
@@ -898,7 +925,7 @@ def test_rows_with_their_own_prompts_skip_the_padding_with_the_padded_gradients(
     assert sequences[0] == batch.input_ids.numel()
     # one call: each prompt at the padded width 16, then the response tokens (none at the last
     # step, which predicts nothing)
-    assert sequences[1:] == [len(rows) * 16 + int(mask[:, :-1].sum())]
+    assert sequences[1:] == [len(rows) * 16 + rounded_up(int(mask[:, :-1].sum()), 6 * 60)]
     assert sequences[1] < 0.75 * sequences[0]
     torch.testing.assert_close(unpadded[0][mask], padded[0][mask], atol=1e-5, rtol=1e-5)
     for name, grad in padded[1].items():

@@ -270,9 +270,10 @@ class Policy(nn.Module):
                 chunk_size=self.chunk_size,
                 temperature=self.temperature,
             )
+            real = mask.reshape(-1)[where].to(picked.dtype)  # 0 at the padding it rounded in
             zeros = picked.new_zeros(labels.numel())
-            logprobs = zeros.index_put((where,), picked[0]).reshape(labels.shape)
-            entropy = zeros.index_put((where,), entropy_picked[0]).reshape(labels.shape)
+            logprobs = zeros.index_put((where,), picked[0] * real).reshape(labels.shape)
+            entropy = zeros.index_put((where,), entropy_picked[0] * real).reshape(labels.shape)
         else:
             logprobs, entropy = token_logprobs_and_entropy(
                 hidden,
