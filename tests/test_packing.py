@@ -233,6 +233,45 @@ def test_token_micro_batches_count_a_shared_prompt_once():
         assert cost <= 200 or len(rows) == 1
 
 
+def test_token_micro_batches_count_the_tokens_of_unpadded_passes():
+    """Where passes leave the responses' padding out (one call on a CPU), a pass costs its
+    prompts plus its responses' total length (rounded up to 16): uneven rollouts fill passes
+    that their longest response would have cut; rows with prompts of their own cost what the
+    pass will run, split where that drops 1/8 of the padded tokens, padded otherwise."""
+    # one question: a 10-token prompt and responses of 60, 5, 5 and 5 tokens
+    lengths, keys, prompts = torch.tensor([70, 15, 15, 15]), torch.zeros(4), torch.full((4,), 10)
+    by_longest = token_micro_batches(lengths, 128, False, (keys, prompts))
+    assert [p.tolist() for p in by_longest] == [[0], [1, 2, 3]]  # 16 + 2 x 60 = 136 for two
+    unpadded = token_micro_batches(lengths, 128, False, (keys, prompts), unpadded=True)
+    assert [p.tolist() for p in unpadded] == [[0, 1, 2, 3]]  # 16 + (75 -> 80) = 96
+    # every row its own prompt (10 tokens, width 16): split where that drops 1/8, else padded
+    own = torch.arange(4)
+    uneven = torch.tensor([68, 14, 14, 14])  # three rows: 48 + (66 -> 80) = 128, padded 204
+    assert [p.tolist() for p in token_micro_batches(uneven, 130, False, (own, prompts), True)] == [
+        [0, 1, 2],
+        [3],
+    ]
+    even = torch.tensor([40, 40, 40, 40])  # four rows: 64 + 120 -> 128 is over 7/8 of 160
+    passes = token_micro_batches(even, 150, False, (own, prompts), unpadded=True)
+    assert [p.tolist() for p in passes] == [[0, 1, 2], [3]]  # padded: 3 x 40 = 120 fits
+    # ragged rows: every pass within budget at the tokens it runs (or a row alone)
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randint(0, 5, (40,), generator=g)
+    prompt_lengths = keys * 7 + 5
+    lengths = prompt_lengths + torch.randint(1, 40, (40,), generator=g)
+    passes = token_micro_batches(lengths, 200, False, (keys, prompt_lengths), unpadded=True)
+    assert torch.cat(passes).sort().values.tolist() == list(range(40))
+    assert len(passes) < len(token_micro_batches(lengths, 200, False, (keys, prompt_lengths)))
+    for rows in passes:
+        width = -(-int(prompt_lengths[rows].max()) // 16) * 16
+        responses = int((lengths[rows] - prompt_lengths[rows]).sum())
+        groups = len(set(keys[rows].tolist()))
+        split = groups * width + -(-responses // 16) * 16
+        padded = len(rows) * int(lengths[rows].max())
+        cost = split if groups < len(rows) or split <= 7 / 8 * padded else padded
+        assert cost <= 200 or len(rows) == 1
+
+
 def test_old_logprobs_from_the_engine_equal_a_recomputed_pass(tiny):
     """Several updates a step: pi_old of rollout tokens is the hf engine's sampling log-probs
     (no forward pass), and equals what the trainer's own pass would compute."""

@@ -188,19 +188,30 @@ class _Pass:
     prompts: set[int] = field(default_factory=set)  # the distinct prompt keys (shared passes)
     width: int = 0  # the longest prompt
     response: int = 0  # the longest response
+    responses: int = 0  # the responses' total length
 
-    def cost_with(self, length: int, shared: tuple[int, int] | None, packed: bool) -> int:
+    def cost_with(
+        self, length: int, shared: tuple[int, int] | None, packed: bool, unpadded: bool = False
+    ) -> int:
         """The pass's tokens with one more row of ``length`` (``shared``: its prompt key and
-        length, for passes that run each distinct prompt once)."""
+        length, for passes that run each distinct prompt once; ``unpadded``: such passes leave
+        the responses' padding out, as :func:`share_prompts` with ``unpad_at`` decides)."""
         if packed:
             return self.tokens + length
         count = len(self.rows) + 1
+        padded = count * max(self.longest, length)
         if shared is None:
-            return count * max(self.longest, length)
+            return padded
         key, prompt = shared
         width = -(-max(self.width, prompt) // PROMPT_WIDTH_MULTIPLE) * PROMPT_WIDTH_MULTIPLE
         groups = len(self.prompts) + (key not in self.prompts)
-        return groups * width + count * max(self.response, length - prompt)
+        if not unpadded:
+            return groups * width + count * max(self.response, length - prompt)
+        responses = self.responses + length - prompt  # rounded up as real_positions rounds
+        split = groups * width + -(-responses // PROMPT_WIDTH_MULTIPLE) * PROMPT_WIDTH_MULTIPLE
+        if groups < count or split <= (1 - UNPAD_AT) * padded:
+            return split
+        return padded  # every prompt its own and little padding: the rows run padded
 
     def add(self, row: int, length: int, shared: tuple[int, int] | None) -> _Pass:
         self.rows.append(row)
@@ -210,6 +221,7 @@ class _Pass:
             self.prompts.add(shared[0])
             self.width = max(self.width, shared[1])
             self.response = max(self.response, length - shared[1])
+            self.responses += length - shared[1]
         return self
 
 
@@ -218,6 +230,7 @@ def token_micro_batches(
     max_tokens: int,
     packed: bool,
     prompts: tuple[torch.Tensor, torch.Tensor] | None = None,
+    unpadded: bool = False,
 ) -> list[torch.Tensor]:
     """Rows grouped into passes of at most ``max_tokens`` tokens (verl's dynamic batch size).
 
@@ -227,7 +240,11 @@ def token_micro_batches(
     ``prompts`` = (each row's prompt key [N], its prompt length [N]) for passes that run each
     distinct prompt once (:func:`share_prompts` wherever a prompt repeats), its distinct prompts
     at the widest one's width (a multiple of :data:`PROMPT_WIDTH_MULTIPLE`) plus rows x its
-    longest response. A row longer than ``max_tokens`` gets a pass of its own. Returns each
+    longest response; with ``unpadded`` too (one decoder call on a CPU, which leaves the
+    responses' padding out), the prompts plus the responses' total length rounded up to that
+    multiple, or the padded rows where no prompt repeats and that drops less than
+    :data:`UNPAD_AT` of them (:func:`share_prompts` then runs them padded). A row longer than
+    ``max_tokens`` gets a pass of its own. Returns each
     pass's row indices, ascending. The loss is normalised over the whole mini-batch, so how rows
     are grouped does not change it.
     """
@@ -243,7 +260,7 @@ def token_micro_batches(
     for i in order:
         shared = (keys[i], widths[i]) if prompts is not None else None
         for candidate in passes:
-            if candidate.cost_with(size[i], shared, packed) <= max_tokens:
+            if candidate.cost_with(size[i], shared, packed, unpadded) <= max_tokens:
                 candidate.add(i, size[i], shared)
                 break
         else:

@@ -214,7 +214,8 @@ def prepare(
     device = next(policy.parameters()).device
     packed = packs(config, policy)
     share = shares_prompts(config, policy, packed)
-    parts = plan_passes(batch, torch.arange(len(batch)), config, packed, share)
+    unpadded = unpads(config, policy, share)
+    parts = plan_passes(batch, torch.arange(len(batch)), config, packed, share, unpadded)
     for k in range(dist.same_count(policy, len(parts))):
         part = parts[min(k, len(parts) - 1)]
         micro = micro_batch(batch, part, packed).to(device)
@@ -367,23 +368,49 @@ def check_shared_prompts(config: TrainConfig, model: Any) -> None:
 
 
 def plan_passes(
-    batch: Batch, rows: torch.Tensor, config: TrainConfig, packed: bool, share: int = 0
+    batch: Batch,
+    rows: torch.Tensor,
+    config: TrainConfig,
+    packed: bool,
+    share: int = 0,
+    unpadded: bool = False,
 ) -> list[torch.Tensor]:
     """The row indices (into ``batch``) of each forward pass over ``rows``.
 
     ``optim.micro_batch_tokens`` > 0: passes of at most that many tokens (dynamic batch size;
     a pass costs its tokens when ``packed``; else rows x its longest row, or, when passes share
     every repeated prompt (``share`` 1, :func:`shares_prompts`), its questions' prompts once
-    plus rows x its longest response); else ``optim.micro_batch_size`` rows a pass, in order.
+    plus rows x its longest response, or plus its responses' tokens where passes leave their
+    padding out (``unpadded``, :func:`unpads`)); else ``optim.micro_batch_size`` rows a pass, in
+    order.
     """
     optim = config.optim
     if optim.micro_batch_tokens:
         lengths = batch.lengths()[rows]
         # a question's rows share its prompt (the first response_index + 1 tokens of each row)
         prompts = (batch.group[rows], batch.response_index[rows, 0] + 1) if share == 1 else None
-        planned = token_micro_batches(lengths, optim.micro_batch_tokens, packed, prompts)
+        planned = token_micro_batches(
+            lengths, optim.micro_batch_tokens, packed, prompts, unpadded and prompts is not None
+        )
         return [rows[g] for g in planned]
     return [rows[part] for part in micro_batches(len(rows), optim.micro_batch_size)]
+
+
+def unpads(config: TrainConfig, policy: torch.nn.Module | None, share: int) -> bool:
+    """Whether passes that split rows into prompts and responses (``share`` > 0) leave the
+    responses' padding out: one decoder call on a CPU, as :class:`~hpt.train.policy.Policy`
+    decides (so :func:`plan_passes` counts the tokens that actually run)."""
+    from hpt.train import prompt_attention
+
+    module = getattr(policy, "module", policy)  # DDP wraps the policy
+    model = getattr(module, "model", None)
+    return (
+        share > 0
+        and model is not None
+        and not config.model.gradient_checkpointing
+        and next(module.parameters()).device.type == "cpu"
+        and prompt_attention.applies(model)
+    )
 
 
 def micro_batch(batch: Batch, rows: torch.Tensor, packed: bool) -> Batch:
@@ -473,6 +500,7 @@ def update(
     per_mini = max(1, math.ceil(config.optim.mini_batch_questions / world))
     packed = packs(config, policy)
     share = shares_prompts(config, policy, packed)
+    unpadded = unpads(config, policy, share)
     totals: dict[str, float] = {"loss": 0.0, "grad_norm": 0.0, "updates": 0, "skipped_updates": 0}
     sums = DeviceSums()  # the passes' metrics, summed on the device and read once at the end
     for _epoch in range(config.optim.ppo_epochs):
@@ -482,7 +510,7 @@ def update(
             counts = batch_counts(algorithm, batch.kinds[rows], batch.response_mask[rows])
             counts = dist.all_reduce_counts(counts)  # normalise over every rank's rows
             optimizer.zero_grad(set_to_none=True)
-            parts = plan_passes(batch, rows, config, packed, share)
+            parts = plan_passes(batch, rows, config, packed, share, unpadded)
             passes = dist.same_count(policy, len(parts))
             for k in range(passes):
                 real = k < len(parts)  # else: a zero-loss pass keeping step with other ranks
