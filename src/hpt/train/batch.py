@@ -178,6 +178,11 @@ PROMPT_WIDTH_MULTIPLE = 16  # shared prompt passes are padded to a multiple of t
 UNPAD_AT = 0.125
 
 
+def rounded_up(tokens: int) -> int:
+    """``tokens`` rounded up to a multiple of :data:`PROMPT_WIDTH_MULTIPLE`."""
+    return -(-tokens // PROMPT_WIDTH_MULTIPLE) * PROMPT_WIDTH_MULTIPLE
+
+
 @dataclass
 class _Pass:
     """A pass being filled by :func:`token_micro_batches`: its rows and what its cost depends on."""
@@ -203,12 +208,12 @@ class _Pass:
         if shared is None:
             return padded
         key, prompt = shared
-        width = -(-max(self.width, prompt) // PROMPT_WIDTH_MULTIPLE) * PROMPT_WIDTH_MULTIPLE
+        width = rounded_up(max(self.width, prompt))
         groups = len(self.prompts) + (key not in self.prompts)
         if not unpadded:
             return groups * width + count * max(self.response, length - prompt)
         responses = self.responses + length - prompt  # rounded up as real_positions rounds
-        split = groups * width + -(-responses // PROMPT_WIDTH_MULTIPLE) * PROMPT_WIDTH_MULTIPLE
+        split = groups * width + rounded_up(responses)
         if groups < count or split <= (1 - UNPAD_AT) * padded:
             return split
         return padded  # every prompt its own and little padding: the rows run padded
@@ -344,7 +349,7 @@ def share_prompts(
     # compiled kernel in oneDNN's caches under CPU bf16 autocast (tiny model, bf16 benchmark: peak
     # RSS 649 against 731 MiB at a multiple of 8, step time unchanged; 16 took the 128-token case
     # from 719-726 to 697-704 MiB, below TRL's, no slower); the padding is masked like any other
-    width = -(-max(len(p) for p in prompts) // PROMPT_WIDTH_MULTIPLE) * PROMPT_WIDTH_MULTIPLE
+    width = rounded_up(max(len(p) for p in prompts))
     saved = sum(len(p) for p in row_prompts) - sum(len(p) for p in prompts)
     shares = len(first) < len(row_prompts) and saved >= max(min_saved, 1)
     split_tokens = len(prompts) * width + int((lengths - prompt_lengths).sum())

@@ -123,20 +123,18 @@ class Policy(nn.Module):
         response_mask: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         decoder = self.model.get_decoder()
-        # one decoder call on a CPU leaves the responses' padding out: worth it without a repeat
-        unpads = input_ids.device.type == "cpu" and labels.shape[1] > 1
-        unpads = unpads and prompt_attention.applies(self.model)
-        shared = (
-            batch.share_prompts(
+        shared = None
+        if share_prompts and position_ids is None and not self._recomputes(decoder):
+            # a pass that leaves the responses' padding out pays even where no prompt repeats
+            unpads = labels.shape[1] > 1
+            unpads = unpads and prompt_attention.drops_padding(self.model, input_ids.device)
+            shared = batch.share_prompts(
                 input_ids,
                 attention_mask,
                 response_index,
                 int(share_prompts),
                 unpad_at=batch.UNPAD_AT if unpads else None,
             )
-            if share_prompts and position_ids is None and not self._recomputes(decoder)
-            else None
-        )
         if shared is not None:
             with self._adapters(), self._compiled_layers(decoder):
                 hidden = self._shared_prompt_hidden(decoder, shared, labels.shape[1])

@@ -95,6 +95,12 @@ def applies(model: Any) -> bool:
     )
 
 
+def drops_padding(model: Any, device: torch.device) -> bool:
+    """Whether a shared-prompt pass of ``model`` on ``device`` leaves the responses' padding out
+    of its sequence: one decoder call (:func:`applies`) on a CPU (:attr:`Layout.real`)."""
+    return device.type == "cpu" and applies(model)
+
+
 def one_sequence(shared: SharedPrompts, steps: int) -> tuple[torch.Tensor, torch.Tensor, Layout]:
     """``(input_ids [1, S], position_ids [1, S], layout)`` of the pass over ``shared``'s prompts
     and the first ``steps`` tokens of each response (the last token predicts nothing)."""

@@ -408,8 +408,7 @@ def unpads(config: TrainConfig, policy: torch.nn.Module | None, share: int) -> b
         share > 0
         and model is not None
         and not config.model.gradient_checkpointing
-        and next(module.parameters()).device.type == "cpu"
-        and prompt_attention.applies(model)
+        and prompt_attention.drops_padding(model, next(module.parameters()).device)
     )
 
 
