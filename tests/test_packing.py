@@ -633,6 +633,50 @@ def test_autocast_runs_the_passes_in_bf16_with_float32_outputs_and_gradients(tin
     assert not old_logprobs_from_engine(settings(), engine, algorithm, torch.bfloat16)
 
 
+def test_shared_prompt_attention_runs_in_float32_on_a_cpu_under_autocast(tiny, monkeypatch):
+    """CPU flash attention's bf16 backward is slow: under autocast the one-call pass hands its
+    attention float32 queries, keys and values (autocast off there), and gives back the
+    gradients of the float32 attention."""
+    model, tokenizer = tiny
+    rows = make_shared_rows(model.config.vocab_size, seed=5)
+    batch = collate(rows, tokenizer.pad_token_id, KIND_ID)
+    args = (batch.input_ids, batch.attention_mask, batch.response_index, batch.labels)
+    sdpa, float32_attention = (
+        prompt_attention.F.scaled_dot_product_attention,
+        prompt_attention.float32_attention,
+    )
+    seen: list[torch.dtype] = []
+
+    def recording(query, key, value, *rest, **kwargs):
+        out = sdpa(query, key, value, *rest, **kwargs)
+        seen.append(out.dtype)  # what ran, after autocast's casts
+        return out
+
+    monkeypatch.setattr(prompt_attention.F, "scaled_dot_product_attention", recording)
+    grads = {}
+    for upcast in (True, False):
+        if not upcast:
+            monkeypatch.setattr(prompt_attention, "float32_attention", lambda query: False)
+        copy_ = copy.deepcopy(model)
+        seen.clear()
+        lp, _, _ = Policy(copy_, autocast=torch.bfloat16)(*args, share_prompts=1)
+        (lp * batch.response_mask).sum().backward()
+        layers = model.config.num_hidden_layers
+        assert seen == [torch.float32 if upcast else torch.bfloat16] * 2 * layers
+        grads[upcast] = {n: p.grad for n, p in copy_.named_parameters() if p.grad is not None}
+    assert grads[True].keys() == grads[False].keys()
+    for name, g in grads[True].items():  # the same gradients, to bf16 rounding
+        cosine = torch.nn.functional.cosine_similarity(
+            g.flatten(), grads[False][name].flatten(), dim=0
+        )
+        assert cosine > 0.98, (name, float(cosine))
+    query = torch.zeros(1, 2, 3, 4)
+    assert not float32_attention(query)
+    assert float32_attention(query.bfloat16())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert float32_attention(query)
+
+
 def test_autocast_with_gradient_checkpointing_recomputes_in_bf16(tiny):
     """Activation checkpointing under optim.autocast: the recomputed forward runs under the same
     autocast, so the gradients are those of the pass without checkpointing."""
@@ -969,3 +1013,44 @@ def test_rows_with_their_own_prompts_skip_the_padding_with_the_padded_gradients(
     torch.testing.assert_close(unpadded[0][mask], padded[0][mask], atol=1e-5, rtol=1e-5)
     for name, grad in padded[1].items():
         torch.testing.assert_close(unpadded[1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize(
+    "forward, expected",
+    [
+        ({"forward_micro_batch_size": 7}, 1),  # all 7 rows in one forward-only pass
+        ({"forward_micro_batch_tokens": 1}, 7),  # token budgets for forward passes only
+        ({"micro_batch_tokens": 1, "forward_micro_batch_tokens": 0}, 3),  # back to rows: 3+3+1
+    ],
+    ids=["rows", "tokens", "rows-under-token-training"],
+)
+def test_forward_only_passes_have_their_own_micro_batches(tiny, forward, expected):
+    """Old log-probs, reference log-probs and values come from passes sized by
+    ``optim.forward_micro_batch_*``: the same numbers, in the passes those settings ask for;
+    the training passes keep ``optim.micro_batch_*``."""
+    model, tokenizer = tiny
+    algorithm = get_algorithm("grpo")
+    rows = make_rows(model.config.vocab_size, seed=3)
+    policy, reference = Policy(copy.deepcopy(model)), Policy(copy.deepcopy(model))
+    calls: list[int] = []
+    policy.model.get_decoder().register_forward_pre_hook(lambda *_: calls.append(1))
+
+    def prepared(config):
+        batch = collate(rows, tokenizer.pad_token_id, KIND_ID)
+        calls.clear()
+        with torch.no_grad():
+            prepare(batch, policy, reference, algorithm, config, True)
+        return batch, len(calls)
+
+    base = settings(micro_batch_size=3, share_prompts=False, packing=False)
+    config = dataclasses.replace(base, optim=dataclasses.replace(base.optim, **forward))
+    batch_ref, passes_ref = prepared(base)
+    batch, passes = prepared(config)
+    assert passes_ref == 3 and passes == expected  # 7 rows: 3 + 3 + 1 at micro_batch_size 3
+    mask = batch.response_mask
+    for key in ("old_logprobs", "ref_logprobs"):
+        torch.testing.assert_close(
+            batch.extras[key][mask], batch_ref.extras[key][mask], atol=1e-5, rtol=1e-5
+        )
+    training = plan_passes(batch, torch.arange(len(batch)), config, False)
+    assert len(training) == (7 if config.optim.micro_batch_tokens else 3)

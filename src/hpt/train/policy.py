@@ -217,7 +217,10 @@ class Policy(nn.Module):
             input_ids=shared.prompt_ids, attention_mask=shared.prompt_mask, use_cache=True
         )
         rows = shared.prompt_of_row
-        last = out.last_hidden_state[rows, shared.prompt_lengths - 1][:, None]  # [N, 1, H]
+        prompt_hidden = out.last_hidden_state
+        # [N, 1, H]; index_select, whose backward (index_add_) is fast on a CPU, unlike indexing's
+        at = rows * prompt_hidden.shape[1] + shared.prompt_lengths - 1
+        last = prompt_hidden.flatten(0, 1).index_select(0, at)[:, None]
         if width == 1:
             return last
         cache = out["cache"] if "cache" in out else out["past_key_values"]
@@ -250,7 +253,9 @@ class Policy(nn.Module):
         split = layout.groups * layout.width
         prompts, responses = hidden.split([split, hidden.shape[0] - split])
         responses = layout.to_grid(responses)  # [rows * steps, H], zeros at the padding
-        last = prompts[shared.prompt_of_row * layout.width + shared.prompt_lengths - 1]
+        last = prompts.index_select(
+            0, shared.prompt_of_row * layout.width + shared.prompt_lengths - 1
+        )
         return torch.cat([last[:, None], responses.unflatten(0, (layout.rows, steps))], dim=1)
 
     def _head(

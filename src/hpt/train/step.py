@@ -215,7 +215,9 @@ def prepare(
     packed = packs(config, policy)
     share = shares_prompts(config, policy, packed)
     unpadded = unpads(config, policy, share)
-    parts = plan_passes(batch, torch.arange(len(batch)), config, packed, share, unpadded)
+    parts = plan_passes(
+        batch, torch.arange(len(batch)), config, packed, share, unpadded, forward_only=True
+    )
     for k in range(dist.same_count(policy, len(parts))):
         part = parts[min(k, len(parts) - 1)]
         micro = micro_batch(batch, part, packed).to(device)
@@ -374,6 +376,7 @@ def plan_passes(
     packed: bool,
     share: int = 0,
     unpadded: bool = False,
+    forward_only: bool = False,
 ) -> list[torch.Tensor]:
     """The row indices (into ``batch``) of each forward pass over ``rows``.
 
@@ -382,18 +385,25 @@ def plan_passes(
     every repeated prompt (``share`` 1, :func:`shares_prompts`), its questions' prompts once
     plus rows x its longest response, or plus its responses' tokens where passes leave their
     padding out (``unpadded``, :func:`unpads`)); else ``optim.micro_batch_size`` rows a pass, in
-    order.
+    order. ``forward_only`` (passes without backward): ``optim.forward_micro_batch_tokens`` and
+    ``optim.forward_micro_batch_size`` instead, where set.
     """
     optim = config.optim
-    if optim.micro_batch_tokens:
+    tokens, size = optim.micro_batch_tokens, optim.micro_batch_size
+    if forward_only:
+        tokens = (
+            tokens if optim.forward_micro_batch_tokens is None else optim.forward_micro_batch_tokens
+        )
+        size = optim.forward_micro_batch_size or size
+    if tokens:
         lengths = batch.lengths()[rows]
         # a question's rows share its prompt (the first response_index + 1 tokens of each row)
         prompts = (batch.group[rows], batch.response_index[rows, 0] + 1) if share == 1 else None
         planned = token_micro_batches(
-            lengths, optim.micro_batch_tokens, packed, prompts, unpadded and prompts is not None
+            lengths, tokens, packed, prompts, unpadded and prompts is not None
         )
         return [rows[g] for g in planned]
-    return [rows[part] for part in micro_batches(len(rows), optim.micro_batch_size)]
+    return [rows[part] for part in micro_batches(len(rows), size)]
 
 
 def unpads(config: TrainConfig, policy: torch.nn.Module | None, share: int) -> bool:
