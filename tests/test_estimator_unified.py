@@ -539,6 +539,95 @@ def test_rows_of_kinds_without_terms_contribute_nothing():
     torch.testing.assert_close(again.loss, out.loss.detach())
 
 
+@pytest.mark.parametrize(
+    "name, overrides",
+    [(name, {}) for name in list_algorithms()]
+    + [
+        ("grpo", {"entropy_coef": 0.01}),
+        ("grpo", {"kl_coef": 0.1}),
+        ("hpt", {"entropy_coef": 0.0}),
+    ],
+)
+def test_rows_without_gradient_are_those_autograd_leaves_at_zero(name, overrides):
+    """``rows_without_gradient`` against autograd: the rows it names get an exactly zero gradient
+    (log-probs and entropy) and change nothing in the loss, and every row with a non-zero
+    advantage or an SFT term and a response is named by it only where that holds too."""
+    from hpt.estimator.unified import rows_without_gradient
+
+    algorithm = get_algorithm(name, **overrides)
+    batch = make_batch(algorithm, n=16, seed=21)
+    advantages = batch["advantages"].clone()
+    advantages[::2] = 0.0  # half the rows: a group whose rewards were all equal
+    weights = torch.ones(16, dtype=advantages.dtype)
+    weights[3] = 0.0  # a row the soft gate weighs 0
+    ref = batch["logprobs"] - 0.2
+    lp = batch["logprobs"].clone().requires_grad_(True)
+    entropy = batch["entropy"].clone().requires_grad_(True)
+    # on-policy (ratio 1): no token is clipped, so only the advantage can zero a row's gradient
+    args = (lp, batch["logprobs"], advantages, batch["response_mask"])
+    out = unified_loss(
+        algorithm,
+        *args,
+        kinds=batch["kinds"],
+        entropy=entropy,
+        ref_logprobs=ref,
+        row_weights=weights,
+    )
+    grad_lp, grad_entropy = torch.autograd.grad(out.loss, (lp, entropy), allow_unused=True)
+    grad_entropy = torch.zeros_like(lp) if grad_entropy is None else grad_entropy
+    touched = ((grad_lp != 0) | (grad_entropy != 0)).any(dim=1)
+    without = rows_without_gradient(
+        algorithm, batch["kinds"], advantages, batch["response_mask"], weights
+    )
+    assert not (without & touched).any()  # never names a row that moves the weights
+    if algorithm.entropy_coef or algorithm.kl_coef or algorithm.needs_values:
+        assert not without.any()  # a term reaches every row (PPO: its value loss)
+    else:  # and names every row autograd leaves at zero (a row with a response)
+        has_response = batch["response_mask"].any(dim=1)
+        assert torch.equal(without[has_response], ~touched[has_response])
+        assert without.any()
+        # the loss without those rows' log-probs is the same (they are only counted)
+        changed = batch["logprobs"].clone()
+        changed[without] = -3.0
+        again = unified_loss(
+            algorithm,
+            changed,
+            *args[1:],
+            kinds=batch["kinds"],
+            entropy=batch["entropy"],
+            ref_logprobs=ref,
+            row_weights=weights,
+        )
+        torch.testing.assert_close(again.loss, out.loss.detach())
+
+
+def test_rows_without_gradient_needs_a_mask_that_scales_with_the_advantage():
+    """A registered mask without the ``scales_with_advantage`` trait keeps its rows."""
+    import dataclasses
+
+    from hpt.estimator.mask import MASKS, register_mask
+    from hpt.estimator.unified import rows_without_gradient
+
+    if "test_offset" not in MASKS:
+
+        @register_mask("test_offset")
+        def offset(surrogate, ratio, advantages, logprobs, old_logprobs, mask, clip):
+            masked = MASKS.get("none")(
+                surrogate, ratio, advantages, logprobs, old_logprobs, mask, clip
+            )
+            return masked._replace(objective=masked.objective + 0.1 * surrogate)
+
+    algorithm = get_algorithm("reinforce")
+    custom = dataclasses.replace(
+        algorithm, terms=tuple(dataclasses.replace(t, mask="test_offset") for t in algorithm.terms)
+    )
+    kinds = torch.full((3,), KIND_ID["rollout"])
+    mask = torch.ones(3, 4, dtype=torch.bool)
+    zero = torch.zeros(3)
+    assert rows_without_gradient(algorithm, kinds, zero, mask).all()
+    assert not rows_without_gradient(custom, kinds, zero, mask).any()
+
+
 def test_empty_kinds_give_zero_terms_not_nan():
     algorithm = get_algorithm("hpt")
     lp, old, adv, mask = rollout_batch()

@@ -1054,3 +1054,54 @@ def test_forward_only_passes_have_their_own_micro_batches(tiny, forward, expecte
         )
     training = plan_passes(batch, torch.arange(len(batch)), config, False)
     assert len(training) == (7 if config.optim.micro_batch_tokens else 3)
+
+
+def test_rows_without_gradient_run_forward_only_with_the_same_update(tiny):
+    """GRPO: a question whose rollouts all got the same reward has advantages 0; its rows run
+    forward only (no backward), and the loss, every gradient and the entropy metric are those of
+    running them forward and backward. Where every row is such, one still runs backward, so the
+    gradients are zeros (AdamW steps on them) rather than missing."""
+    model, tokenizer = tiny
+    algorithm = get_algorithm("grpo")
+    g = torch.Generator().manual_seed(11)
+    vocab = model.config.vocab_size
+
+    def tokens(n: int) -> list[int]:
+        return torch.randint(5, vocab, (n,), generator=g).tolist()
+
+    rewards = {0: [1.0, 0.0, 1.0, 0.0], 1: [1.0, 1.0, 1.0, 1.0], 2: [0.0, 0.0, 0.0, 0.0]}
+    rows = [
+        Row(prompt, tokens(3 + 2 * i + q), "rollout", q, reward, 1.0)
+        for q, prompt in ((q, tokens(5 + q)) for q in rewards)
+        for i, reward in enumerate(rewards[q])
+    ]
+
+    def run(rows, **optim):
+        copy_ = copy.deepcopy(model)
+        policy = Policy(copy_)
+        grad_calls: list[bool] = []
+        copy_.get_decoder().register_forward_pre_hook(
+            lambda *_: grad_calls.append(torch.is_grad_enabled())
+        )
+        config = settings(micro_batch_size=4, mini_batch_questions=3, **optim)
+        batch = collate(rows, tokenizer.pad_token_id, KIND_ID)
+        prepare(batch, policy, None, algorithm, config, True)
+        grad_calls.clear()  # the update's passes only
+        optimizer = torch.optim.SGD(policy.parameters(), lr=0.0)
+        metrics = update(batch, policy, optimizer, algorithm, config, True)
+        grads = {n: p.grad for n, p in policy.named_parameters()}
+        return metrics, grads, grad_calls
+
+    metrics, grads, calls = run(rows)
+    metrics_ref, grads_ref, calls_ref = run(rows, backward_zero_rows=True)
+    assert calls_ref == [True] * 3  # 12 rows, 4 a pass, all with backward
+    assert calls.count(True) == 1 and calls.count(False) >= 1  # 8 rows forward only
+    assert abs(metrics["loss"] - metrics_ref["loss"]) <= 1e-6
+    assert abs(metrics["entropy"] - metrics_ref["entropy"]) <= 1e-6
+    for name, grad in grads_ref.items():
+        torch.testing.assert_close(grads[name], grad, atol=1e-7, rtol=1e-5, msg=name)
+    # every question with equal rewards: one row still runs backward, the gradients are zeros
+    still = [r for r in rows if r.group != 0]
+    metrics, grads, calls = run(still)
+    assert calls.count(True) == 1 and calls.count(False) >= 1
+    assert all(g is not None and not g.any() for g in grads.values())

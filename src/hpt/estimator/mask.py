@@ -56,6 +56,8 @@ class Masked(NamedTuple):
 
 MaskFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Clip], Masked]
 MASKS: Registry[MaskFn] = Registry("stabilisation mask")
+# trait scales_with_advantage: the objective is the advantage times a finite factor, so a token
+# with advantage 0 adds 0 to the loss and nothing to the gradient (rows_without_gradient)
 register_mask = MASKS.register
 
 
@@ -64,7 +66,7 @@ def get_mask(name: str) -> MaskFn:
     return MASKS.get(name)
 
 
-@register_mask("none", symbol="none")
+@register_mask("none", symbol="none", scales_with_advantage=True)
 def none(
     surrogate: Tensor,
     ratio: Tensor,
@@ -100,7 +102,7 @@ def clipped_objective(surrogate: Tensor, ratio: Tensor, advantages: Tensor, clip
     return Masked(objective, low, high, dual)
 
 
-@register_mask("clip", needs_old=True, symbol="clip {bounds}{dual}")
+@register_mask("clip", needs_old=True, symbol="clip {bounds}{dual}", scales_with_advantage=True)
 def clip_mask(
     surrogate: Tensor,
     ratio: Tensor,
@@ -119,7 +121,9 @@ def clip_mask(
     return clipped_objective(surrogate, ratio, advantages, clip)
 
 
-@register_mask("cispo", needs_old=True, symbol="sg clip IS weight {bounds}")
+@register_mask(
+    "cispo", needs_old=True, symbol="sg clip IS weight {bounds}", scales_with_advantage=True
+)
 def cispo(
     surrogate: Tensor,
     ratio: Tensor,
@@ -147,7 +151,9 @@ def cispo(
     )
 
 
-@register_mask("sequence_clip", needs_old=True, symbol="sequence clip {bounds}")
+@register_mask(
+    "sequence_clip", needs_old=True, symbol="sequence clip {bounds}", scales_with_advantage=True
+)
 def sequence_clip(
     surrogate: Tensor,
     ratio: Tensor,

@@ -28,7 +28,7 @@ from hpt.errors import ConfigError
 from hpt.estimator import Registry
 from hpt.estimator.advantage import get_advantage, get_sequence_weight, sequence_entropy
 from hpt.estimator.aggregate import aggregate
-from hpt.estimator.mask import Clip, Masked, get_mask
+from hpt.estimator.mask import MASKS, Clip, Masked, get_mask
 from hpt.estimator.reference import REFERENCES, get_reference
 from hpt.estimator.shaping import get_shaping
 
@@ -248,6 +248,46 @@ def term_objective(
     )
 
 
+def rows_without_gradient(
+    algorithm: Any,
+    kinds: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    row_weights: Tensor | None = None,
+) -> Tensor:
+    """[N] bool: the rows that add nothing to :func:`unified_loss`'s value or gradient.
+
+    A row's terms (those of its kind) each scale with its effective advantage (the mask's
+    ``scales_with_advantage`` trait): the batch's advantage, or 1 for terms whose advantage is
+    ``one`` (SFT), times its row weight. A row is without gradient when that is 0 at every
+    response token for all its terms (a GRPO group whose rollouts all got the same reward; the
+    gate's all-correct questions in HPT), and only while no term reaches every row whatever its
+    advantage: no entropy bonus, no KL penalty, no value loss. Its tokens still count in the
+    normalisers (:func:`batch_counts`), so leaving it out of the backward changes no gradient.
+    Shapes: kinds [N] ids, advantages [N] or [N, T], response_mask [N, T], row_weights [N].
+    """
+    n = kinds.shape[0]
+    if algorithm.entropy_coef or algorithm.kl_coef or algorithm.needs_values:
+        return torch.zeros(n, dtype=torch.bool, device=kinds.device)
+    advantages = advantages if advantages.dim() == 2 else advantages[:, None]
+    mask = response_mask.bool()
+    zero_advantage = ((advantages == 0) | ~mask).all(dim=1)
+    zero_weight = (
+        torch.zeros(n, dtype=torch.bool, device=kinds.device)
+        if row_weights is None
+        else row_weights.reshape(n) == 0
+    )
+    without = torch.ones(n, dtype=torch.bool, device=kinds.device)
+    for term in algorithm.terms:
+        rows = kinds == KIND_ID[term.kind]
+        if not MASKS.trait(term.mask, "scales_with_advantage"):
+            without &= ~rows  # a mask that may not vanish at A = 0 (e.g. a custom one)
+            continue
+        zero = zero_weight if term.advantage == "one" else zero_weight | zero_advantage
+        without &= ~rows | zero
+    return without
+
+
 def unified_loss(
     algorithm: Any,
     logprobs: Tensor,
@@ -403,6 +443,7 @@ __all__ = [
     "batch_counts",
     "read_floats",
     "resolve_kinds",
+    "rows_without_gradient",
     "term_kinds",
     "unified_loss",
 ]

@@ -19,7 +19,7 @@ from hpt.algorithms import Algorithm, outcome_advantages
 from hpt.errors import ConfigError
 from hpt.estimator.advantage import ADVANTAGES, gae
 from hpt.estimator.likelihood import reusing_head_buffers
-from hpt.estimator.unified import KIND_ID, batch_counts, unified_loss
+from hpt.estimator.unified import KIND_ID, batch_counts, rows_without_gradient, unified_loss
 from hpt.gate import assignments
 from hpt.train import distributed as dist
 from hpt.train.batch import Batch, Row, micro_batches, token_micro_batches
@@ -519,45 +519,30 @@ def update(
             counts = batch_counts(algorithm, batch.kinds[rows], batch.response_mask[rows])
             counts = dist.all_reduce_counts(counts)  # normalise over every rank's rows
             optimizer.zero_grad(set_to_none=True)
-            parts = plan_passes(batch, rows, config, packed, share, unpadded)
+            learning, still = split_still_rows(batch, rows, algorithm, config)
+            parts = plan_passes(batch, learning, config, packed, share, unpadded)
+            still_parts = plan_passes(batch, still, config, packed, share, unpadded, True)
+            real_passes = len(parts) + len(still_parts)
+            # rows that add nothing to the gradient run forward only (for the metrics), first:
+            # under DDP a rank's first forward after a synced backward broadcasts the buffers
+            passes = dist.same_count(policy, len(still_parts))
+            pool = still_parts or parts  # a rank without such rows keeps step on its own rows
+            for k in range(passes):
+                micro = micro_batch(batch, pool[min(k, len(pool) - 1)], packed).to(device)
+                with torch.no_grad():
+                    out, entropy, _ = _loss(policy, micro, share, algorithm, config, counts)
+                if k < len(still_parts):  # else: a pass keeping step with other ranks
+                    _add_metrics(sums, out, entropy, micro.response_mask, real_passes)
             passes = dist.same_count(policy, len(parts))
             for k in range(passes):
                 real = k < len(parts)  # else: a zero-loss pass keeping step with other ranks
                 micro = micro_batch(batch, parts[min(k, len(parts) - 1)], packed).to(device)
                 with dist.no_sync_unless_last(policy, k == passes - 1):
-                    logprobs, entropy, values = forward(policy, micro, share)
-                    # one update per batch: pi_old == pi_theta, so the ratio is sg(pi)/sg(pi) = 1
-                    old = micro.extras.get("old_logprobs")
-                    old = logprobs.detach() if old is None else old
-                    out = unified_loss(
-                        algorithm,
-                        logprobs,
-                        old,
-                        micro.extras["advantages"],
-                        micro.response_mask,
-                        kinds=micro.kinds,
-                        entropy=entropy,
-                        ref_logprobs=micro.extras.get("ref_logprobs"),
-                        row_weights=micro.row_weights,
-                        counts=counts,
-                    )
-                    loss = out.loss
-                    if values is not None:
-                        loss = loss + config.optim.value_coef * value_loss(values, micro, counts)
+                    out, entropy, loss = _loss(policy, micro, share, algorithm, config, counts)
                     # DDP and FSDP average gradients over ranks; the loss is already a global sum
                     (loss * (world if real else 0.0)).backward()
-                if not real:
-                    continue
-                mask = micro.response_mask
-                sums.add(
-                    "totals",
-                    {
-                        "loss": out.loss.detach(),
-                        "entropy_sum": (entropy.detach() * mask).sum(),
-                        "entropy_tokens": mask.sum(dtype=torch.float64),
-                    },
-                )
-                sums.add("means", out.stats, divide_by=len(parts))  # the mini-batch's mean
+                if real:
+                    _add_metrics(sums, out, entropy, micro.response_mask, real_passes)
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), config.optim.grad_clip)
             grad_norm = dist.full_norm(grad_norm)
             totals["grad_norm"] = max(
@@ -576,6 +561,77 @@ def update(
         dist.all_reduce_sum(summed.get("entropy_tokens", 0.0)), 1.0
     )
     return {**loss_metrics, **totals}  # totals last: the global loss, not a micro-batch mean
+
+
+def split_still_rows(
+    batch: Batch, rows: torch.Tensor, algorithm: Algorithm, config: TrainConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rows`` as (the rows to run forward and backward, those to run forward only).
+
+    Forward only: the rows that add nothing to the loss or its gradient
+    (:func:`~hpt.estimator.unified.rows_without_gradient`), unless ``optim.backward_zero_rows``.
+    Where every row is one, the first still runs backward: the gradients are then zeros, not
+    missing, and AdamW steps as it would with them (its momentum and weight decay).
+    """
+    if config.optim.backward_zero_rows:
+        return rows, rows[:0]
+    still = rows_without_gradient(
+        algorithm,
+        batch.kinds[rows],
+        batch.extras["advantages"][rows],
+        batch.response_mask[rows],
+        batch.row_weights[rows],
+    )
+    learning, forward_only = rows[~still], rows[still]
+    if learning.numel() == 0:
+        return forward_only[:1], forward_only[1:]
+    return learning, forward_only
+
+
+def _loss(
+    policy: torch.nn.Module,
+    micro: Batch,
+    share: int,
+    algorithm: Algorithm,
+    config: TrainConfig,
+    counts: Any,
+) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """One pass's :func:`unified_loss` output, entropy, and loss (the value loss added)."""
+    logprobs, entropy, values = forward(policy, micro, share)
+    # one update per batch: pi_old == pi_theta, so the ratio is sg(pi)/sg(pi) = 1
+    old = micro.extras.get("old_logprobs")
+    old = logprobs.detach() if old is None else old
+    out = unified_loss(
+        algorithm,
+        logprobs,
+        old,
+        micro.extras["advantages"],
+        micro.response_mask,
+        kinds=micro.kinds,
+        entropy=entropy,
+        ref_logprobs=micro.extras.get("ref_logprobs"),
+        row_weights=micro.row_weights,
+        counts=counts,
+    )
+    loss = out.loss
+    if values is not None:
+        loss = loss + config.optim.value_coef * value_loss(values, micro, counts)
+    return out, entropy, loss
+
+
+def _add_metrics(
+    sums: DeviceSums, out: Any, entropy: torch.Tensor, mask: torch.Tensor, passes: int
+) -> None:
+    """A pass's metrics into the update's running sums (their means over its ``passes``)."""
+    sums.add(
+        "totals",
+        {
+            "loss": out.stats["loss"],
+            "entropy_sum": (entropy.detach() * mask).sum(),
+            "entropy_tokens": mask.sum(dtype=torch.float64),
+        },
+    )
+    sums.add("means", out.stats, divide_by=passes)  # the mini-batch's mean
 
 
 def value_loss(values: torch.Tensor, micro: Batch, counts: Any) -> torch.Tensor:
