@@ -335,6 +335,9 @@ def hpt_overrides(
         "optim.skip_grad_norm_above=.inf",  # TRL never skips an update
         f"optim.mini_batch_questions={settings.questions}",  # one optimiser step per step
         f"optim.micro_batch_size={settings.micro_batch}",
+        # every row forward and backward, as TRL: the benchmark's random model mostly scores 0, so
+        # its groups have advantage 0 and hpt would run them forward only (not the same work)
+        "optim.backward_zero_rows=true",
         "optim.ppo_epochs=1",
         "logging.progress=false",
         "logging.plots=false",
