@@ -198,3 +198,27 @@ def test_ddp_with_shared_prompts_ends_as_without(tmp_path, tiny_dir, task_file):
     for a, b in zip(shared, whole):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
     assert_same_weights(weights(runs["false"]), weights(runs["true"]), 1e-4)
+
+
+def test_fsdp2_rows_without_gradient_forward_only_end_as_backward(tmp_path, tiny_dir, task_file):
+    """GRPO under FSDP2 over 2 ranks: the questions with odd answers score 0 on every rollout
+    (advantage 0), so their rows run forward only, in passes every rank keeps step with; the
+    run ends with the weights and losses of running them backward too."""
+    runs = torchrun_variants(
+        tmp_path,
+        tiny_dir,
+        task_file,
+        "grpo",
+        {
+            flag: ["distributed.strategy=fsdp2", f"optim.backward_zero_rows={flag}"]
+            for flag in ("false", "true")
+        },
+    )
+    forward_only, backward = metrics(runs["false"]), metrics(runs["true"])
+    assert [m["step"] for m in forward_only] == [1, 2]
+    assert any(m["forward_only_rows"] > 0 for m in forward_only)
+    assert all(m["forward_only_rows"] == 0 for m in backward)
+    for a, b in zip(forward_only, backward):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
+        assert a["entropy"] == pytest.approx(b["entropy"], rel=1e-4)
+    assert_same_weights(weights(runs["true"]), weights(runs["false"]), 1e-4)

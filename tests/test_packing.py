@@ -1096,6 +1096,7 @@ def test_rows_without_gradient_run_forward_only_with_the_same_update(tiny):
     metrics_ref, grads_ref, calls_ref = run(rows, backward_zero_rows=True)
     assert calls_ref == [True] * 3  # 12 rows, 4 a pass, all with backward
     assert calls.count(True) == 1 and calls.count(False) >= 1  # 8 rows forward only
+    assert metrics["forward_only_rows"] == 8 / 12 and metrics_ref["forward_only_rows"] == 0
     assert abs(metrics["loss"] - metrics_ref["loss"]) <= 1e-6
     assert abs(metrics["entropy"] - metrics_ref["entropy"]) <= 1e-6
     for name, grad in grads_ref.items():

@@ -260,8 +260,8 @@ def rows_without_gradient(
     A row's terms (those of its kind) each scale with its effective advantage (the mask's
     ``scales_with_advantage`` trait): the batch's advantage, or 1 for terms whose advantage is
     ``one`` (SFT), times its row weight. A row is without gradient when that is 0 at every
-    response token for all its terms (a GRPO group whose rollouts all got the same reward; the
-    gate's all-correct questions in HPT), and only while no term reaches every row whatever its
+    response token for all its terms (a GRPO group whose rollouts all got the same reward, a
+    row the soft gate weighs 0), and only while no term reaches every row whatever its
     advantage: no entropy bonus, no KL penalty, no value loss. Its tokens still count in the
     normalisers (:func:`batch_counts`), so leaving it out of the backward changes no gradient.
     Shapes: kinds [N] ids, advantages [N] or [N, T], response_mask [N, T], row_weights [N].

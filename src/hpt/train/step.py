@@ -512,6 +512,7 @@ def update(
     unpadded = unpads(config, policy, share)
     totals: dict[str, float] = {"loss": 0.0, "grad_norm": 0.0, "updates": 0, "skipped_updates": 0}
     sums = DeviceSums()  # the passes' metrics, summed on the device and read once at the end
+    row_counts = [0, 0]  # rows run forward only, rows in all
     for _epoch in range(config.optim.ppo_epochs):
         for start in range(0, max(len(questions), 1), per_mini):
             chosen = questions[start : start + per_mini]
@@ -520,6 +521,8 @@ def update(
             counts = dist.all_reduce_counts(counts)  # normalise over every rank's rows
             optimizer.zero_grad(set_to_none=True)
             learning, still = split_still_rows(batch, rows, algorithm, config)
+            row_counts[0] += len(still)
+            row_counts[1] += len(rows)
             parts = plan_passes(batch, learning, config, packed, share, unpadded)
             still_parts = plan_passes(batch, still, config, packed, share, unpadded, True)
             real_passes = len(parts) + len(still_parts)
@@ -559,6 +562,10 @@ def update(
     totals["loss"] = dist.all_reduce_sum(summed.get("loss", 0.0))
     totals["entropy"] = dist.all_reduce_sum(summed.get("entropy_sum", 0.0)) / max(
         dist.all_reduce_sum(summed.get("entropy_tokens", 0.0)), 1.0
+    )
+    # the share of rows that ran forward only (no gradient to give), over every rank's rows
+    totals["forward_only_rows"] = dist.all_reduce_sum(float(row_counts[0])) / max(
+        dist.all_reduce_sum(float(row_counts[1])), 1.0
     )
     return {**loss_metrics, **totals}  # totals last: the global loss, not a micro-batch mean
 

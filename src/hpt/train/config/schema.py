@@ -251,18 +251,18 @@ class OptimConfig:
         "passes over 128 rows 18% faster at 32 than at 8); null: micro_batch_size",
         gt=0,
     )
+    forward_micro_batch_tokens: Int | None = Field(
+        None,
+        description="tokens per forward-only pass (as verl's log_prob_max_token_len_per_gpu); "
+        "null: micro_batch_tokens; 0: forward_micro_batch_size rows a pass",
+        ge=0,
+    )
     backward_zero_rows: bool = Field(
         False,
         description="run forward and backward over rows that add nothing to the loss (advantage 0 "
         "at every token, as a GRPO group whose rollouts all got the same reward, with no entropy, "
         "KL or value term); false: those rows run forward only, in passes of their own, for the "
         "update's metrics (the same gradient: their tokens still count in the normalisers)",
-    )
-    forward_micro_batch_tokens: Int | None = Field(
-        None,
-        description="tokens per forward-only pass (as verl's log_prob_max_token_len_per_gpu); "
-        "null: micro_batch_tokens; 0: forward_micro_batch_size rows a pass",
-        ge=0,
     )
     packing: bool | Literal["auto"] = Field(
         "auto",
