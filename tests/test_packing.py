@@ -1020,16 +1020,17 @@ def test_rows_with_their_own_prompts_skip_the_padding_with_the_padded_gradients(
 @pytest.mark.parametrize(
     "forward, expected",
     [
-        ({"forward_micro_batch_size": 7}, 1),  # all 7 rows in one forward-only pass
+        ({"forward_micro_batch_size": 3}, 3),  # the training's 3 rows a pass: 3 + 3 + 1
         ({"forward_micro_batch_tokens": 1}, 7),  # token budgets for forward passes only
-        ({"micro_batch_tokens": 1, "forward_micro_batch_tokens": 0}, 3),  # back to rows: 3+3+1
+        ({"micro_batch_tokens": 1, "forward_micro_batch_tokens": 0}, 1),  # back to rows: 4 x 3
+        ({"micro_batch_tokens": 1}, 7),  # 4 x 1 token: a row a pass
     ],
-    ids=["rows", "tokens", "rows-under-token-training"],
+    ids=["rows", "tokens", "rows-under-token-training", "tokens-by-default"],
 )
 def test_forward_only_passes_have_their_own_micro_batches(tiny, forward, expected):
     """Old log-probs, reference log-probs and values come from passes sized by
-    ``optim.forward_micro_batch_*``: the same numbers, in the passes those settings ask for;
-    the training passes keep ``optim.micro_batch_*``."""
+    ``optim.forward_micro_batch_*`` (unset: 4 x the training's): the same numbers, in the passes
+    those settings ask for; the training passes keep ``optim.micro_batch_*``."""
     model, tokenizer = tiny
     algorithm = get_algorithm("grpo")
     rows = make_rows(model.config.vocab_size, seed=3)
@@ -1048,7 +1049,7 @@ def test_forward_only_passes_have_their_own_micro_batches(tiny, forward, expecte
     config = dataclasses.replace(base, optim=dataclasses.replace(base.optim, **forward))
     batch_ref, passes_ref = prepared(base)
     batch, passes = prepared(config)
-    assert passes_ref == 3 and passes == expected  # 7 rows: 3 + 3 + 1 at micro_batch_size 3
+    assert passes_ref == 1 and passes == expected  # unset: 4 x micro_batch_size 3 rows, all 7
     mask = batch.response_mask
     for key in ("old_logprobs", "ref_logprobs"):
         torch.testing.assert_close(

@@ -369,6 +369,13 @@ def check_shared_prompts(config: TrainConfig, model: Any) -> None:
             )
 
 
+# forward-only passes (pi_old, the reference, values, rows without gradient) keep no activations
+# for backward: one layer's at a time and one logits chunk, so a pass of 4x the training rows stays
+# below a training pass's memory; measured on the tiny model, old + reference log-probs over 128
+# rows took 631 ms at 32 rows a pass against 763 ms at 8 (626 at 64, 622 at 128)
+FORWARD_MULTIPLE = 4
+
+
 def plan_passes(
     batch: Batch,
     rows: torch.Tensor,
@@ -386,15 +393,18 @@ def plan_passes(
     plus rows x its longest response, or plus its responses' tokens where passes leave their
     padding out (``unpadded``, :func:`unpads`)); else ``optim.micro_batch_size`` rows a pass, in
     order. ``forward_only`` (passes without backward): ``optim.forward_micro_batch_tokens`` and
-    ``optim.forward_micro_batch_size`` instead, where set.
+    ``optim.forward_micro_batch_size`` instead, or :data:`FORWARD_MULTIPLE` times the training
+    settings where they are unset.
     """
     optim = config.optim
     tokens, size = optim.micro_batch_tokens, optim.micro_batch_size
-    if forward_only:
+    if forward_only:  # no activations kept for backward: FORWARD_MULTIPLE times as much, unset
         tokens = (
-            tokens if optim.forward_micro_batch_tokens is None else optim.forward_micro_batch_tokens
+            tokens * FORWARD_MULTIPLE
+            if optim.forward_micro_batch_tokens is None
+            else optim.forward_micro_batch_tokens
         )
-        size = optim.forward_micro_batch_size or size
+        size = optim.forward_micro_batch_size or size * FORWARD_MULTIPLE
     if tokens:
         lengths = batch.lengths()[rows]
         # a question's rows share its prompt (the first response_index + 1 tokens of each row)

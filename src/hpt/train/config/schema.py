@@ -248,13 +248,13 @@ class OptimConfig:
         description="rows per forward-only pass (old log-probs, reference log-probs, values: no "
         "activations kept, so it can exceed micro_batch_size, as verl's "
         "log_prob_micro_batch_size_per_gpu; measured on CPU, the tiny model's old + reference "
-        "passes over 128 rows 18% faster at 32 than at 8); null: micro_batch_size",
+        "passes over 128 rows 18% faster at 32 than at 8); null: 4 x micro_batch_size",
         gt=0,
     )
     forward_micro_batch_tokens: Int | None = Field(
         None,
         description="tokens per forward-only pass (as verl's log_prob_max_token_len_per_gpu); "
-        "null: micro_batch_tokens; 0: forward_micro_batch_size rows a pass",
+        "null: 4 x micro_batch_tokens; 0: forward_micro_batch_size rows a pass",
         ge=0,
     )
     backward_zero_rows: bool = Field(
