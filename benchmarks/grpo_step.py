@@ -337,7 +337,7 @@ def hpt_overrides(
         f"optim.micro_batch_size={settings.micro_batch}",
         # every row forward and backward, as TRL: the benchmark's random model mostly scores 0, so
         # its groups have advantage 0 and hpt would run them forward only (not the same work)
-        "optim.backward_zero_rows=true",
+        "optim.zero_gradient_rows=backward",
         "optim.ppo_epochs=1",
         "logging.progress=false",
         "logging.plots=false",

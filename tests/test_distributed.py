@@ -200,25 +200,31 @@ def test_ddp_with_shared_prompts_ends_as_without(tmp_path, tiny_dir, task_file):
     assert_same_weights(weights(runs["false"]), weights(runs["true"]), 1e-4)
 
 
-def test_fsdp2_rows_without_gradient_forward_only_end_as_backward(tmp_path, tiny_dir, task_file):
+def test_fsdp2_rows_without_gradient_forward_only_or_skipped_end_as_backward(
+    tmp_path, tiny_dir, task_file
+):
     """GRPO under FSDP2 over 2 ranks: the questions with odd answers score 0 on every rollout
-    (advantage 0), so their rows run forward only, in passes every rank keeps step with; the
-    run ends with the weights and losses of running them backward too."""
+    (advantage 0), so their rows run forward only (in passes every rank keeps step with) or not
+    at all; the runs end with the weights and losses of running them backward too."""
     runs = torchrun_variants(
         tmp_path,
         tiny_dir,
         task_file,
         "grpo",
         {
-            flag: ["distributed.strategy=fsdp2", f"optim.backward_zero_rows={flag}"]
-            for flag in ("false", "true")
+            mode: ["distributed.strategy=fsdp2", f"optim.zero_gradient_rows={mode}"]
+            for mode in ("forward", "backward", "skip")
         },
     )
-    forward_only, backward = metrics(runs["false"]), metrics(runs["true"])
+    forward_only, backward = metrics(runs["forward"]), metrics(runs["backward"])
     assert [m["step"] for m in forward_only] == [1, 2]
-    assert any(m["forward_only_rows"] > 0 for m in forward_only)
-    assert all(m["forward_only_rows"] == 0 for m in backward)
-    for a, b in zip(forward_only, backward):
+    assert any(m["rows_without_gradient"] > 0 for m in forward_only)
+    for a, b, c in zip(forward_only, backward, metrics(runs["skip"])):
+        assert (
+            a["rows_without_gradient"] == b["rows_without_gradient"] == c["rows_without_gradient"]
+        )
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
+        assert c["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
         assert a["entropy"] == pytest.approx(b["entropy"], rel=1e-4)
-    assert_same_weights(weights(runs["true"]), weights(runs["false"]), 1e-4)
+    for mode in ("forward", "skip"):
+        assert_same_weights(weights(runs["backward"]), weights(runs[mode]), 1e-4)

@@ -567,8 +567,8 @@ def test_compiled_layers_give_the_eager_gradients(tiny):
     rows = make_shared_rows(model.config.vocab_size, seed=3)
     pad = tokenizer.pad_token_id
     # every row backward: one pass a question (rows with advantage 0 would get passes of their own)
-    unshared = settings(share_prompts=False, backward_zero_rows=True)
-    shared = settings(share_prompts=True, backward_zero_rows=True)
+    unshared = settings(share_prompts=False, zero_gradient_rows="backward")
+    shared = settings(share_prompts=True, zero_gradient_rows="backward")
     loss_ref, grads_ref, _ = gradients_after_update(model, rows, pad, unshared, algorithm)
     compiled = copy.deepcopy(model)
     policy = Policy(compiled, compile=True)
@@ -1062,8 +1062,9 @@ def test_forward_only_passes_have_their_own_micro_batches(tiny, forward, expecte
 def test_rows_without_gradient_run_forward_only_with_the_same_update(tiny):
     """GRPO: a question whose rollouts all got the same reward has advantages 0; its rows run
     forward only (no backward), and the loss, every gradient and the entropy metric are those of
-    running them forward and backward. Where every row is such, one still runs backward, so the
-    gradients are zeros (AdamW steps on them) rather than missing."""
+    running them forward and backward; skipped, the same loss and gradients, the entropy of the
+    other rows. Where every row is such, one still runs backward, so the gradients are zeros
+    (AdamW steps on them) rather than missing."""
     model, tokenizer = tiny
     algorithm = get_algorithm("grpo")
     g = torch.Generator().manual_seed(11)
@@ -1096,16 +1097,26 @@ def test_rows_without_gradient_run_forward_only_with_the_same_update(tiny):
         return metrics, grads, grad_calls
 
     metrics, grads, calls = run(rows)
-    metrics_ref, grads_ref, calls_ref = run(rows, backward_zero_rows=True)
+    metrics_ref, grads_ref, calls_ref = run(rows, zero_gradient_rows="backward")
+    metrics_skip, grads_skip, calls_skip = run(rows, zero_gradient_rows="skip")
     assert calls_ref == [True] * 3  # 12 rows, 4 a pass, all with backward
     assert calls.count(True) == 1 and calls.count(False) >= 1  # 8 rows forward only
-    assert metrics["forward_only_rows"] == 8 / 12 and metrics_ref["forward_only_rows"] == 0
+    assert calls_skip == [True]  # the 4 rows of question 0 only
+    for m in (metrics, metrics_ref, metrics_skip):
+        assert m["rows_without_gradient"] == 8 / 12  # counted whatever ran for them
     assert abs(metrics["loss"] - metrics_ref["loss"]) <= 1e-6
+    assert abs(metrics_skip["loss"] - metrics_ref["loss"]) <= 1e-6
     assert abs(metrics["entropy"] - metrics_ref["entropy"]) <= 1e-6
+    # skipped: the entropy of question 0's rows alone
+    alone, _, _ = run([r for r in rows if r.group == 0], zero_gradient_rows="backward")
+    assert abs(metrics_skip["entropy"] - alone["entropy"]) <= 1e-6
+    assert abs(metrics_skip["entropy"] - metrics_ref["entropy"]) > 1e-4
     for name, grad in grads_ref.items():
         torch.testing.assert_close(grads[name], grad, atol=1e-7, rtol=1e-5, msg=name)
+        torch.testing.assert_close(grads_skip[name], grad, atol=1e-7, rtol=1e-5, msg=name)
     # every question with equal rewards: one row still runs backward, the gradients are zeros
     still = [r for r in rows if r.group != 0]
-    metrics, grads, calls = run(still)
-    assert calls.count(True) == 1 and calls.count(False) >= 1
-    assert all(g is not None and not g.any() for g in grads.values())
+    for mode in ("forward", "skip"):
+        metrics, grads, calls = run(still, zero_gradient_rows=mode)
+        assert calls.count(True) == 1 and (calls.count(False) >= 1) == (mode == "forward")
+        assert all(g is not None and not g.any() for g in grads.values())

@@ -522,7 +522,7 @@ def update(
     unpadded = unpads(config, policy, share)
     totals: dict[str, float] = {"loss": 0.0, "grad_norm": 0.0, "updates": 0, "skipped_updates": 0}
     sums = DeviceSums()  # the passes' metrics, summed on the device and read once at the end
-    row_counts = [0, 0]  # rows run forward only, rows in all
+    row_counts = [0, 0]  # rows without gradient, rows in all
     for _epoch in range(config.optim.ppo_epochs):
         for start in range(0, max(len(questions), 1), per_mini):
             chosen = questions[start : start + per_mini]
@@ -530,8 +530,8 @@ def update(
             counts = batch_counts(algorithm, batch.kinds[rows], batch.response_mask[rows])
             counts = dist.all_reduce_counts(counts)  # normalise over every rank's rows
             optimizer.zero_grad(set_to_none=True)
-            learning, still = split_still_rows(batch, rows, algorithm, config)
-            row_counts[0] += len(still)
+            learning, still, without = split_still_rows(batch, rows, algorithm, config)
+            row_counts[0] += without
             row_counts[1] += len(rows)
             parts = plan_passes(batch, learning, config, packed, share, unpadded)
             still_parts = plan_passes(batch, still, config, packed, share, unpadded, True)
@@ -573,8 +573,8 @@ def update(
     totals["entropy"] = dist.all_reduce_sum(summed.get("entropy_sum", 0.0)) / max(
         dist.all_reduce_sum(summed.get("entropy_tokens", 0.0)), 1.0
     )
-    # the share of rows that ran forward only (no gradient to give), over every rank's rows
-    totals["forward_only_rows"] = dist.all_reduce_sum(float(row_counts[0])) / max(
+    # the share of rows without gradient to give, over every rank's rows (whatever ran for them)
+    totals["rows_without_gradient"] = dist.all_reduce_sum(float(row_counts[0])) / max(
         dist.all_reduce_sum(float(row_counts[1])), 1.0
     )
     return {**loss_metrics, **totals}  # totals last: the global loss, not a micro-batch mean
@@ -582,27 +582,30 @@ def update(
 
 def split_still_rows(
     batch: Batch, rows: torch.Tensor, algorithm: Algorithm, config: TrainConfig
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``rows`` as (the rows to run forward and backward, those to run forward only).
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``rows`` as (the rows to run forward and backward, those to run forward only, and how
+    many add nothing to the loss or its gradient).
 
-    Forward only: the rows that add nothing to the loss or its gradient
-    (:func:`~hpt.estimator.unified.rows_without_gradient`), unless ``optim.backward_zero_rows``.
-    Where every row is one, the first still runs backward: the gradients are then zeros, not
-    missing, and AdamW steps as it would with them (its momentum and weight decay).
+    Those rows (:func:`~hpt.estimator.unified.rows_without_gradient`) go by
+    ``optim.zero_gradient_rows``: ``forward`` runs them forward only (for the metrics),
+    ``backward`` forward and backward with the others, ``skip`` not at all. Where every row is
+    one, the first still runs backward: the gradients are then zeros, not missing, and AdamW
+    steps as it would with them (its momentum and weight decay).
     """
-    if config.optim.backward_zero_rows:
-        return rows, rows[:0]
-    still = rows_without_gradient(
+    without = rows_without_gradient(
         algorithm,
         batch.kinds[rows],
         batch.extras["advantages"][rows],
         batch.response_mask[rows],
         batch.row_weights[rows],
     )
-    learning, forward_only = rows[~still], rows[still]
+    learning, still = rows[~without], rows[without]
+    count, mode = len(still), config.optim.zero_gradient_rows
+    if mode == "backward":
+        return rows, rows[:0], count
     if learning.numel() == 0:
-        return forward_only[:1], forward_only[1:]
-    return learning, forward_only
+        learning, still = still[:1], still[1:]
+    return learning, (still if mode == "forward" else still[:0]), count
 
 
 def _loss(

@@ -257,12 +257,15 @@ class OptimConfig:
         "null: 4 x micro_batch_tokens; 0: forward_micro_batch_size rows a pass",
         ge=0,
     )
-    backward_zero_rows: bool = Field(
-        False,
-        description="run forward and backward over rows that add nothing to the loss (advantage 0 "
-        "at every token, as a GRPO group whose rollouts all got the same reward, with no entropy, "
-        "KL or value term); false: those rows run forward only, in passes of their own, for the "
-        "update's metrics (the same gradient: their tokens still count in the normalisers)",
+    zero_gradient_rows: Literal["forward", "backward", "skip"] = Field(
+        "forward",
+        description="rows that add nothing to the loss or its gradient (advantage 0 at every "
+        "token, as a GRPO group whose rollouts all got the same reward, with no entropy, KL or "
+        "value term): forward runs them forward only, in passes of their own, so the update's "
+        "metrics cover them (the same gradient: their tokens still count in the normalisers); "
+        "backward runs them forward and backward as TRL and verl do; skip leaves them out (the "
+        "same gradient; entropy, ratio and clip metrics then cover the other rows only, as after "
+        "DAPO's group filtering)",
     )
     packing: bool | Literal["auto"] = Field(
         "auto",
