@@ -3,6 +3,7 @@ gradients."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import types
@@ -635,10 +636,16 @@ def test_autocast_runs_the_passes_in_bf16_with_float32_outputs_and_gradients(tin
     assert not old_logprobs_from_engine(settings(), engine, algorithm, torch.bfloat16)
 
 
-def test_shared_prompt_attention_runs_in_float32_on_a_cpu_under_autocast(tiny, monkeypatch):
-    """CPU flash attention's bf16 backward is slow: under autocast the one-call pass hands its
-    attention float32 queries, keys and values (autocast off there), and gives back the
-    gradients of the float32 attention."""
+@pytest.mark.parametrize(
+    "share, calls_a_layer",
+    [(1, 2), (0, 1)],  # the one-call shared pass (prompts, responses); padded rows (sdpa)
+    ids=["one-call", "padded"],
+)
+def test_attention_runs_in_float32_on_a_cpu_under_autocast(tiny, monkeypatch, share, calls_a_layer):
+    """CPU flash attention's bf16 backward is slow: under autocast a pass hands its attention
+    float32 queries, keys and values (autocast off there): the one-call shared pass through its
+    own attention, padded rows through transformers' sdpa swapped for ``FLOAT32_SDPA``; the
+    gradients are those of the bf16 attention, to bf16 rounding."""
     model, tokenizer = tiny
     rows = make_shared_rows(model.config.vocab_size, seed=5)
     batch = collate(rows, tokenizer.pad_token_id, KIND_ID)
@@ -659,13 +666,17 @@ def test_shared_prompt_attention_runs_in_float32_on_a_cpu_under_autocast(tiny, m
     for upcast in (True, False):
         if not upcast:
             monkeypatch.setattr(prompt_attention, "float32_attention", lambda query: False)
+            monkeypatch.setattr(
+                prompt_attention, "float32_sdpa", lambda *_: contextlib.nullcontext()
+            )
         copy_ = copy.deepcopy(model)
         seen.clear()
-        lp, _, _ = Policy(copy_, autocast=torch.bfloat16)(*args, share_prompts=1)
+        lp, _, _ = Policy(copy_, autocast=torch.bfloat16)(*args, share_prompts=share)
         (lp * batch.response_mask).sum().backward()
         layers = model.config.num_hidden_layers
-        assert seen == [torch.float32 if upcast else torch.bfloat16] * 2 * layers
+        assert seen == [torch.float32 if upcast else torch.bfloat16] * calls_a_layer * layers
         grads[upcast] = {n: p.grad for n, p in copy_.named_parameters() if p.grad is not None}
+    assert copy_.config._attn_implementation == "sdpa"  # put back
     assert grads[True].keys() == grads[False].keys()
     for name, g in grads[True].items():  # the same gradients, to bf16 rounding
         cosine = torch.nn.functional.cosine_similarity(
@@ -679,9 +690,12 @@ def test_shared_prompt_attention_runs_in_float32_on_a_cpu_under_autocast(tiny, m
         assert float32_attention(query)
 
 
-def test_autocast_with_gradient_checkpointing_recomputes_in_bf16(tiny):
+def test_autocast_with_gradient_checkpointing_recomputes_in_bf16(tiny, monkeypatch):
     """Activation checkpointing under optim.autocast: the recomputed forward runs under the same
-    autocast, so the gradients are those of the pass without checkpointing."""
+    autocast, so the gradients are those of the pass without checkpointing (whose attention
+    stays in bf16 here too: a checkpointed pass keeps transformers' sdpa, since the recomputation
+    runs after a swap would be undone)."""
+    monkeypatch.setattr(prompt_attention, "float32_sdpa", lambda *_: contextlib.nullcontext())
     model, tokenizer = tiny
     rows = make_shared_rows(model.config.vocab_size, seed=7)
     batch = collate(rows, tokenizer.pad_token_id, KIND_ID)
@@ -697,6 +711,9 @@ def test_autocast_with_gradient_checkpointing_recomputes_in_bf16(tiny):
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, atol=1e-5, rtol=1e-3, msg=name)
+    monkeypatch.undo()  # the trainer's own choice: no swap where backward recomputes
+    lp, ent, _ = Policy(copy_, autocast=torch.bfloat16)(*args)
+    (lp.sum() + 0.1 * ent.sum()).backward()  # recomputed as it ran (a swap would fail here)
 
 
 def test_prompts_are_shared_only_when_that_saves_enough_tokens(tiny, monkeypatch):

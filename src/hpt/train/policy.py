@@ -137,7 +137,8 @@ class Policy(nn.Module):
             )
         if shared is not None:
             with self._adapters(), self._compiled_layers(decoder):
-                hidden = self._shared_prompt_hidden(decoder, shared, labels.shape[1])
+                with self._float32_sdpa(decoder, input_ids.device):  # two calls
+                    hidden = self._shared_prompt_hidden(decoder, shared, labels.shape[1])
             return self._head(hidden, labels, response_mask)
         if position_ids is None:
             inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
@@ -145,7 +146,8 @@ class Policy(nn.Module):
             inputs = {"input_ids": input_ids, "position_ids": position_ids}
         inputs["use_cache"] = False  # a cache would also turn off the packed-sequence detection
         with self._adapters(), self._compiled_layers(decoder):
-            hidden = decoder(**inputs).last_hidden_state
+            with self._float32_sdpa(decoder, input_ids.device):
+                hidden = decoder(**inputs).last_hidden_state
         if position_ids is None:
             index = response_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
             hidden = hidden.gather(1, index)  # [N, T, H]
@@ -161,6 +163,14 @@ class Policy(nn.Module):
         return torch.is_grad_enabled() and bool(
             decoder.training and getattr(decoder, "gradient_checkpointing", False)
         )
+
+    def _float32_sdpa(self, decoder: nn.Module, device: torch.device) -> Any:
+        """transformers' sdpa attention in float32 on a CPU under autocast
+        (:func:`hpt.train.prompt_attention.float32_sdpa`), except where backward recomputes the
+        layers: the recomputation runs after the swap is undone, and must match the forward."""
+        if self._recomputes(decoder):
+            return nullcontext()
+        return prompt_attention.float32_sdpa(self.model, device)
 
     def _precision(self, device: torch.device) -> Any:
         """``torch.autocast`` to ``autocast`` for the whole pass; a no-op without one."""

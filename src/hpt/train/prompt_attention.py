@@ -205,6 +205,30 @@ def float32_attention(query: torch.Tensor) -> bool:
     return query.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled("cpu")
 
 
+FLOAT32_SDPA = "hpt_float32_sdpa"  # transformers' SDPA attention run in float32
+
+
+def float32_sdpa_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Any,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, Any]:
+    """transformers' ``sdpa`` attention with its inputs cast to float32 and autocast off (the
+    padded and two-call passes on a CPU under autocast: :func:`float32_attention`); the output
+    in the queries' dtype."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    dtype = query.dtype
+    with torch.autocast(query.device.type, enabled=False):
+        out, weights = sdpa_attention_forward(
+            module, query.float(), key.float(), value.float(), attention_mask, **kwargs
+        )
+    return out.to(dtype), weights
+
+
 _registered = False
 
 
@@ -214,19 +238,32 @@ def _register() -> None:
         from transformers import AttentionInterface
 
         AttentionInterface.register(IMPLEMENTATION, shared_prompt_attention)
+        AttentionInterface.register(FLOAT32_SDPA, float32_sdpa_attention)
         _registered = True
 
 
 @contextmanager
-def swapped_attention(model: Any) -> Iterator[None]:
-    """``model``'s attention is :func:`shared_prompt_attention` meanwhile (its config's
-    ``_attn_implementation``, which each attention layer reads at every call)."""
+def swapped_attention(model: Any, implementation: str = IMPLEMENTATION) -> Iterator[None]:
+    """``model``'s attention is ``implementation`` (:func:`shared_prompt_attention`, or
+    :data:`FLOAT32_SDPA`) meanwhile (its config's ``_attn_implementation``, which each attention
+    layer reads at every call)."""
     _register()
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = base.config
     before = config._attn_implementation
-    config._attn_implementation = IMPLEMENTATION
+    config._attn_implementation = implementation
     try:
         yield
     finally:
         config._attn_implementation = before
+
+
+def float32_sdpa(model: Any, device: torch.device) -> Any:
+    """For a pass that attends through transformers' own ``sdpa`` (padded rows, or a shared pass
+    in two decoder calls): :data:`FLOAT32_SDPA` meanwhile on a CPU under autocast
+    (:func:`float32_attention`), else nothing."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    implementation = getattr(getattr(base, "config", None), "_attn_implementation", None)
+    if device.type != "cpu" or not torch.is_autocast_enabled("cpu") or implementation != "sdpa":
+        return nullcontext()
+    return swapped_attention(model, FLOAT32_SDPA)
