@@ -267,17 +267,13 @@ def rows_without_gradient(
     Shapes: kinds [N] ids, advantages [N] or [N, T], response_mask [N, T], row_weights [N].
     """
     n = kinds.shape[0]
+    none = torch.zeros(n, dtype=torch.bool, device=kinds.device)
     if algorithm.entropy_coef or algorithm.kl_coef or algorithm.needs_values:
-        return torch.zeros(n, dtype=torch.bool, device=kinds.device)
+        return none
     advantages = advantages if advantages.dim() == 2 else advantages[:, None]
-    mask = response_mask.bool()
-    zero_advantage = ((advantages == 0) | ~mask).all(dim=1)
-    zero_weight = (
-        torch.zeros(n, dtype=torch.bool, device=kinds.device)
-        if row_weights is None
-        else row_weights.reshape(n) == 0
-    )
-    without = torch.ones(n, dtype=torch.bool, device=kinds.device)
+    zero_advantage = ((advantages == 0) | ~response_mask.bool()).all(dim=1)
+    zero_weight = none if row_weights is None else row_weights.reshape(n) == 0
+    without = ~none
     for term in algorithm.terms:
         rows = kinds == KIND_ID[term.kind]
         if not MASKS.trait(term.mask, "scales_with_advantage"):

@@ -71,11 +71,16 @@ class Layout:
         return grid.index_copy(0, self.real, responses)
 
 
+def _base(model: Any) -> Any:
+    """The transformers model under a PEFT wrapper (``model`` itself without one)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def applies(model: Any) -> bool:
     """Whether ``model``'s attention layers all go through transformers' attention interface
     with full (not windowed) causal attention (:data:`MODEL_TYPES`), each reading the model's
     own config (the one :func:`swapped_attention` changes)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _base(model)
     config = getattr(base, "config", None)
     if config is None or getattr(config, "model_type", None) not in MODEL_TYPES:
         return False
@@ -248,7 +253,7 @@ def swapped_attention(model: Any, implementation: str = IMPLEMENTATION) -> Itera
     :data:`FLOAT32_SDPA`) meanwhile (its config's ``_attn_implementation``, which each attention
     layer reads at every call)."""
     _register()
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _base(model)
     config = base.config
     before = config._attn_implementation
     config._attn_implementation = implementation
@@ -262,7 +267,7 @@ def float32_sdpa(model: Any, device: torch.device) -> Any:
     """For a pass that attends through transformers' own ``sdpa`` (padded rows, or a shared pass
     in two decoder calls): :data:`FLOAT32_SDPA` meanwhile on a CPU under autocast
     (:func:`float32_attention`), else nothing."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _base(model)
     implementation = getattr(getattr(base, "config", None), "_attn_implementation", None)
     if device.type != "cpu" or not torch.is_autocast_enabled("cpu") or implementation != "sdpa":
         return nullcontext()
