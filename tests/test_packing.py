@@ -637,16 +637,20 @@ def test_autocast_runs_the_passes_in_bf16_with_float32_outputs_and_gradients(tin
 
 
 @pytest.mark.parametrize(
-    "share, calls_a_layer",
-    [(1, 2), (0, 1)],  # the one-call shared pass (prompts, responses); padded rows (sdpa)
-    ids=["one-call", "padded"],
+    "share, calls_a_layer, autocast",
+    [(1, 2, True), (0, 1, True), (1, 2, False), (0, 1, False)],
+    # the one-call shared pass (prompts, responses); padded rows (sdpa); under autocast, or with
+    # bf16 weights
+    ids=["one-call-autocast", "padded-autocast", "one-call-bf16", "padded-bf16"],
 )
-def test_attention_runs_in_float32_on_a_cpu_under_autocast(tiny, monkeypatch, share, calls_a_layer):
-    """CPU flash attention's bf16 backward is slow: under autocast a pass hands its attention
-    float32 queries, keys and values (autocast off there): the one-call shared pass through its
-    own attention, padded rows through transformers' sdpa swapped for ``FLOAT32_SDPA``; the
-    gradients are those of the bf16 attention, to bf16 rounding."""
+def test_attention_runs_in_float32_on_a_cpu(tiny, monkeypatch, share, calls_a_layer, autocast):
+    """CPU flash attention's bf16 backward is slow: under autocast, or with bf16 weights, a pass
+    hands its attention float32 queries, keys and values (autocast off there): the one-call
+    shared pass through its own attention, padded rows through transformers' sdpa swapped for
+    ``FLOAT32_SDPA``; the gradients are those of the bf16 attention, to bf16 rounding."""
     model, tokenizer = tiny
+    if not autocast:
+        model = copy.deepcopy(model).to(torch.bfloat16)
     rows = make_shared_rows(model.config.vocab_size, seed=5)
     batch = collate(rows, tokenizer.pad_token_id, KIND_ID)
     args = (batch.input_ids, batch.attention_mask, batch.response_index, batch.labels)
@@ -671,7 +675,8 @@ def test_attention_runs_in_float32_on_a_cpu_under_autocast(tiny, monkeypatch, sh
             )
         copy_ = copy.deepcopy(model)
         seen.clear()
-        lp, _, _ = Policy(copy_, autocast=torch.bfloat16)(*args, share_prompts=share)
+        policy = Policy(copy_, autocast=torch.bfloat16 if autocast else None)
+        lp, _, _ = policy(*args, share_prompts=share)
         (lp * batch.response_mask).sum().backward()
         layers = model.config.num_hidden_layers
         assert seen == [torch.float32 if upcast else torch.bfloat16] * calls_a_layer * layers
@@ -680,7 +685,7 @@ def test_attention_runs_in_float32_on_a_cpu_under_autocast(tiny, monkeypatch, sh
     assert grads[True].keys() == grads[False].keys()
     for name, g in grads[True].items():  # the same gradients, to bf16 rounding
         cosine = torch.nn.functional.cosine_similarity(
-            g.flatten(), grads[False][name].flatten(), dim=0
+            g.float().flatten(), grads[False][name].float().flatten(), dim=0
         )
         assert cosine > 0.98, (name, float(cosine))
     query = torch.zeros(1, 2, 3, 4)
@@ -688,6 +693,48 @@ def test_attention_runs_in_float32_on_a_cpu_under_autocast(tiny, monkeypatch, sh
     assert float32_attention(query.bfloat16())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert float32_attention(query)
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed", "two-calls"])
+def test_float32_sdpa_attends_under_the_masks_of_sdpa(tiny, monkeypatch, layout):
+    """The float32 attention swapped in for transformers' sdpa on a CPU gets the masks sdpa gets:
+    right padding, packed sequences (block-diagonal) and a two-call shared pass's padded prompt
+    cache. Under autocast each row's log-probs are those of the row alone (to bf16 rounding);
+    without the masks a packed row would attend to the rows before it."""
+    model, tokenizer = tiny
+    model = copy.deepcopy(model).eval()
+    if layout == "two-calls":
+        monkeypatch.setattr(prompt_attention, "applies", lambda model: False)
+    rows = make_shared_rows(model.config.vocab_size)
+    batch = collate(rows, tokenizer.pad_token_id, KIND_ID)
+    everything = torch.arange(len(batch))
+    micro = batch.pack(everything) if layout == "packed" else batch.select(everything)
+    policy = Policy(model, autocast=torch.bfloat16)
+    ran: list[torch.dtype] = []
+    monkeypatch.setattr(
+        prompt_attention,
+        "float32_attention",
+        lambda query, rule=prompt_attention.float32_attention: (
+            ran.append(query.dtype) or rule(query)
+        ),
+    )
+    with torch.no_grad():
+        lp, _, _ = policy(
+            micro.input_ids,
+            micro.attention_mask,
+            micro.response_index,
+            micro.labels,
+            position_ids=micro.position_ids if layout == "packed" else None,
+            share_prompts=layout == "two-calls",
+        )
+        assert ran and model.config._attn_implementation == "sdpa"  # swapped in, and back
+        for i, row in enumerate(rows):  # each row alone, under the same autocast
+            ids = torch.tensor([row.prompt_ids + row.response_ids])
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits = model(input_ids=ids).logits[0, len(row.prompt_ids) - 1 : -1]
+            alone = torch.log_softmax(logits.float(), -1)
+            alone = alone.gather(1, torch.tensor(row.response_ids)[:, None]).squeeze(1)
+            torch.testing.assert_close(lp[i, : len(row.response_ids)], alone, atol=3e-2, rtol=0)
 
 
 def test_autocast_with_gradient_checkpointing_recomputes_in_bf16(tiny, monkeypatch):

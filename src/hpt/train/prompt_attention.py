@@ -221,11 +221,13 @@ def float32_sdpa_attention(
     attention_mask: Any,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, Any]:
-    """transformers' ``sdpa`` attention with its inputs cast to float32 and autocast off (the
-    padded and two-call passes on a CPU under autocast: :func:`float32_attention`); the output
-    in the queries' dtype."""
+    """transformers' ``sdpa`` attention, with its inputs cast to float32 and autocast off where
+    :func:`float32_attention` says so (bf16 or fp16 weights, or autocast, on a CPU); the output
+    in the queries' dtype. Elsewhere transformers' ``sdpa`` itself."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    if not float32_attention(query):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     dtype = query.dtype
     with torch.autocast(query.device.type, enabled=False):
         out, weights = sdpa_attention_forward(
@@ -241,9 +243,13 @@ def _register() -> None:
     global _registered
     if not _registered:
         from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
         AttentionInterface.register(IMPLEMENTATION, shared_prompt_attention)
         AttentionInterface.register(FLOAT32_SDPA, float32_sdpa_attention)
+        # the masks sdpa gets (padding, packed sequences, a prompt cache's padding): without an
+        # entry here transformers builds none, and attention would be causal over the whole row
+        AttentionMaskInterface.register(FLOAT32_SDPA, sdpa_mask)
         _registered = True
 
 
@@ -265,10 +271,10 @@ def swapped_attention(model: Any, implementation: str = IMPLEMENTATION) -> Itera
 
 def float32_sdpa(model: Any, device: torch.device) -> Any:
     """For a pass that attends through transformers' own ``sdpa`` (padded rows, or a shared pass
-    in two decoder calls): :data:`FLOAT32_SDPA` meanwhile on a CPU under autocast
-    (:func:`float32_attention`), else nothing."""
+    in two decoder calls) on a CPU: :data:`FLOAT32_SDPA` meanwhile, which runs the attention in
+    float32 by the same rule as the shared pass's own (:func:`float32_attention`), else nothing."""
     base = _base(model)
     implementation = getattr(getattr(base, "config", None), "_attn_implementation", None)
-    if device.type != "cpu" or not torch.is_autocast_enabled("cpu") or implementation != "sdpa":
+    if device.type != "cpu" or implementation != "sdpa":
         return nullcontext()
     return swapped_attention(model, FLOAT32_SDPA)
