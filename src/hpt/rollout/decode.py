@@ -50,12 +50,17 @@ class ForwardSignature:
     logits_to_keep: bool  # forward(logits_to_keep=1): the lm_head on the last position only
 
 
+def base_model(model: Any) -> Any:
+    """The transformers model under a PEFT wrapper (``model`` itself without one)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def forward_signature(model: Any) -> ForwardSignature | None:
     """The decode-relevant parameters of ``model``'s forward, or None if it cannot decode this way.
 
     PEFT wrappers forward ``**kwargs`` to the base model, so the base model's signature is read.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     config = getattr(base, "config", None)
     if config is None or getattr(config, "is_encoder_decoder", False):
         return None

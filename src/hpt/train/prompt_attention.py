@@ -34,6 +34,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from hpt.rollout.decode import base_model
 from hpt.train.batch import SharedPrompts, real_positions
 
 IMPLEMENTATION = "hpt_shared_prompts"  # the name it is registered under in transformers
@@ -71,16 +72,11 @@ class Layout:
         return grid.index_copy(0, self.real, responses)
 
 
-def _base(model: Any) -> Any:
-    """The transformers model under a PEFT wrapper (``model`` itself without one)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def applies(model: Any) -> bool:
     """Whether ``model``'s attention layers all go through transformers' attention interface
     with full (not windowed) causal attention (:data:`MODEL_TYPES`), each reading the model's
     own config (the one :func:`swapped_attention` changes)."""
-    base = _base(model)
+    base = base_model(model)
     config = getattr(base, "config", None)
     if config is None or getattr(config, "model_type", None) not in MODEL_TYPES:
         return False
@@ -259,7 +255,7 @@ def swapped_attention(model: Any, implementation: str = IMPLEMENTATION) -> Itera
     :data:`FLOAT32_SDPA`) meanwhile (its config's ``_attn_implementation``, which each attention
     layer reads at every call)."""
     _register()
-    base = _base(model)
+    base = base_model(model)
     config = base.config
     before = config._attn_implementation
     config._attn_implementation = implementation
@@ -273,7 +269,7 @@ def float32_sdpa(model: Any, device: torch.device) -> Any:
     """For a pass that attends through transformers' own ``sdpa`` (padded rows, or a shared pass
     in two decoder calls) on a CPU: :data:`FLOAT32_SDPA` meanwhile, which runs the attention in
     float32 by the same rule as the shared pass's own (:func:`float32_attention`), else nothing."""
-    base = _base(model)
+    base = base_model(model)
     implementation = getattr(getattr(base, "config", None), "_attn_implementation", None)
     if device.type != "cpu" or implementation != "sdpa":
         return nullcontext()
