@@ -73,7 +73,8 @@ vllm-check:
 GPU_WHEELS := trl==1.16.0 transformers==5.24.0 accelerate==1.16.0 peft==0.21.2 datasets==5.2.0 \
 	dill==0.4.1 multiprocess==0.70.19 fsspec==2026.9.0 math-verify==0.9.0 \
 	latex2sympy2_extended==1.11.0 antlr4-python3-runtime==4.13.2 pebble==5.2.3 pydantic==2.14.4 \
-	pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
+	pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
+	pytest==9.2.0 iniconfig==2.3.1 pluggy==1.7.0 pygments==2.21.0 packaging==26.4
 gpu-wheels:
 	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
 		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
