@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -198,6 +199,42 @@ def test_plots_are_drawn_from_a_synthetic_run(tmp_path):
     for path in written:
         assert path.parent == tmp_path / "plots"
         assert path.read_bytes()[:8] == PNG_MAGIC and path.stat().st_size > 2000
+
+
+def test_speed_plots_draw_each_stage_and_the_throughput(tmp_path, monkeypatch):
+    """time.png: one line per ``time/<stage>`` and the whole step last; throughput.png: the
+    step's tokens a second. Drawn only where a run logged them."""
+    import hpt.eval.plots
+
+    records = [
+        {
+            "step": step,
+            **step_metrics(step),
+            "time/generate": 0.4,
+            "time/update": 0.8,
+            "time/score": 0.01,
+            "time/step": 1.3,
+            "perf/tokens_per_s": 9000.0 + step,
+        }
+        for step in range(1, 6)
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    drawn = {}
+    real = hpt.eval.plots.draw_panels
+
+    def recording(path, panels, **kwargs):
+        drawn[Path(path).name] = panels
+        return real(path, panels, **kwargs)
+
+    monkeypatch.setattr(hpt.eval.plots, "draw_panels", recording)
+    names = [p.name for p in plot_run(tmp_path)]
+    assert names[-2:] == ["time.png", "throughput.png"]
+    (stages,) = drawn["time.png"].values()
+    assert list(stages) == ["generate", "score", "update", "step"]
+    assert stages["update"] == ([1.0, 2.0, 3.0, 4.0, 5.0], [0.8] * 5)
+    (throughput,) = drawn["throughput.png"].values()
+    assert throughput["tokens_per_s"][1] == [9001.0, 9002.0, 9003.0, 9004.0, 9005.0]
+    assert (tmp_path / "plots" / "time.png").read_bytes()[:8] == PNG_MAGIC
 
 
 def test_plots_skip_series_that_were_never_logged(tmp_path):

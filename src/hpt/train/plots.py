@@ -25,6 +25,12 @@ def _exact(*keys: str) -> Callable[[list[str]], list[str]]:
     return lambda available: [key for key in keys if key in available]
 
 
+def _time_keys(available: list[str]) -> list[str]:
+    """``time/<stage>`` (seconds of each stage of a step), the whole step (``time/step``) last."""
+    stages = sorted(k for k in available if k.startswith("time/") and k != "time/step")
+    return stages + (["time/step"] if "time/step" in available else [])
+
+
 def _accuracy_keys(available: list[str]) -> list[str]:
     """``eval/<set>`` (avg@k accuracy of a set), not ``eval/<set>/pass@k`` and the like."""
     return sorted(k for k in available if k.startswith("eval/") and k.count("/") == 1)
@@ -53,6 +59,13 @@ PLOTS: tuple[PlotSpec, ...] = (
     PlotSpec("entropy.png", "Mean token entropy", "entropy (nats)", _exact("entropy")),
     PlotSpec("accuracy.png", "Held-out accuracy", "accuracy (avg@k)", _accuracy_keys),
     PlotSpec("loss.png", "Training loss", "loss", _exact("loss")),
+    PlotSpec("time.png", "Seconds per step, by stage", "seconds", _time_keys),
+    PlotSpec(
+        "throughput.png",
+        "Tokens a second (generated and trained, per device)",
+        "tokens / s",
+        _exact("perf/tokens_per_s"),
+    ),
 )
 
 
@@ -92,13 +105,14 @@ def _summary_records(run_dir: Path, records: list[dict[str, Any]]) -> list[dict[
 def _draw(spec: PlotSpec, records: list[dict[str, Any]], keys: list[str], path: Path) -> None:
     from hpt.eval.plots import draw_panels
 
-    lines = {key.removeprefix("eval/"): series(records, key) for key in keys}
-    legend = len(keys) > 1 or spec.keys is _accuracy_keys
+    lines = {key.split("/", 1)[-1]: series(records, key) for key in keys}
+    legend = len(keys) > 1 or spec.keys in (_accuracy_keys, _time_keys)
     draw_panels(path, {spec.title: lines}, ylabel=spec.ylabel, ylim=spec.ylim, legend=legend)
 
 
 def plot_run(run_dir: str | Path, output_dir: str | Path | None = None) -> list[Path]:
-    """Draw the run's PNG plots (reward, routes, entropy, held-out accuracy, loss vs step).
+    """Draw the run's PNG plots (reward, routes, entropy, held-out accuracy, loss, seconds per
+    stage and tokens a second vs step).
 
     Args:
         run_dir: The run folder (holding ``metrics.jsonl``).
