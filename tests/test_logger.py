@@ -144,7 +144,11 @@ def test_progress_bar_shows_step_reward_and_routes(tmp_path, monkeypatch, capsys
         logger.message("stage 1 done")
     err = capsys.readouterr().err
     assert "4/4" in err and "reward 0.400" in err and "sft 0.12 rl 0.88" in err
+    assert "100 tok/s" in err  # the step's throughput (tokens_per_s without perf/tokens_per_s)
     assert "stage 1 done" in err
+    with RunLogger(tmp_path / "global", total_steps=1) as logger:  # over all ranks, where logged
+        logger.log(1, step_metrics(1, **{"perf/tokens_per_s": 250.0}))
+    assert "250 tok/s" in capsys.readouterr().err
 
 
 def test_progress_is_off_without_a_terminal_or_when_asked(monkeypatch, capsys):

@@ -35,6 +35,7 @@ STEP_KEYS = (
 _BAR_COLUMNS = (
     "reward {task.fields[reward]}",
     "sft {task.fields[sft]} rl {task.fields[rl]}",
+    "{task.fields[speed]} tok/s",
 )
 
 
@@ -120,7 +121,13 @@ class RunLogger:
             progress_bar(*_BAR_COLUMNS, enabled=progress, transient=False)
         )
         self._task = self._bar.add_task(
-            "train", total=total_steps, completed=resume_step or 0, reward="-", sft="-", rl="-"
+            "train",
+            total=total_steps,
+            completed=resume_step or 0,
+            reward="-",
+            sft="-",
+            rl="-",
+            speed="-",
         )
 
     # -- setup ---------------------------------------------------------------------------------
@@ -198,6 +205,7 @@ class RunLogger:
             reward=_format(record.get("reward_mean")),
             sft=_format(record.get("route_sft"), ".2f"),
             rl=_format(record.get("route_rl"), ".2f"),
+            speed=_format(record.get("perf/tokens_per_s", record.get("tokens_per_s")), ".0f"),
         )
         return record
 

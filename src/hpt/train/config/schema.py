@@ -356,7 +356,11 @@ class LoggingConfig:
     tensorboard: bool = Field(
         False, description="also write TensorBoard events (needs tensorboard installed)"
     )
-    progress: bool = Field(True, description="show a progress bar (only on a terminal)")
+    progress: bool = Field(
+        True,
+        description="show a progress bar (only on a terminal): steps, reward, routes, tokens a "
+        "second, elapsed time and ETA",
+    )
     plots: bool = Field(True, description="draw PNG plots of the run when it ends")
 
 
