@@ -885,7 +885,7 @@ def test_gradient_checkpointing_runs_rows_whole(tiny):
     swapped attention: a pass asked to share runs every row whole instead (it raised before)."""
     model, tokenizer = tiny
     model = copy.deepcopy(model).train()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable({"use_reentrant": False})
     rows = make_shared_rows(model.config.vocab_size, seed=6)
     batch = collate(rows, tokenizer.pad_token_id, KIND_ID)
     args = (batch.input_ids, batch.attention_mask, batch.response_index, batch.labels)
