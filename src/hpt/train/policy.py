@@ -166,8 +166,9 @@ class Policy(nn.Module):
 
     def _float32_sdpa(self, decoder: nn.Module, device: torch.device) -> Any:
         """transformers' sdpa attention in float32 on a CPU under autocast or with bf16/fp16
-        weights (:func:`hpt.train.prompt_attention.float32_sdpa`), except where backward recomputes the
-        layers: the recomputation runs after the swap is undone, and must match the forward."""
+        weights (:func:`hpt.train.prompt_attention.float32_sdpa`), except where backward
+        recomputes the layers: the recomputation runs after the swap is undone, and must match
+        the forward."""
         if self._recomputes(decoder):
             return nullcontext()
         return prompt_attention.float32_sdpa(self.model, device)
