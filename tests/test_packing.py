@@ -17,6 +17,7 @@ from hpt.train import prompt_attention
 from hpt.train.batch import Row, collate, token_micro_batches
 from hpt.train.config import TrainConfig
 from hpt.train.policy import Policy
+from hpt.train.setup import enable_checkpointing
 from hpt.train.step import packs, plan_passes, prepare, shares_prompts, update
 
 # a small random decoder for tests that build one from a config (grouped-query heads)
@@ -751,7 +752,7 @@ def test_autocast_with_gradient_checkpointing_recomputes_in_bf16(tiny, monkeypat
     for checkpointing in (False, True):
         copy_ = copy.deepcopy(model).train()
         if checkpointing:
-            copy_.activation_checkpointing_enable({"use_reentrant": False})
+            enable_checkpointing(copy_, {"use_reentrant": False})
         lp, ent, _ = Policy(copy_, autocast=torch.bfloat16)(*args)
         (lp.sum() + 0.1 * ent.sum()).backward()
         grads.append({n: p.grad for n, p in copy_.named_parameters() if p.grad is not None})
@@ -880,12 +881,25 @@ def test_one_call_shared_prompts_on_cuda(tiny):
         torch.testing.assert_close(shared_grads[name], g, atol=1e-4, rtol=1e-3, msg=name)
 
 
+def test_checkpointing_is_enabled_under_either_transformers_name(tiny):
+    """transformers 5.x renamed gradient_checkpointing_enable to activation_checkpointing_enable:
+    enable_checkpointing calls the name the model has, with the same keyword arguments."""
+    model, _ = tiny
+    model = copy.deepcopy(model)
+    enable_checkpointing(model, {"use_reentrant": False})
+    assert model.model.gradient_checkpointing
+    calls = []
+    older = types.SimpleNamespace(gradient_checkpointing_enable=lambda **kw: calls.append(kw))
+    enable_checkpointing(older, {"use_reentrant": False})
+    assert calls == [{"gradient_checkpointing_kwargs": {"use_reentrant": False}}]
+
+
 def test_gradient_checkpointing_runs_rows_whole(tiny):
     """Checkpointed layers recompute in backward without the shared pass's prompt cache or
     swapped attention: a pass asked to share runs every row whole instead (it raised before)."""
     model, tokenizer = tiny
     model = copy.deepcopy(model).train()
-    model.activation_checkpointing_enable({"use_reentrant": False})
+    enable_checkpointing(model, {"use_reentrant": False})
     rows = make_shared_rows(model.config.vocab_size, seed=6)
     batch = collate(rows, tokenizer.pad_token_id, KIND_ID)
     args = (batch.input_ids, batch.attention_mask, batch.response_index, batch.labels)

@@ -81,12 +81,21 @@ def load_model_and_tokenizer(model_config: Any, tokenizer: Any = None) -> tuple[
     except (OSError, ValueError) as error:
         raise ModelError(f"cannot load model {path!r}: {_first_line(error)}") from error
     if getattr(model_config, "gradient_checkpointing", False):
-        # transformers 5 renamed it (the old name warns that it goes away in v6)
-        enable = getattr(model, "activation_checkpointing_enable", None)
-        (enable or model.gradient_checkpointing_enable)()
+        enable_checkpointing(model)
     if torch.cuda.is_available():
         model = model.cuda()
     return model, tokenizer
+
+
+def enable_checkpointing(model: Any, kwargs: dict[str, Any] | None = None) -> None:
+    """Turn on ``model``'s activation (gradient) checkpointing, under the name its transformers
+    has: ``activation_checkpointing_enable`` since transformers 5.x renamed it (the old name warns
+    that it goes away in v6), ``gradient_checkpointing_enable`` before."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def apply_lora(model: Any, lora: Any) -> Any:
