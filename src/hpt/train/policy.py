@@ -136,18 +136,25 @@ class Policy(nn.Module):
                 unpad_at=batch.UNPAD_AT if unpads else None,
             )
         if shared is not None:
-            with self._adapters(), self._compiled_layers(decoder):
-                with self._float32_sdpa(decoder, input_ids.device):  # two calls
-                    hidden = self._shared_prompt_hidden(decoder, shared, labels.shape[1])
+            # sdpa in float32 for a pass of two calls (one call swaps in its own attention)
+            with (
+                self._adapters(),
+                self._compiled_layers(decoder),
+                self._float32_sdpa(decoder, input_ids.device),
+            ):
+                hidden = self._shared_prompt_hidden(decoder, shared, labels.shape[1])
             return self._head(hidden, labels, response_mask)
         if position_ids is None:
             inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         else:  # packed: no 2-D mask, so transformers builds the block-diagonal one from positions
             inputs = {"input_ids": input_ids, "position_ids": position_ids}
         inputs["use_cache"] = False  # a cache would also turn off the packed-sequence detection
-        with self._adapters(), self._compiled_layers(decoder):
-            with self._float32_sdpa(decoder, input_ids.device):
-                hidden = decoder(**inputs).last_hidden_state
+        with (
+            self._adapters(),
+            self._compiled_layers(decoder),
+            self._float32_sdpa(decoder, input_ids.device),
+        ):
+            hidden = decoder(**inputs).last_hidden_state
         if position_ids is None:
             index = response_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
             hidden = hidden.gather(1, index)  # [N, T, H]

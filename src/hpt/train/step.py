@@ -523,6 +523,14 @@ def update(
     totals: dict[str, float] = {"loss": 0.0, "grad_norm": 0.0, "updates": 0, "skipped_updates": 0}
     sums = DeviceSums()  # the passes' metrics, summed on the device and read once at the end
     row_counts = [0, 0]  # rows without gradient, rows in all
+    # a row-wise property of the batch (its advantages do not change over the epochs)
+    without_gradient = rows_without_gradient(
+        algorithm,
+        batch.kinds,
+        batch.extras["advantages"],
+        batch.response_mask,
+        batch.row_weights,
+    )
     for _epoch in range(config.optim.ppo_epochs):
         for start in range(0, max(len(questions), 1), per_mini):
             chosen = questions[start : start + per_mini]
@@ -530,7 +538,9 @@ def update(
             counts = batch_counts(algorithm, batch.kinds[rows], batch.response_mask[rows])
             counts = dist.all_reduce_counts(counts)  # normalise over every rank's rows
             optimizer.zero_grad(set_to_none=True)
-            learning, still, without = split_still_rows(batch, rows, algorithm, config)
+            learning, still, without = split_still_rows(
+                rows, without_gradient[rows], config.optim.zero_gradient_rows
+            )
             row_counts[0] += without
             row_counts[1] += len(rows)
             parts = plan_passes(batch, learning, config, packed, share, unpadded)
@@ -581,26 +591,19 @@ def update(
 
 
 def split_still_rows(
-    batch: Batch, rows: torch.Tensor, algorithm: Algorithm, config: TrainConfig
+    rows: torch.Tensor, without: torch.Tensor, mode: str
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """``rows`` as (the rows to run forward and backward, those to run forward only, and how
-    many add nothing to the loss or its gradient).
+    many add nothing to the loss or its gradient: ``without`` [len(rows)], from
+    :func:`~hpt.estimator.unified.rows_without_gradient`).
 
-    Those rows (:func:`~hpt.estimator.unified.rows_without_gradient`) go by
-    ``optim.zero_gradient_rows``: ``forward`` runs them forward only (for the metrics),
-    ``backward`` forward and backward with the others, ``skip`` not at all. Where every row is
-    one, the first still runs backward: the gradients are then zeros, not missing, and AdamW
-    steps as it would with them (its momentum and weight decay).
+    Those rows go by ``mode`` (``optim.zero_gradient_rows``): ``forward`` runs them forward only
+    (for the metrics), ``backward`` forward and backward with the others, ``skip`` not at all.
+    Where every row is one, the first still runs backward: the gradients are then zeros, not
+    missing, and AdamW steps as it would with them (its momentum and weight decay).
     """
-    without = rows_without_gradient(
-        algorithm,
-        batch.kinds[rows],
-        batch.extras["advantages"][rows],
-        batch.response_mask[rows],
-        batch.row_weights[rows],
-    )
     learning, still = rows[~without], rows[without]
-    count, mode = len(still), config.optim.zero_gradient_rows
+    count = len(still)
     if mode == "backward":
         return rows, rows[:0], count
     if learning.numel() == 0:
