@@ -73,7 +73,7 @@ class Settings:
     # graphs; main() turns it on where CUDA is available: on a CPU it only prints hpt's warning)
     share_prompts: str = "auto"  # hpt: optim.share_prompts (each distinct prompt once a pass)
     rollout_dtype: str = "auto"  # hpt: rollout.dtype (bfloat16: sample from a bf16 weight copy)
-    compile_update: bool = False  # hpt: optim.compile (compiled decoder layers in training passes)
+    compile_update: bool = False  # hpt: optim.compile; TRL: torch_compile (both compile training)
     bf16: bool = False  # both in bf16: TRL bf16=True; hpt optim.autocast + rollout.dtype bfloat16
     # True: both sides' processes run with PyTorch's THP_MEM_ALLOC_ENABLE=1 (transparent huge pages
     # for CPU tensors of 2 MB and more); False: both with THP_MEM_ALLOC_ENABLE=0
@@ -195,6 +195,7 @@ def trl_config(settings: Settings, output_dir: Path, max_steps: int) -> Any:
         use_vllm=False,
         use_cpu=not torch.cuda.is_available(),
         bf16=settings.bf16,  # accelerate autocasts the model's forward: generation and training
+        torch_compile=settings.compile_update,  # the Trainer compiles the model (--compile-update)
         fp16=False,
         logging_strategy="no",
         save_strategy="no",
@@ -746,8 +747,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--compile-update",
         action="store_true",
-        help="hpt: optim.compile (torch.compile the decoder layers of the training passes; the "
-        "warm-up step pays the compilation)",
+        help="both sides compiled for training: hpt optim.compile (its decoder layers), TRL "
+        "torch_compile=True (the Trainer compiles the model); the warm-up step pays the "
+        "compilation (hpt only before 2026-12-06)",
     )
     parser.add_argument(
         "--share-prompts",
