@@ -288,7 +288,9 @@ class OptimConfig:
     compile: bool = Field(
         False,
         description="torch.compile the decoder layers for the training passes (measured on CPU: "
-        "update 13% faster after 20-40 s of compilation; the rollout engine stays eager)",
+        "the update 15% faster in float32 and 25% under bf16 autocast, after 20-40 s of "
+        "compilation the first time: inductor's on-disk cache serves later runs in seconds; the "
+        "rollout engine stays eager)",
     )
     autocast: bool | Literal["auto", "bfloat16"] = Field(
         "auto",
