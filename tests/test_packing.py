@@ -1198,3 +1198,57 @@ def test_rows_without_gradient_run_forward_only_with_the_same_update(tiny):
         metrics, grads, calls = run(still, zero_gradient_rows=mode)
         assert calls.count(True) == 1 and (calls.count(False) >= 1) == (mode == "forward")
         assert all(g is not None and not g.any() for g in grads.values())
+
+
+def test_skipped_rows_get_no_old_logprob_pass(tiny):
+    """Under ``optim.zero_gradient_rows: skip``, prepare's forward-only pass for pi_old covers only
+    the rows the update runs (the others' pi_old stays 0, never read): the computed rows' pi_old,
+    and then the update's loss and gradients, are those of computing every row. Where a
+    mini-batch's rows all lack gradient, its first row (which still runs backward) gets pi_old."""
+    model, tokenizer = tiny
+    algorithm = get_algorithm("grpo")
+    g = torch.Generator().manual_seed(5)
+    vocab = model.config.vocab_size
+
+    def tokens(n: int) -> list[int]:
+        return torch.randint(5, vocab, (n,), generator=g).tolist()
+
+    # one question per mini-batch: 0 learns; 1 and 2 have equal rewards, their first rows run
+    rewards = {0: [1.0, 0.0, 0.0], 1: [1.0, 1.0, 1.0], 2: [0.0, 0.0, 0.0]}
+    rows = [
+        Row(prompt, tokens(2 + i + q), "rollout", q, reward, 1.0)
+        for q, prompt in ((q, tokens(4 + q)) for q in rewards)
+        for i, reward in enumerate(rewards[q])
+    ]
+
+    def run(mode: str, sampled: torch.Tensor | None = None):
+        copy_ = copy.deepcopy(model)
+        policy = Policy(copy_)
+        seen: list[int] = []
+        copy_.get_decoder().register_forward_pre_hook(
+            lambda _m, _args, kwargs: seen.append(int(kwargs["input_ids"].shape[0])),
+            with_kwargs=True,
+        )
+        config = settings(micro_batch_size=9, share_prompts=False, zero_gradient_rows=mode)
+        batch = collate(rows, tokenizer.pad_token_id, KIND_ID)
+        if sampled is not None:  # the engine's log-probs, for rollout/logprob_gap
+            batch.extras["sample_logprobs"] = sampled
+        metrics = prepare(batch, policy, None, algorithm, config, True)
+        prepared_rows = sum(seen)
+        optimizer = torch.optim.SGD(policy.parameters(), lr=0.0)
+        update_metrics = update(batch, policy, optimizer, algorithm, config, True)
+        grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+        return batch, prepared_rows, metrics, update_metrics["loss"], grads
+
+    batch_ref, rows_ref, _, loss_ref, grads_ref = run("forward")
+    # the engine's log-probs equal to the trainer's: the gap is over the computed rows only
+    batch, rows_skip, metrics, loss, grads = run("skip", batch_ref.extras["old_logprobs"])
+    assert rows_ref == 9 and rows_skip == 5  # question 0's 3 rows, the first of 1 and of 2
+    computed = torch.tensor([0, 1, 2, 3, 6])
+    mask = batch.response_mask
+    old, old_ref = batch.extras["old_logprobs"], batch_ref.extras["old_logprobs"]
+    torch.testing.assert_close(old[computed][mask[computed]], old_ref[computed][mask[computed]])
+    assert old_ref[4:6][mask[4:6]].ne(0).all() and old[4:6].eq(0).all()
+    assert old[7:].eq(0).all()
+    assert metrics["rollout/logprob_gap"] < 1e-6  # the uncomputed rows' zeros not counted
+    assert_same_update(loss, grads, loss_ref, grads_ref)

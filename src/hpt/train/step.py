@@ -189,8 +189,9 @@ def prepare(
     """Fill ``batch.extras``: advantages, and old log-probs / reference log-probs / values where needed.
 
     ``old_from_engine``: pi_old of rollout tokens is the engine's sampling log-probs (no forward
-    pass for it; demonstration rows, whose terms do not divide by pi_old, get zeros).
-    Returns metrics (``rollout/logprob_gap`` when old log-probs were computed).
+    pass for it; demonstration rows, whose terms do not divide by pi_old, get zeros). The
+    forward-only passes cover the rows the update runs (:func:`rows_the_update_runs`; the rest
+    get zeros). Returns metrics (``rollout/logprob_gap`` when old log-probs were computed).
     """
     metrics: dict[str, float] = {}
     if algorithm.needs_values:  # token-level GAE, filled in below once the values are known
@@ -215,9 +216,8 @@ def prepare(
     packed = packs(config, policy)
     share = shares_prompts(config, policy, packed)
     unpadded = unpads(config, policy, share)
-    parts = plan_passes(
-        batch, torch.arange(len(batch)), config, packed, share, unpadded, forward_only=True
-    )
+    ran = rows_the_update_runs(batch, algorithm, config)  # zeros stay where the update skips
+    parts = plan_passes(batch, ran, config, packed, share, unpadded, forward_only=True)
     for k in range(dist.same_count(policy, len(parts))):
         part = parts[min(k, len(parts) - 1)]
         micro = micro_batch(batch, part, packed).to(device)
@@ -231,7 +231,7 @@ def prepare(
             ref[part] = _pad(forward(reference, micro, share)[0], shape[1]).cpu()
     if need_old:
         batch.extras["old_logprobs"] = old
-        gap = _sampling_gap(batch)
+        gap = _sampling_gap(batch, ran)
         if gap is not None:
             metrics["rollout/logprob_gap"] = gap
     if reference is not None:
@@ -251,14 +251,17 @@ def prepare(
     return metrics
 
 
-def _sampling_gap(batch: Batch) -> float | None:
-    """``rollout/logprob_gap``: mean |log pi_old - log pi_engine| over rollout tokens.
+def _sampling_gap(batch: Batch, rows: torch.Tensor) -> float | None:
+    """``rollout/logprob_gap``: mean |log pi_old - log pi_engine| over the rollout tokens of
+    ``rows`` (those whose pi_old was computed).
 
     The trainer's and the rollout engine's log-probs of the same tokens should agree (same weights,
     same temperature); a gap measures the engine's numerical mismatch (as verl's rollout correction).
     """
     sampled = batch.extras.get("sample_logprobs")
-    mask = batch.response_mask & (batch.kinds == KIND_ID["rollout"])[:, None]
+    computed = torch.zeros(len(batch), dtype=torch.bool)
+    computed[rows] = True
+    mask = batch.response_mask & ((batch.kinds == KIND_ID["rollout"]) & computed)[:, None]
     if sampled is None or not mask.any():
         return None
     return float((batch.extras["old_logprobs"] - sampled).abs()[mask].mean())
@@ -515,8 +518,6 @@ def update(
     """Optimiser steps over ``batch``; returns the step's loss and update metrics."""
     world = dist.world_size()
     device = next(policy.parameters()).device
-    questions = torch.unique(batch.group)
-    per_mini = max(1, math.ceil(config.optim.mini_batch_questions / world))
     packed = packs(config, policy)
     share = shares_prompts(config, policy, packed)
     unpadded = unpads(config, policy, share)
@@ -532,9 +533,7 @@ def update(
         batch.row_weights,
     )
     for _epoch in range(config.optim.ppo_epochs):
-        for start in range(0, max(len(questions), 1), per_mini):
-            chosen = questions[start : start + per_mini]
-            rows = torch.nonzero(torch.isin(batch.group, chosen)).flatten()
+        for rows in mini_batch_rows(batch, config):
             counts = batch_counts(algorithm, batch.kinds[rows], batch.response_mask[rows])
             counts = dist.all_reduce_counts(counts)  # normalise over every rank's rows
             optimizer.zero_grad(set_to_none=True)
@@ -588,6 +587,35 @@ def update(
         dist.all_reduce_sum(float(row_counts[1])), 1.0
     )
     return {**loss_metrics, **totals}  # totals last: the global loss, not a micro-batch mean
+
+
+def mini_batch_rows(batch: Batch, config: TrainConfig) -> list[torch.Tensor]:
+    """The rows (indices into ``batch``) of each mini-batch of an update epoch, in order: this
+    rank's questions, ``optim.mini_batch_questions`` split over the ranks at a time."""
+    questions = torch.unique(batch.group)
+    per_mini = max(1, math.ceil(config.optim.mini_batch_questions / dist.world_size()))
+    return [
+        torch.nonzero(torch.isin(batch.group, questions[start : start + per_mini])).flatten()
+        for start in range(0, max(len(questions), 1), per_mini)
+    ]
+
+
+def rows_the_update_runs(batch: Batch, algorithm: Algorithm, config: TrainConfig) -> torch.Tensor:
+    """The rows :func:`update` runs at all, in order: every row but those that add nothing to
+    the loss or its gradient under ``optim.zero_gradient_rows: skip`` (:func:`split_still_rows`);
+    ``batch.extras["advantages"]`` must be set. :func:`prepare`'s forward-only passes cover
+    only these."""
+    every = torch.arange(len(batch))
+    if config.optim.zero_gradient_rows != "skip":
+        return every
+    without = rows_without_gradient(
+        algorithm, batch.kinds, batch.extras["advantages"], batch.response_mask, batch.row_weights
+    )
+    kept = [
+        torch.cat(split_still_rows(rows, without[rows], "skip")[:2])
+        for rows in mini_batch_rows(batch, config)
+    ]
+    return torch.cat(kept).sort().values if kept else every[:0]
 
 
 def split_still_rows(

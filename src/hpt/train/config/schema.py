@@ -263,9 +263,9 @@ class OptimConfig:
         "token, as a GRPO group whose rollouts all got the same reward, with no entropy, KL or "
         "value term): forward runs them forward only, in passes of their own, so the update's "
         "metrics cover them (the same gradient: their tokens still count in the normalisers); "
-        "backward runs them forward and backward as TRL and verl do; skip leaves them out (the "
-        "same gradient; entropy, ratio and clip metrics then cover the other rows only, as after "
-        "DAPO's group filtering)",
+        "backward runs them forward and backward as TRL and verl do; skip leaves them out, "
+        "and out of the recomputed pi_old pass (the same gradient; entropy, ratio, clip and "
+        "logprob-gap metrics then cover the other rows only, as after DAPO's group filtering)",
     )
     packing: bool | Literal["auto"] = Field(
         "auto",
