@@ -1137,6 +1137,23 @@ def test_forward_only_passes_have_their_own_micro_batches(tiny, forward, expecte
     assert len(training) == (7 if config.optim.micro_batch_tokens else 3)
 
 
+def rollout_groups(
+    rewards: dict[int, list[float]], vocab: int, seed: int, prompt: int, response: tuple[int, int]
+) -> list[Row]:
+    """Rollout rows of random tokens: question q has a prompt of ``prompt + q`` tokens and one row
+    a reward in ``rewards[q]``, the i-th ``response[0] + response[1] * i + q`` tokens long."""
+    g = torch.Generator().manual_seed(seed)
+
+    def tokens(n: int) -> list[int]:
+        return torch.randint(5, vocab, (n,), generator=g).tolist()
+
+    return [
+        Row(prompt_ids, tokens(response[0] + response[1] * i + q), "rollout", q, reward, 1.0)
+        for q, prompt_ids in ((q, tokens(prompt + q)) for q in rewards)
+        for i, reward in enumerate(rewards[q])
+    ]
+
+
 def test_rows_without_gradient_run_forward_only_with_the_same_update(tiny):
     """GRPO: a question whose rollouts all got the same reward has advantages 0; its rows run
     forward only (no backward), and the loss, every gradient and the entropy metric are those of
@@ -1145,18 +1162,8 @@ def test_rows_without_gradient_run_forward_only_with_the_same_update(tiny):
     (AdamW steps on them) rather than missing."""
     model, tokenizer = tiny
     algorithm = get_algorithm("grpo")
-    g = torch.Generator().manual_seed(11)
-    vocab = model.config.vocab_size
-
-    def tokens(n: int) -> list[int]:
-        return torch.randint(5, vocab, (n,), generator=g).tolist()
-
     rewards = {0: [1.0, 0.0, 1.0, 0.0], 1: [1.0, 1.0, 1.0, 1.0], 2: [0.0, 0.0, 0.0, 0.0]}
-    rows = [
-        Row(prompt, tokens(3 + 2 * i + q), "rollout", q, reward, 1.0)
-        for q, prompt in ((q, tokens(5 + q)) for q in rewards)
-        for i, reward in enumerate(rewards[q])
-    ]
+    rows = rollout_groups(rewards, model.config.vocab_size, seed=11, prompt=5, response=(3, 2))
 
     def run(rows, **optim):
         copy_ = copy.deepcopy(model)
@@ -1207,19 +1214,9 @@ def test_skipped_rows_get_no_old_logprob_pass(tiny):
     mini-batch's rows all lack gradient, its first row (which still runs backward) gets pi_old."""
     model, tokenizer = tiny
     algorithm = get_algorithm("grpo")
-    g = torch.Generator().manual_seed(5)
-    vocab = model.config.vocab_size
-
-    def tokens(n: int) -> list[int]:
-        return torch.randint(5, vocab, (n,), generator=g).tolist()
-
     # one question per mini-batch: 0 learns; 1 and 2 have equal rewards, their first rows run
     rewards = {0: [1.0, 0.0, 0.0], 1: [1.0, 1.0, 1.0], 2: [0.0, 0.0, 0.0]}
-    rows = [
-        Row(prompt, tokens(2 + i + q), "rollout", q, reward, 1.0)
-        for q, prompt in ((q, tokens(4 + q)) for q in rewards)
-        for i, reward in enumerate(rewards[q])
-    ]
+    rows = rollout_groups(rewards, model.config.vocab_size, seed=5, prompt=4, response=(2, 1))
 
     def run(mode: str, sampled: torch.Tensor | None = None):
         copy_ = copy.deepcopy(model)
