@@ -1098,17 +1098,19 @@ def test_rows_with_their_own_prompts_skip_the_padding_with_the_padded_gradients(
 @pytest.mark.parametrize(
     "forward, expected",
     [
-        ({"forward_micro_batch_size": 3}, 3),  # the training's 3 rows a pass: 3 + 3 + 1
-        ({"forward_micro_batch_tokens": 1}, 7),  # token budgets for forward passes only
+        ({"forward_micro_batch_size": 3}, 2),  # the training's 3 rows a pass: 3 + 3
+        ({"forward_micro_batch_tokens": 1}, 6),  # token budgets for forward passes only
         ({"micro_batch_tokens": 1, "forward_micro_batch_tokens": 0}, 1),  # back to rows: 4 x 3
-        ({"micro_batch_tokens": 1}, 7),  # 4 x 1 token: a row a pass
+        ({"micro_batch_tokens": 1}, 6),  # 4 x 1 token: a row a pass
     ],
     ids=["rows", "tokens", "rows-under-token-training", "tokens-by-default"],
 )
 def test_forward_only_passes_have_their_own_micro_batches(tiny, forward, expected):
     """Old log-probs, reference log-probs and values come from passes sized by
     ``optim.forward_micro_batch_*`` (unset: 4 x the training's): the same numbers, in the passes
-    those settings ask for; the training passes keep ``optim.micro_batch_*``."""
+    those settings ask for; the training passes keep ``optim.micro_batch_*``. The policy's pass
+    for pi_old covers the 6 rollout rows only (GRPO divides no other kind by pi_old), the
+    reference's all 7."""
     model, tokenizer = tiny
     algorithm = get_algorithm("grpo")
     rows = make_rows(model.config.vocab_size, seed=3)
@@ -1127,8 +1129,11 @@ def test_forward_only_passes_have_their_own_micro_batches(tiny, forward, expecte
     config = dataclasses.replace(base, optim=dataclasses.replace(base.optim, **forward))
     batch_ref, passes_ref = prepared(base)
     batch, passes = prepared(config)
-    assert passes_ref == 1 and passes == expected  # unset: 4 x micro_batch_size 3 rows, all 7
+    assert passes_ref == 1 and passes == expected  # unset: 4 x micro_batch_size 3 rows, all 6
     mask = batch.response_mask
+    assert batch.extras["old_logprobs"][6].eq(0).all()  # the sft row: no pi_old pass
+    assert batch.extras["ref_logprobs"][6][mask[6]].ne(0).all()
+    assert batch.extras["forward_passes"].tolist() == [2.0] * 6 + [1.0]  # for the step's FLOPs
     for key in ("old_logprobs", "ref_logprobs"):
         torch.testing.assert_close(
             batch.extras[key][mask], batch_ref.extras[key][mask], atol=1e-5, rtol=1e-5
@@ -1249,3 +1254,70 @@ def test_skipped_rows_get_no_old_logprob_pass(tiny):
     assert old[7:].eq(0).all()
     assert metrics["rollout/logprob_gap"] < 1e-6  # the uncomputed rows' zeros not counted
     assert_same_update(loss, grads, loss_ref, grads_ref)
+
+
+@pytest.mark.parametrize("name", ["luffy", "hpt"])
+def test_pi_old_pass_covers_only_the_kinds_that_divide_by_it(tiny, name):
+    """LUFFY and HPT divide only rollout rows by pi_old: prepare's pass for it runs the rollout
+    rows alone, and the update never reads the demonstration rows' pi_old (garbage there leaves
+    the loss and every gradient as they were)."""
+    model, tokenizer = tiny
+    algorithm = get_algorithm(name)
+    kinds = ["rollout", "rollout", "off_policy", "rollout", "rollout", "sft"]
+    g = torch.Generator().manual_seed(8)
+    rows = [
+        Row(
+            torch.randint(5, model.config.vocab_size, (4 + i % 2,), generator=g).tolist(),
+            torch.randint(5, model.config.vocab_size, (3 + i,), generator=g).tolist(),
+            kind,
+            i // 3,
+            float(i % 2),
+            1.0,
+        )
+        for i, kind in enumerate(kinds)
+    ]
+    config = settings(micro_batch_size=2, share_prompts=False)
+    policy = Policy(copy.deepcopy(model))
+    seen: list[int] = []
+    policy.model.get_decoder().register_forward_pre_hook(
+        lambda _m, _args, kwargs: seen.append(int(kwargs["input_ids"].shape[0])),
+        with_kwargs=True,
+    )
+    batch = collate(rows, tokenizer.pad_token_id, KIND_ID)
+    prepare(batch, policy, None, algorithm, config, True)
+    assert sum(seen) == 4  # the 4 rollout rows
+    demo = torch.tensor([2, 5])
+    assert batch.extras["old_logprobs"][demo].eq(0).all()
+    assert batch.extras["forward_passes"].tolist() == [1.0, 1.0, 0.0, 1.0, 1.0, 0.0]
+
+    def updated(old_of_demos: float):
+        changed = copy.deepcopy(batch)
+        changed.extras["old_logprobs"][demo] = old_of_demos
+        trained = Policy(copy.deepcopy(model))
+        optimizer = torch.optim.SGD(trained.parameters(), lr=0.0)
+        loss = update(changed, trained, optimizer, algorithm, config, True)["loss"]
+        return loss, {
+            n: p.grad.clone() for n, p in trained.named_parameters() if p.grad is not None
+        }
+
+    assert_same_update(*updated(-7.0), *updated(0.0))
+
+
+def test_one_update_with_a_reference_runs_only_the_reference_forward(tiny):
+    """GRPO with its KL penalty and one update a step (pi_old = pi_theta, nothing to recompute):
+    prepare runs the reference model alone, over every row; the policy runs no forward pass."""
+    model, tokenizer = tiny
+    algorithm = get_algorithm("grpo", kl_coef=0.04)
+    rows = make_rows(model.config.vocab_size, seed=4)[:6]  # rollout rows
+    policy, reference = Policy(copy.deepcopy(model)), Policy(copy.deepcopy(model))
+    calls = {"policy": 0, "reference": 0}
+    for key, wrapped in (("policy", policy), ("reference", reference)):
+        wrapped.model.get_decoder().register_forward_pre_hook(
+            lambda *_, key=key: calls.__setitem__(key, calls[key] + 1)
+        )
+    batch = collate(rows, tokenizer.pad_token_id, KIND_ID)
+    metrics = prepare(batch, policy, reference, algorithm, settings(), False)
+    assert calls == {"policy": 0, "reference": 1} and metrics["passes/forward"] == 1
+    assert "old_logprobs" not in batch.extras
+    assert batch.extras["ref_logprobs"][batch.response_mask].ne(0).all()
+    assert batch.extras["forward_passes"].tolist() == [1.0] * 6

@@ -239,7 +239,7 @@ def train_stage(
         seconds = time.perf_counter() - started
         metrics.update(collected.metrics)
         metrics.setdefault("reward_mean", float("nan"))
-        metrics.update(throughput(model, batch, collected, prepared, config, seconds, autocast))
+        metrics.update(throughput(model, batch, collected, config, seconds, autocast))
         metrics["time/step"] = seconds
 
         # -- log, evaluate, checkpoint

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -189,9 +190,12 @@ def prepare(
     """Fill ``batch.extras``: advantages, and old log-probs / reference log-probs / values where needed.
 
     ``old_from_engine``: pi_old of rollout tokens is the engine's sampling log-probs (no forward
-    pass for it; demonstration rows, whose terms do not divide by pi_old, get zeros). The
-    forward-only passes cover the rows the update runs (:func:`rows_the_update_runs`; the rest
-    get zeros). Returns metrics (``rollout/logprob_gap`` when old log-probs were computed).
+    pass for it; demonstration rows, whose terms do not divide by pi_old, get zeros). Each
+    forward-only pass covers only the rows that need it (:func:`rows_the_update_runs`; for pi_old
+    alone, only rows of kinds whose terms divide by it); the rest get zeros, which nothing reads.
+    ``batch.extras["forward_passes"]`` counts the passes that covered each row (for the step's
+    FLOPs). Returns metrics (``rollout/logprob_gap`` when old log-probs were computed,
+    ``passes/forward``: the models run forward).
     """
     metrics: dict[str, float] = {}
     if algorithm.needs_values:  # token-level GAE, filled in below once the values are known
@@ -201,37 +205,34 @@ def prepare(
             algorithm, batch.rewards, batch.group, kinds=batch.kinds
         )
     batch.extras["advantages"] = group_advantages.float()
+    batch.extras["forward_passes"] = torch.zeros(len(batch))
     sampled = batch.extras.get("sample_logprobs")
     if need_old and old_from_engine and sampled is not None:
         batch.extras["old_logprobs"] = sampled.clone()
         need_old = False  # nothing left to compute for pi_old
-    passes = need_old or reference is not None or algorithm.needs_values
-    # forward-only passes over the batch (the policy's, the reference's): for the step's FLOPs
-    metrics["passes/forward"] = float(passes) + float(reference is not None)
-    if not passes:
+    run_policy = need_old or algorithm.needs_values
+    metrics["passes/forward"] = float(run_policy) + float(reference is not None)
+    if not metrics["passes/forward"]:
         return metrics
     shape = tuple(batch.labels.shape)
     old, ref, values_t = torch.zeros(shape), torch.zeros(shape), torch.zeros(shape)
-    device = next(policy.parameters()).device
-    packed = packs(config, policy)
-    share = shares_prompts(config, policy, packed)
-    unpadded = unpads(config, policy, share)
     ran = rows_the_update_runs(batch, algorithm, config)  # zeros stay where the update skips
-    parts = plan_passes(batch, ran, config, packed, share, unpadded, forward_only=True)
-    for k in range(dist.same_count(policy, len(parts))):
-        part = parts[min(k, len(parts) - 1)]
-        micro = micro_batch(batch, part, packed).to(device)
-        logprobs, _, value = forward(policy, micro, share)
-        if k >= len(parts):
-            continue  # a pass only to keep step with the ranks that have more micro-batches
-        old[part] = _pad(logprobs, shape[1]).cpu()
-        if value is not None:
-            values_t[part] = _pad(value, shape[1]).cpu()
-        if reference is not None:
+    policy_rows = ran
+    if not algorithm.needs_values:  # the policy's pass is for pi_old alone
+        kinds = torch.tensor([KIND_ID[k] for k in sorted(algorithm.old_logprob_kinds)])
+        policy_rows = ran[torch.isin(batch.kinds[ran], kinds)]
+    if run_policy:
+        for part, micro, share in forward_passes(batch, policy_rows, policy, config):
+            logprobs, _, value = forward(policy, micro, share)
+            old[part] = _pad(logprobs, shape[1]).cpu()
+            if value is not None:
+                values_t[part] = _pad(value, shape[1]).cpu()
+    if reference is not None:
+        for part, micro, share in forward_passes(batch, ran, reference, config):
             ref[part] = _pad(forward(reference, micro, share)[0], shape[1]).cpu()
     if need_old:
         batch.extras["old_logprobs"] = old
-        gap = _sampling_gap(batch, ran)
+        gap = _sampling_gap(batch, policy_rows)
         if gap is not None:
             metrics["rollout/logprob_gap"] = gap
     if reference is not None:
@@ -249,6 +250,36 @@ def prepare(
         batch.extras["old_values"] = values_t
         batch.extras["returns"] = returns
     return metrics
+
+
+def forward_passes(
+    batch: Batch, rows: torch.Tensor, model: Policy, config: TrainConfig
+) -> Iterator[tuple[torch.Tensor, Batch, int]]:
+    """Forward-only passes of ``model`` over ``rows`` (pi_old, values, reference log-probs): each
+    pass's rows, its micro-batch on the model's device and its prompt sharing
+    (:func:`shares_prompts`), counted in ``batch.extras["forward_passes"]``. Where ``model`` is
+    FSDP2-sharded and another rank has more passes, this rank runs extra ones on rows of its own
+    (forward is collective there) and yields nothing for them."""
+    device = next(model.parameters()).device
+    packed = packs(config, model)
+    share = shares_prompts(config, model, packed)
+    unpadded = unpads(config, model, share)
+    parts = plan_passes(batch, rows, config, packed, share, unpadded, forward_only=True)
+    keep_step = parts[-1] if parts else torch.arange(min(len(batch), 1))
+    for k in range(dist.same_count(model, len(parts))):
+        part = parts[k] if k < len(parts) else keep_step
+        micro = micro_batch(batch, part, packed).to(device)
+        if k >= len(parts):
+            forward(model, micro, share)  # only to keep step with the ranks that have more
+            continue
+        batch.extras["forward_passes"][part] += 1
+        yield part, micro, share
+
+
+def forward_passes_of(batch: Batch) -> list[int]:
+    """How many of :func:`prepare`'s forward-only passes covered each row (0s before it ran)."""
+    counts = batch.extras.get("forward_passes")
+    return [0] * len(batch) if counts is None else [int(c) for c in counts.tolist()]
 
 
 def _sampling_gap(batch: Batch, rows: torch.Tensor) -> float | None:
@@ -462,7 +493,6 @@ def throughput(
     model: Any,
     batch: Batch,
     collected: StepData,
-    prepared: dict[str, float],
     config: TrainConfig,
     seconds: float,
     compute_dtype: torch.dtype | None = None,
@@ -481,7 +511,11 @@ def throughput(
         model.config,
         trained=lengths * config.optim.ppo_epochs,
         generated=collected.generated,
-        forward_only=lengths * int(prepared.get("passes/forward", 0)),
+        forward_only=[
+            length
+            for length, passes in zip(lengths, forward_passes_of(batch))
+            for _ in range(passes)
+        ],
     )
     tokens = float(batch.response_mask.sum()) + collected.metrics.get("tokens/generated", 0.0)
     world = dist.world_size()
