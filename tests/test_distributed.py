@@ -96,7 +96,10 @@ def test_fsdp2_two_processes_end_with_the_weights_of_one(tmp_path, tiny_dir, tas
 
 def test_fsdp2_matches_ddp_on_hpt_with_uneven_ranks(tmp_path, tiny_dir, task_file):
     # the same passes on ddp and fsdp2 (prompts unshared): only the sharding differs; and fsdp2
-    # with shared prompts (one decoder call a pass, so each layer's forward runs once)
+    # with shared prompts (one decoder call a pass, so each layer's forward runs once). Two
+    # updates a step: ddp takes pi_old from the engine, fsdp2 recomputes it over rollout rows
+    # only, in passes the ranks keep step in (in these 4 steps each rank once holds two
+    # demonstrations alone, no row for that pass, while the other has rollouts)
     strategies = {"ddp": "false", "fsdp2": "false", "fsdp2-shared": "true"}
     runs = torchrun_variants(
         tmp_path,
@@ -104,7 +107,12 @@ def test_fsdp2_matches_ddp_on_hpt_with_uneven_ranks(tmp_path, tiny_dir, task_fil
         task_file,
         "hpt",
         {
-            name: [f"distributed.strategy={name.split('-')[0]}", f"optim.share_prompts={share}"]
+            name: [
+                f"distributed.strategy={name.split('-')[0]}",
+                f"optim.share_prompts={share}",
+                "optim.mini_batch_questions=2",
+                "max_steps=4",
+            ]
             for name, share in strategies.items()
         },
     )
