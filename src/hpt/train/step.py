@@ -217,11 +217,11 @@ def prepare(
     shape = tuple(batch.labels.shape)
     old, ref, values_t = torch.zeros(shape), torch.zeros(shape), torch.zeros(shape)
     ran = rows_the_update_runs(batch, algorithm, config)  # zeros stay where the update skips
-    policy_rows = ran
-    if not algorithm.needs_values:  # the policy's pass is for pi_old alone
-        kinds = torch.tensor([KIND_ID[k] for k in sorted(algorithm.old_logprob_kinds)])
-        policy_rows = ran[torch.isin(batch.kinds[ran], kinds)]
     if run_policy:
+        policy_rows = ran
+        if not algorithm.needs_values:  # the pass is for pi_old alone: the kinds divided by it
+            kinds = [KIND_ID[k] for k in algorithm.old_logprob_kinds]
+            policy_rows = ran[torch.isin(batch.kinds[ran], torch.tensor(kinds, dtype=torch.long))]
         for part, micro, share in forward_passes(batch, policy_rows, policy, config):
             logprobs, _, value = forward(policy, micro, share)
             old[part] = _pad(logprobs, shape[1]).cpu()
@@ -274,12 +274,6 @@ def forward_passes(
             continue
         batch.extras["forward_passes"][part] += 1
         yield part, micro, share
-
-
-def forward_passes_of(batch: Batch) -> list[int]:
-    """How many of :func:`prepare`'s forward-only passes covered each row (0s before it ran)."""
-    counts = batch.extras.get("forward_passes")
-    return [0] * len(batch) if counts is None else [int(c) for c in counts.tolist()]
 
 
 def _sampling_gap(batch: Batch, rows: torch.Tensor) -> float | None:
@@ -513,8 +507,8 @@ def throughput(
         generated=collected.generated,
         forward_only=[
             length
-            for length, passes in zip(lengths, forward_passes_of(batch))
-            for _ in range(passes)
+            for length, passes in zip(lengths, batch.extras["forward_passes"].tolist())
+            for _ in range(int(passes))
         ],
     )
     tokens = float(batch.response_mask.sum()) + collected.metrics.get("tokens/generated", 0.0)
